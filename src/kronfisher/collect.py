@@ -1,0 +1,108 @@
+"""The K-FAC collection processor: turns captured ``(x, ĝ)`` into factor contributions (SPEC §3).
+
+``A`` and ``G`` go through the same staging code (:func:`~kronfisher.accumulate.gram` or low-rank rows).
+Layers that read the same input tensor (q/k/v, gate/up) share one ``A`` contribution per batch: it is computed
+once per distinct input tensor and committed into each layer's sum.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .accumulate import DenseSum, LayerSums, LowRankSum, compute_dtype, gram
+from .capture import BatchContext, Staged
+from .config import KFACConfig
+from .layers import LayerInfo
+
+
+def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:
+    """Whether ``G`` of this layer is kept low-rank (SPEC §6): ``out > lowrank_threshold`` or named."""
+    if info.out_features > cfg.lowrank_threshold:
+        return True
+    return any(re.search(p, info.name) for p in cfg.lowrank_layers)
+
+
+def new_layer_sums(info: LayerInfo, cfg: KFACConfig, device: torch.device | str = "cpu") -> LayerSums:
+    """Empty sums for one layer, with the representation the config selects."""
+    dtype = cfg.accumulate_torch_dtype
+    a = DenseSum(info.a_dim, dtype, device)
+    g: DenseSum | LowRankSum
+    if is_lowrank(info, cfg):
+        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, device="cpu")
+    else:
+        g = DenseSum(info.out_features, dtype, device)
+    return LayerSums(A=a, G=g)
+
+
+def _sequence_means(x: Tensor, ctx: BatchContext, info: LayerInfo) -> Tensor:
+    """Per-sequence mean of attended rows (KFAC-reduce, SPEC §3.2), empty sequences dropped."""
+    xm = ctx.masked(x, info, "input")
+    if ctx.mask is None:
+        return xm.mean(dim=1)
+    counts = ctx.mask.sum(dim=1)
+    keep = counts > 0
+    return xm[keep].sum(dim=1) / counts[keep].unsqueeze(1).to(xm.dtype)
+
+
+class FactorCollector:
+    """Stages and commits ``A`` / ``G`` contributions for every tracked layer.
+
+    Attributes:
+        sums: :class:`~kronfisher.accumulate.LayerSums` by layer name (plain data, handed to the algebra).
+
+    """
+
+    def __init__(self, infos: dict[str, LayerInfo], cfg: KFACConfig, device: torch.device | str = "cpu") -> None:
+        self.infos = infos
+        self.cfg = cfg
+        self.sums = {name: new_layer_sums(info, cfg, device) for name, info in infos.items()}
+
+    def _stage_A(self, name: str, x: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> tuple[Tensor, float]:
+        info = self.infos[name]
+        key = ("A", id(x), info.has_bias)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        x = x.detach()
+        if self.cfg.approx == "expand":
+            rows = ctx.select(x, info, "input")
+        else:
+            rows = _sequence_means(x, ctx, info)
+        out = (gram(rows, info.has_bias, self.cfg.accumulate_torch_dtype), float(rows.shape[0]))
+        cache[key] = out
+        return out
+
+    def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
+        """Contributions of one layer call: ``A`` on the first backward of a forward, ``G`` on every one."""
+        info = self.infos[name]
+        staged: Staged = []
+        if ctx.first_draw:
+            a_sum, a_count = self._stage_A(name, x, ctx, cache)
+            staged.append((name, "A", a_sum, a_count))
+        g = g.detach()
+        if self.cfg.approx == "expand":
+            rows = ctx.select(g, info, "output gradient")
+        else:
+            rows = ctx.masked(g, info, "output gradient").sum(dim=1)
+        rows = rows.to(compute_dtype(rows.dtype))
+        if ctx.grad_scale != 1.0:
+            rows = rows * ctx.grad_scale
+        sums = self.sums[name]
+        if isinstance(sums.G, LowRankSum):
+            staged.append((name, "G", rows.to(sums.G.storage_dtype), float(ctx.num_terms)))
+        else:
+            staged.append((name, "G", gram(rows, False, self.cfg.accumulate_torch_dtype), float(ctx.num_terms)))
+        return staged
+
+    def commit(self, staged: Staged) -> None:
+        """Add checked contributions to the sums."""
+        seen_batches: set[str] = set()
+        for name, target, tensor, count in staged:
+            getattr(self.sums[name], target).add(tensor, count)
+            if target == "A" and name not in seen_batches:
+                self.sums[name].batches += 1
+                seen_batches.add(name)

@@ -1,0 +1,154 @@
+"""Configuration as a frozen, validated dataclass (SPEC §10).
+
+Every field carries help text in its metadata; the CLI and the docs read it from there. Invalid values raise
+:class:`~kronfisher.errors.ConfigError` with a uniform message, for example
+``Invalid fisher: 'x'. Supported: 'empirical', 'mc'.``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def resolve_dtype(value: str | torch.dtype, what: str, allowed: tuple[str, ...]) -> torch.dtype:
+    """Turn a dtype name (or dtype) into a ``torch.dtype``, checking it is one of ``allowed``."""
+    name = str(value).replace("torch.", "")
+    if name not in allowed:
+        raise ConfigError(f"Invalid {what}: {value!r}. Supported: {', '.join(repr(a) for a in allowed)}.")
+    return _DTYPES[name]
+
+
+def _choice(what: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"Invalid {what}: {value!r}. Supported: {', '.join(repr(a) for a in allowed)}.")
+
+
+def _nonneg(what: str, value: float | None) -> None:
+    if value is not None and not (float(value) >= 0.0):  # also rejects NaN
+        raise ConfigError(f"Invalid {what}: {value!r}. Must be a finite number >= 0.")
+
+
+@dataclass(frozen=True)
+class KFACConfig:
+    """All options of a K-FAC / EK-FAC fit. Field names and meanings are stable API (SPEC §10)."""
+
+    fisher: str = _help("'empirical' (targets from the data) or 'mc' (sampled targets), SPEC §2.", default="empirical")
+    mc_samples: int = _help("Number of sampled targets per loss term for fisher='mc'.", default=1)
+    approx: str = _help("'expand' (tokens as samples, §3.1) or 'reduce' (weight sharing, §3.2).", default="expand")
+    ekfac: bool = _help("Run the eigenvalue-correction pass (EK-FAC, George et al. 2018; SPEC §5).", default=False)
+    ekfac_granularity: str = _help("'sequence' or 'token' per-sample gradients for EK-FAC (§5).", default="sequence")
+    damping: float = _help("Damping δ (SPEC §4); damping_A / damping_G override it per factor.", default=1e-3)
+    damping_A: float | None = _help("δ_A for factored damping (default: damping).", default=None)
+    damping_G: float | None = _help("δ_G for factored damping (default: damping).", default=None)
+    damping_mode: str = _help("'factored', 'pi' (Martens & Grosse 2015 §6.3) or 'exact' (§4).", default="factored")
+    max_condition_number: float | None = _help("Optional condition-number cap κ applied after damping.", default=None)
+    include: tuple[str, ...] = _help("Regexes; a layer is tracked if its name matches one (all if empty).", default=())
+    exclude: tuple[str, ...] = _help("Regexes; a layer matching one is not tracked.", default=())
+    loss_reduction: str = _help("Reduction of a user loss: 'mean' (rescaled by N) or 'sum'.", default="mean")
+    ignore_index: int = _help("Label value without a loss term.", default=-100)
+    accumulate_dtype: str = _help("dtype of the factor sums: 'float32' or 'float64'.", default="float32")
+    eigh_dtype: str = _help(
+        "dtype of eigendecompositions up to eigh_max_dim: 'float64' or 'float32'.", default="float64"
+    )
+    eigh_max_dim: int = _help("Factors larger than this are decomposed in float32.", default=8192)
+    lowrank_threshold: int = _help("Layers with out > this keep G in low-rank form (SPEC §6).", default=8192)
+    lowrank_layers: tuple[str, ...] = _help("Regexes of layers whose G is low-rank whatever their size.", default=())
+    lowrank_dtype: str = _help("Storage dtype of low-rank U: 'float32', 'bfloat16', 'float16'.", default="float32")
+    lowrank_max_rank: int | None = _help("Token budget of a low-rank G (top-k + isotropic tail).", default=None)
+    on_nonfinite: str = _help("'raise' (default) or 'skip' a batch with non-finite values (§3.3).", default="raise")
+    seed: int = _help("Seed of the generator used for MC targets.", default=0)
+    max_dense_elements: int = _help("Largest dense matrix that to_dense/factors will build.", default=100_000_000)
+
+    def __post_init__(self) -> None:
+        _choice("fisher", self.fisher, ("empirical", "mc"))
+        _choice("approx", self.approx, ("expand", "reduce"))
+        _choice("ekfac_granularity", self.ekfac_granularity, ("sequence", "token"))
+        _choice("damping_mode", self.damping_mode, ("factored", "pi", "exact"))
+        _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
+        _choice("on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        if not isinstance(self.ekfac, bool):
+            raise ConfigError(f"Invalid ekfac: {self.ekfac!r}. Supported: True, False.")
+        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise ConfigError(f"Invalid mc_samples: {self.mc_samples!r}. Must be an integer >= 1.")
+        for name in ("damping", "damping_A", "damping_G"):
+            _nonneg(name, getattr(self, name))
+        if self.max_condition_number is not None and not (float(self.max_condition_number) >= 1.0):
+            raise ConfigError(f"Invalid max_condition_number: {self.max_condition_number!r}. Must be >= 1.")
+        resolve_dtype(self.accumulate_dtype, "accumulate_dtype", ("float32", "float64"))
+        resolve_dtype(self.eigh_dtype, "eigh_dtype", ("float32", "float64"))
+        resolve_dtype(self.lowrank_dtype, "lowrank_dtype", ("float32", "bfloat16", "float16"))
+        for name in ("lowrank_threshold", "eigh_max_dim", "max_dense_elements"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Invalid {name}: {value!r}. Must be an integer >= 1.")
+        if self.lowrank_max_rank is not None and (
+            not isinstance(self.lowrank_max_rank, int) or self.lowrank_max_rank < 1
+        ):
+            raise ConfigError(f"Invalid lowrank_max_rank: {self.lowrank_max_rank!r}. Must be an integer >= 1.")
+        for name in ("include", "exclude", "lowrank_layers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+
+    # Resolved values -------------------------------------------------------------------------------------
+    @property
+    def accumulate_torch_dtype(self) -> torch.dtype:
+        """The accumulation dtype as a ``torch.dtype``."""
+        return _DTYPES[self.accumulate_dtype]
+
+    @property
+    def eigh_torch_dtype(self) -> torch.dtype:
+        """The eigendecomposition dtype as a ``torch.dtype``."""
+        return _DTYPES[self.eigh_dtype]
+
+    @property
+    def lowrank_torch_dtype(self) -> torch.dtype:
+        """The storage dtype of low-rank ``U`` as a ``torch.dtype``."""
+        return _DTYPES[self.lowrank_dtype]
+
+    def factor_damping(self) -> tuple[float, float]:
+        """``(δ_A, δ_G)`` for factored damping (SPEC §4)."""
+        d_a = self.damping if self.damping_A is None else self.damping_A
+        d_g = self.damping if self.damping_G is None else self.damping_G
+        return float(d_a), float(d_g)
+
+    def replace(self, **changes: Any) -> KFACConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of every field."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KFACConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"Unknown KFACConfig fields: {unknown}. Supported: {sorted(names)}.")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)

@@ -1,0 +1,122 @@
+"""Damped eigenvalue functions (SPEC §4, §7): one function serves every power and every damping mode.
+
+``spectrum(block, p, damping)`` returns the eigenvalues of ``(F + damping)^p`` in the block's Kronecker eigenbasis,
+``(span [r, a], tail [a] or None)``, ready for :func:`~kronfisher.linalg.kron_apply`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import KFACConfig
+from .errors import ConfigError, SpectrumError
+from .factors import KronBlock
+
+
+@dataclass(frozen=True)
+class Damping:
+    """Resolved damping: mode, ``δ`` (exact / EK-FAC), ``δ_A``, ``δ_G`` (factored, pi) and the cap ``κ``."""
+
+    mode: str = "factored"
+    delta: float = 0.0
+    delta_A: float = 0.0
+    delta_G: float = 0.0
+    max_condition_number: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: KFACConfig) -> Damping:
+        """The damping a config asks for."""
+        d_a, d_g = cfg.factor_damping()
+        return cls(cfg.damping_mode, float(cfg.damping), d_a, d_g, cfg.max_condition_number)
+
+    @classmethod
+    def none(cls) -> Damping:
+        """No damping and no cap (the plain curvature, e.g. an undamped FVP)."""
+        return cls("exact", 0.0, 0.0, 0.0, None)
+
+    @classmethod
+    def coerce(cls, value: Damping | float | None, cfg: KFACConfig) -> Damping:
+        """``None``: the config's damping; a number: the config's mode with ``δ = δ_A = δ_G = value``."""
+        if value is None:
+            return cls.from_config(cfg)
+        if isinstance(value, Damping):
+            return value
+        v = float(value)
+        if not v >= 0:
+            raise ConfigError(f"Invalid damping: {value!r}. Must be a finite number >= 0.")
+        return cls(cfg.damping_mode, v, v, v, cfg.max_condition_number)
+
+
+def _cap(values: list[Tensor], kappa: float | None) -> list[Tensor]:
+    """Raise eigenvalues below ``λ_max / κ`` to ``λ_max / κ`` (applied after damping, SPEC §4)."""
+    if kappa is None:
+        return values
+    top = max(float(v.max()) for v in values if v.numel())
+    floor = top / kappa
+    return [v.clamp_min(floor) for v in values]
+
+
+def _power(values: list[Tensor], p: float, name: str) -> list[Tensor]:
+    if p == 1.0:
+        return values
+    if p < 0 or not float(p).is_integer():
+        low = min(float(v.min()) for v in values if v.numel())
+        if low <= 0.0 if p < 0 else low < 0.0:
+            raise SpectrumError(
+                f"power p={p} of layer {name!r} needs a positive damped spectrum, but its smallest eigenvalue is "
+                f"{low:.3e}; increase damping."
+            )
+    return [v.pow(p) for v in values]
+
+
+def pi_factor(block: KronBlock) -> float:
+    """``π`` of Martens & Grosse 2015 §6.3: ``π² = (tr A / dim A) / (tr G / dim G)`` (1 if a trace is 0)."""
+    ta = block.A.trace() / block.A.dim
+    tg = block.G.trace() / block.G.dim
+    if ta <= 0 or tg <= 0:
+        return 1.0
+    return math.sqrt(ta / tg)
+
+
+def spectrum(block: KronBlock, p: float, damping: Damping, name: str = "?") -> tuple[Tensor, Tensor | None]:
+    """Eigenvalues of ``(F + damping)^p`` in the block's Kronecker eigenbasis, cached on the (immutable) block.
+
+    * EK-FAC blocks and ``mode="exact"``: ``(λ_ij + δ)^p`` with ``λ_ij = λ^G_i λ^A_j`` or ``Λ*_ij``.
+    * ``"factored"`` / ``"pi"``: ``(λ^G_i + δ_G)^p (λ^A_j + δ_A)^p``, with ``δ_A = π√δ``, ``δ_G = √δ/π`` for pi.
+
+    The condition-number cap acts after damping (per factor, or on the Kronecker eigenvalues).
+    """
+    key = (float(p), damping)
+    hit = block.cache.get(key)
+    if hit is not None:
+        return hit
+    thin = not block.G.full
+    mode = "exact" if block.is_ekfac else damping.mode
+    if mode == "exact":
+        span, tail = block.kron_eigenvalues()
+        parts = [span + damping.delta] + ([tail + damping.delta] if thin and tail is not None else [])
+        parts = _power(_cap(parts, damping.max_condition_number), p, name)
+        result = (parts[0], parts[1] if len(parts) > 1 else None)
+    else:
+        if mode == "pi":
+            pi = pi_factor(block)
+            root = math.sqrt(damping.delta)
+            d_a, d_g = pi * root, root / pi
+        else:
+            d_a, d_g = damping.delta_A, damping.delta_G
+        ea = _power(_cap([block.A.values + d_a], damping.max_condition_number), p, name)[0]
+        g_parts = [block.G.values + d_g]
+        if thin:
+            g_parts.append(
+                torch.full((1,), block.G.tail + d_g, dtype=block.G.values.dtype, device=block.G.values.device)
+            )
+        g_parts = _power(_cap(g_parts, damping.max_condition_number), p, name)
+        span = g_parts[0].unsqueeze(1) * ea.unsqueeze(0)
+        tail = g_parts[1] * ea if thin else None
+        result = (span, tail)
+    block.cache[key] = result
+    return result

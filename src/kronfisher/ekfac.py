@@ -1,0 +1,136 @@
+"""The eigenvalue-correction pass (EK-FAC, George et al. 2018; SPEC §5).
+
+With ``A = Q_A Λ_A Q_Aᵀ`` and ``G = P Λ_G Pᵀ`` from the K-FAC pass, a second pass accumulates
+``Λ*_ij = (1/N) Σ_s ((Pᵀ ∇_s Q_A)_ij)²`` where ``∇_s`` is a per-sample gradient of ``V`` built from ``ĝ`` (of the
+summed loss). ``"sequence"`` granularity: ``∇_s = Σ_t ĝ_t a_tᵀ`` over a sequence; ``"token"``: ``∇_s = ĝ_t a_tᵀ``.
+For a thin (low-rank) ``P`` the complement keeps one eigenvalue per ``q_j``: the mean of the squared projections
+onto ``span(P)^⊥``, ``Λ*_⊥j = (1/N) Σ_s ‖(I − P Pᵀ) ∇_s q_j‖² / (out − r)``. The correction applies to every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .accumulate import CollectionReport, compute_dtype
+from .capture import BatchContext, Capture, Staged
+from .config import KFACConfig
+from .factors import KronBlock
+from .layers import LayerInfo
+from .operator import KFAC
+
+
+def _augment(x: Tensor, has_bias: bool, mask: Tensor | None = None) -> Tensor:
+    if not has_bias:
+        return x
+    ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+    if mask is not None:
+        ones = ones * mask.unsqueeze(-1).to(x.dtype)
+    return torch.cat([x, ones], dim=-1)
+
+
+class EigenCorrector:
+    """Processor of the EK-FAC pass: stages squared eigenbasis projections of per-sample gradients."""
+
+    def __init__(self, infos: dict[str, LayerInfo], blocks: dict[str, KronBlock], cfg: KFACConfig) -> None:
+        self.infos = infos
+        self.blocks = blocks
+        self.cfg = cfg
+        dtype = cfg.accumulate_torch_dtype
+        self.sums: dict[str, Tensor] = {}
+        self.tail_sums: dict[str, Tensor] = {}
+        self.counts: dict[str, float] = {n: 0.0 for n in blocks}
+        for name, b in blocks.items():
+            self.sums[name] = torch.zeros(b.G.rank, b.A.dim, dtype=dtype, device=b.A.vectors.device)
+            if not b.G.full:
+                self.tail_sums[name] = torch.zeros(b.A.dim, dtype=dtype, device=b.A.vectors.device)
+
+    def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
+        """Squared projections of this layer's per-sample gradients onto the Kronecker eigenbasis."""
+        if name not in self.blocks:
+            return []
+        info, block = self.infos[name], self.blocks[name]
+        work = compute_dtype(torch.promote_types(g.dtype, block.A.vectors.dtype))
+        p = block.G.vectors.to(g.device, work)
+        q = block.A.vectors.to(x.device, work)
+        x = x.detach().to(work)
+        g = g.detach().to(work) * ctx.grad_scale
+        thin = not block.G.full
+        dtype = self.cfg.accumulate_torch_dtype
+        staged: Staged = []
+        if self.cfg.ekfac_granularity == "token":
+            a = _augment(ctx.select(x, info, "input"), info.has_bias)  # [T, a]
+            gr = ctx.select(g, info, "output gradient")  # [T, out]
+            y = a @ q
+            z = gr @ p  # [T, r]
+            y2 = y.square()
+            staged.append((name, "span", (z.square().t() @ y2).to(dtype), ctx.num_terms))
+            if thin:
+                resid = (gr.square().sum(1) - z.square().sum(1)).clamp_min(0.0)  # ‖(I − PPᵀ) ĝ_t‖²
+                tail = (resid @ y2) / max(block.G.dim - block.G.rank, 1)
+                staged.append((name, "tail", tail.to(dtype), 0.0))
+        else:
+            mask = ctx.mask
+            a = _augment(ctx.masked(x, info, "input"), info.has_bias, mask)  # [B, S, a]
+            gr = ctx.masked(g, info, "output gradient")  # [B, S, out]
+            y = a @ q  # [B, S, a]
+            z = gr @ p  # [B, S, r]
+            m = z.transpose(1, 2) @ y  # [B, r, a]: Pᵀ ∇_s Q_A per sequence
+            staged.append((name, "span", m.square().sum(0).to(dtype), ctx.num_terms))
+            if thin:
+                k = gr @ gr.transpose(1, 2) - z @ z.transpose(1, 2)  # [B, S, S]: Gram of (I − PPᵀ) ĝ
+                tail = torch.einsum("btu,btj,buj->j", k, y, y).clamp_min(0.0)
+                staged.append((name, "tail", (tail / max(block.G.dim - block.G.rank, 1)).to(dtype), 0.0))
+        return staged
+
+    def commit(self, staged: Staged) -> None:
+        """Add checked contributions."""
+        for name, target, tensor, count in staged:
+            if target == "span":
+                self.sums[name].add_(tensor.to(self.sums[name].device))
+                self.counts[name] += count
+            else:
+                self.tail_sums[name].add_(tensor.to(self.tail_sums[name].device))
+
+    def blocks_out(self) -> dict[str, KronBlock]:
+        """Corrected blocks: ``Λ* = sum / N`` (SPEC §5)."""
+        out = {}
+        for name, block in self.blocks.items():
+            n = self.counts[name]
+            if n <= 0:
+                continue
+            span = self.sums[name] / n
+            tail = self.tail_sums[name] / n if name in self.tail_sums else None
+            store = block.A.vectors.dtype
+            out[name] = block.with_correction(span.to(store), None if tail is None else tail.to(store))
+        return out
+
+
+def correct(
+    fisher: KFAC,
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: Any = None,
+    progress: bool = False,
+) -> KFAC:
+    """Run the EK-FAC pass over ``batches`` and install the corrected eigenvalues into ``fisher`` (in place)."""
+    from .fit import _progress, activation_only_backward, eval_mode, run_batch
+
+    cfg = fisher.cfg
+    blocks = fisher.blocks
+    modules = dict(model.named_modules())
+    infos = {n: fisher.infos[n] for n in blocks}
+    corrector = EigenCorrector(infos, blocks, cfg)
+    cap = Capture({n: modules[n] for n in blocks}, infos, corrector, cfg.on_nonfinite)
+    report = CollectionReport()
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    with eval_mode(model), activation_only_backward(model), cap:
+        for i, batch in enumerate(_progress(batches, progress, "EK-FAC eigenvalues")):
+            run_batch(model, batch, cap, cfg, i, report, generator, loss_fn)
+    fisher.set_blocks(corrector.blocks_out())
+    fisher.report.warnings.extend(report.warnings)
+    return fisher

@@ -1,0 +1,55 @@
+"""Exception classes: every error names the layer, the shape or the file it is about."""
+
+from __future__ import annotations
+
+
+class KronfisherError(Exception):
+    """Base class of every error raised by kronfisher."""
+
+
+class ConfigError(KronfisherError, ValueError):
+    """An invalid configuration value (SPEC §10)."""
+
+
+class ShapeError(KronfisherError, ValueError):
+    """A tensor whose shape does not match the layer or parameter it is meant for."""
+
+
+class NonFiniteError(KronfisherError, FloatingPointError):
+    """Non-finite activations or output gradients in a batch (SPEC §3.3).
+
+    Attributes:
+        layers: names of the layers whose contributions were non-finite.
+        batch: index of the offending batch.
+
+    """
+
+    def __init__(self, message: str, layers: list[str], batch: int) -> None:
+        super().__init__(message)
+        self.layers = layers
+        self.batch = batch
+
+
+class DecompositionError(KronfisherError, ArithmeticError):
+    """An eigendecomposition that cannot be trusted (non-finite factor, failed eigh)."""
+
+
+class SpectrumError(KronfisherError, ArithmeticError):
+    """A negative power of a damped spectrum that is not positive (SPEC §7)."""
+
+
+class FileFormatError(KronfisherError, OSError):
+    """A factor file that is truncated, corrupted, of another format version or for another model."""
+
+
+class FingerprintError(FileFormatError):
+    """A factor file whose layers do not match the model it is loaded for.
+
+    Attributes:
+        mismatched: list of ``(layer, expected, found)`` describing each mismatch.
+
+    """
+
+    def __init__(self, message: str, mismatched: list[tuple[str, str, str]]) -> None:
+        super().__init__(message)
+        self.mismatched = mismatched

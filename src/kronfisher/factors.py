@@ -1,0 +1,109 @@
+"""Factor representations behind one interface and their decomposition (SPEC §4–6).
+
+A :class:`KronBlock` is what the algebra knows about one layer: the eigenbasis of ``A`` (always dense), the
+eigenbasis of ``G`` (dense, or thin low-rank plus tail) and, after EK-FAC, the corrected eigenvalues. Blocks are
+immutable: updating factors builds new blocks, so a cached spectrum can never outlive the factors it came from
+(seed bug 1, stale inverse cache, is impossible by construction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .accumulate import LayerSums, LowRankSum
+from .config import KFACConfig
+from .linalg import Eigen, lowrank_eigen, safe_eigh
+
+
+@dataclass(frozen=True)
+class KronBlock:
+    """Decomposed curvature block of one layer.
+
+    Attributes:
+        A: eigenbasis of ``A`` (``[a_dim, a_dim]``).
+        G: eigenbasis of ``G`` (``[out, out]`` dense or ``[out, r]`` low-rank).
+        representation: ``"dense"`` or ``"lowrank"``.
+        corrected: EK-FAC eigenvalues ``Λ*`` on ``span(P) ⊗ span(Q_A)``, ``[r, a_dim]`` (SPEC §5), or None.
+        corrected_tail: EK-FAC eigenvalue per ``q_j`` on the complement of a thin ``P`` (``[a_dim]``), or None.
+        tokens: ``T`` and ``N`` counts the factors were normalised with.
+
+    """
+
+    A: Eigen
+    G: Eigen
+    representation: str
+    corrected: Tensor | None = None
+    corrected_tail: Tensor | None = None
+    tokens: dict[str, float] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_ekfac(self) -> bool:
+        """True when EK-FAC eigenvalues are present."""
+        return self.corrected is not None
+
+    def with_correction(self, corrected: Tensor, corrected_tail: Tensor | None) -> KronBlock:
+        """A new block (fresh cache) with EK-FAC eigenvalues."""
+        return KronBlock(self.A, self.G, self.representation, corrected, corrected_tail, dict(self.tokens))
+
+    def kron_eigenvalues(self) -> tuple[Tensor, Tensor | None]:
+        """Undamped eigenvalues: ``(span [r, a], tail [a] or None)``; EK-FAC ones when corrected (SPEC §4–5)."""
+        if self.corrected is not None:
+            return self.corrected, self.corrected_tail
+        span = self.G.values.unsqueeze(1) * self.A.values.unsqueeze(0)
+        tail = None if self.G.full else self.G.tail * self.A.values
+        return span, tail
+
+
+def _eigh_dtype(dim: int, cfg: KFACConfig) -> torch.dtype:
+    return cfg.eigh_torch_dtype if dim <= cfg.eigh_max_dim else torch.float32
+
+
+def decompose_factor(mean: Tensor, *, name: str, factor: str, cfg: KFACConfig) -> Eigen:
+    """Eigendecomposition of a normalised dense factor, stored in the accumulation dtype (SPEC §4)."""
+    values, vectors = safe_eigh(mean, name=name, factor=factor, dtype=_eigh_dtype(mean.shape[0], cfg))
+    store = cfg.accumulate_torch_dtype
+    return Eigen(vectors.to(store), values.to(store))
+
+
+def decompose_layer(name: str, sums: LayerSums, cfg: KFACConfig, shared_A: Eigen | None = None) -> KronBlock:
+    """Decompose the factors of one layer (once per update; only eigenvectors and eigenvalues are kept).
+
+    Args:
+        name: layer name (for messages).
+        sums: accumulated sums and counts.
+        cfg: configuration (eigh dtype, storage dtype).
+        shared_A: an already computed decomposition of an identical ``A`` (layers reading the same input).
+
+    """
+    a_eig = shared_A or decompose_factor(sums.A.mean(torch.float64), name=name, factor="A", cfg=cfg)
+    if isinstance(sums.G, LowRankSum):
+        work = torch.float64 if cfg.accumulate_torch_dtype == torch.float64 else torch.float32
+        g_eig = lowrank_eigen(sums.G.factor_U(work), sums.G.tail(), name=name)
+        rep = "lowrank"
+    else:
+        g_eig = decompose_factor(sums.G.mean(torch.float64), name=name, factor="G", cfg=cfg)
+        rep = "dense"
+    tokens = {"T": sums.A.count, "N": sums.G.count}
+    return KronBlock(a_eig, g_eig, rep, tokens=tokens)
+
+
+def decompose_all(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, KronBlock]:
+    """Decompose every layer; identical ``A`` sums (q/k/v, gate/up) are decomposed once and shared."""
+    blocks: dict[str, KronBlock] = {}
+    seen: list[tuple[Tensor, float, Eigen]] = []
+    for name, layer in sums.items():
+        shared = None
+        for s, count, eig in seen:
+            if s.shape == layer.A.sum.shape and count == layer.A.count and torch.equal(s, layer.A.sum):
+                shared = eig
+                break
+        block = decompose_layer(name, layer, cfg, shared_A=shared)
+        if shared is None:
+            seen.append((layer.A.sum, layer.A.count, block.A))
+        blocks[name] = block
+    return blocks

@@ -1,0 +1,317 @@
+"""``kf.fit`` and ``kf.capture``: drive the capture over batches (SPEC §2, §10).
+
+``fit`` runs exactly one forward and one backward per batch in the K-FAC pass (``mc_samples`` backward passes for
+the MC Fisher), computes no parameter gradient when it can avoid it (parameters are frozen for the pass and the
+backward starts from the input embeddings), and leaves the model's ``.grad``, ``requires_grad`` flags and
+train/eval mode as it found them. ``capture`` is the user-driven loop: the user computes the loss, kronfisher
+only hooks in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .accumulate import CollectionReport
+from .capture import Capture
+from .collect import FactorCollector
+from .config import KFACConfig
+from .errors import ConfigError
+from .layers import Discovery, discover_layers
+from .lossterms import lm_terms, sample_targets, summed_ce
+from .operator import KFAC
+
+logger = logging.getLogger("kronfisher")
+
+LossFn = Callable[[nn.Module, Any], tuple[Tensor, Mapping[str, Any]]]
+
+
+@contextlib.contextmanager
+def activation_only_backward(model: nn.Module) -> Iterator[bool]:
+    """Skip parameter gradients during collection when the model has input embeddings.
+
+    Parameters are frozen for the duration and the input-embedding output becomes a leaf that requires grad, so
+    the backward computes output gradients of every layer and nothing else. Flags are restored on exit. Without
+    input embeddings, parameters keep their flags and their ``.grad`` is restored on exit instead.
+
+    Yields:
+        True when activation-only backward is active.
+
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    emb = None
+    if callable(get):
+        with contextlib.suppress(Exception):
+            emb = get()
+    params = list(model.parameters())
+    if isinstance(emb, nn.Module):
+        flags = [p.requires_grad for p in params]
+
+        def leaf(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+            return output.detach().requires_grad_(True)
+
+        handle = emb.register_forward_hook(leaf)
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            yield True
+        finally:
+            handle.remove()
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+    else:
+        saved = [p.grad for p in params]
+        try:
+            yield False
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout), restoring the previous mode."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Mapping):
+        return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter (CPU for a parameter-less module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def run_batch(
+    model: nn.Module,
+    batch: Any,
+    cap: Capture,
+    cfg: KFACConfig,
+    index: int,
+    report: CollectionReport,
+    generator: torch.Generator,
+    loss_fn: LossFn | None = None,
+) -> bool:
+    """One forward and the backward(s) of one batch, then the checked commit. Returns False if skipped."""
+    batch = _to_device(batch, model_device(model))
+    if loss_fn is not None:
+        if cfg.fisher != "empirical":
+            raise ConfigError("fisher='mc' needs logits: use a causal-LM batch (no loss_fn) for the MC Fisher.")
+        loss, info = loss_fn(model, batch)
+        n = int(info["num_terms"])
+        mask = info.get("attention_mask")
+        t = int(mask.sum()) if mask is not None else 1
+        if n == 0 or t == 0:
+            report.empty_batches.append(index)
+            cap.discard()
+            return False
+        reduction = info.get("reduction", cfg.loss_reduction)
+        scale = float(n) if reduction == "mean" else 1.0
+        cap.backward(loss, batch=index, grad_scale=scale, num_terms=n, attention_mask=mask)
+        ok = cap.commit(index)
+        if ok:
+            report.loss_terms += n
+            report.tokens += t if mask is not None else 0
+            report.batches += 1
+        return ok
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ConfigError(f"Batch {index}: expected a mapping with 'input_ids' (or pass loss_fn).")
+    fwd = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    logits = model(**fwd).logits
+    terms = lm_terms(logits, batch, cfg.ignore_index)
+    if terms.num_terms == 0 or terms.num_tokens == 0:
+        report.empty_batches.append(index)
+        logger.info("Batch %d has no loss terms or no attended tokens; it contributes nothing.", index)
+        cap.discard()
+        return False
+    draws = cfg.mc_samples if cfg.fisher == "mc" else 1
+    for d in range(draws):
+        targets = sample_targets(terms.logits, generator) if cfg.fisher == "mc" else terms.targets
+        loss = summed_ce(terms.logits, targets)
+        cap.backward(
+            loss,
+            batch=index,
+            grad_scale=1.0,
+            num_terms=terms.num_terms,
+            attention_mask=terms.attention_mask,
+            retain_graph=d < draws - 1,
+        )
+    ok = cap.commit(index)
+    if ok:
+        report.loss_terms += terms.num_terms * draws
+        report.tokens += terms.num_tokens
+        report.batches += 1
+    return ok
+
+
+def _finish_report(report: CollectionReport, discovery: Discovery, fired: set[str], cap: Capture) -> None:
+    report.skipped_layers.update(discovery.skipped)
+    report.nonfinite_batches.extend(cap.nonfinite_batches)
+    missing = [n for n in discovery.infos if n not in fired]
+    if missing:
+        logger.warning("Tracked layers whose hooks never fired (no factors): %s", missing)
+    report.never_fired = missing
+
+
+def _progress(batches: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=desc, unit="batch")
+
+
+def collect(
+    model: nn.Module,
+    batches: Iterable[Any],
+    cfg: KFACConfig,
+    *,
+    loss_fn: LossFn | None = None,
+    progress: bool = False,
+) -> tuple[Discovery, FactorCollector, CollectionReport]:
+    """The K-FAC pass: sums and counts for every tracked layer (no decomposition)."""
+    discovery = discover_layers(model, cfg.include, cfg.exclude)
+    if not discovery.infos:
+        raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
+    collector = FactorCollector(discovery.infos, cfg, device=model_device(model))
+    report = CollectionReport()
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    cap = Capture(discovery.modules, discovery.infos, collector, cfg.on_nonfinite)
+    with eval_mode(model), activation_only_backward(model), cap:
+        for i, batch in enumerate(_progress(batches, progress, "K-FAC factors")):
+            run_batch(model, batch, cap, cfg, i, report, generator, loss_fn)
+    _finish_report(report, discovery, cap.fired, cap)
+    return discovery, collector, report
+
+
+def fit(
+    model: nn.Module,
+    batches: Iterable[Any],
+    cfg: KFACConfig | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    progress: bool = False,
+) -> KFAC:
+    """Collect, decompose and (with ``cfg.ekfac``) correct: the whole pipeline (SPEC §10).
+
+    Args:
+        model: a causal LM (batches with ``input_ids``, optional ``attention_mask`` / ``labels``) or any model with
+            ``loss_fn(model, batch) -> (loss, {"num_terms": N, "attention_mask": mask, "reduction": ...})``.
+        batches: an iterable of batches; re-iterable (a list, a DataLoader) when ``cfg.ekfac`` is set.
+        cfg: configuration (default :class:`KFACConfig`).
+        loss_fn: optional user loss (empirical Fisher only).
+        progress: show progress bars.
+
+    Returns:
+        The decomposed :class:`~kronfisher.operator.KFAC` operator.
+
+    """
+    cfg = cfg or KFACConfig()
+    if cfg.ekfac and iter(batches) is batches:  # type: ignore[comparison-overlap]
+        raise ConfigError("ekfac=True needs two passes over the data: pass a list or a DataLoader, not an iterator.")
+    discovery, collector, report = collect(model, batches, cfg, loss_fn=loss_fn, progress=progress)
+    fisher = KFAC.from_sums(discovery.infos, collector.sums, cfg, report=report, model=model)
+    if cfg.ekfac:
+        from .ekfac import correct
+
+        correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
+    return fisher
+
+
+class CaptureSession:
+    """User-driven collection: ``with kf.capture(model, cfg) as cap: ...; cap.backward(loss, ...)``.
+
+    The user runs the forward and computes the loss; :meth:`backward` runs the ordinary backward (so ``.grad`` is
+    populated as usual) with the hooks staging factor contributions, then commits them after the non-finite check.
+    No extra forward pass happens (seed bug 4).
+    """
+
+    def __init__(self, model: nn.Module, cfg: KFACConfig | None = None) -> None:
+        self.model = model
+        self.cfg = cfg or KFACConfig()
+        self.discovery = discover_layers(model, self.cfg.include, self.cfg.exclude)
+        if not self.discovery.infos:
+            raise ConfigError(f"No tracked layers: {self.discovery.skipped}")
+        self.collector = FactorCollector(self.discovery.infos, self.cfg, device=model_device(model))
+        self.report = CollectionReport()
+        self._cap = Capture(self.discovery.modules, self.discovery.infos, self.collector, self.cfg.on_nonfinite)
+        self._index = 0
+
+    def __enter__(self) -> CaptureSession:
+        self._cap.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cap.__exit__(*exc)
+
+    def backward(
+        self,
+        loss: Tensor,
+        *,
+        num_terms: int,
+        reduction: str | None = None,
+        attention_mask: Tensor | None = None,
+        retain_graph: bool = False,
+    ) -> bool:
+        """Backward of a loss the user computed; factors get this batch's contributions.
+
+        Args:
+            loss: the scalar loss of the batch.
+            num_terms: number of loss terms ``N`` in it (SPEC §2).
+            reduction: ``"mean"`` or ``"sum"`` (default: ``cfg.loss_reduction``); never guessed.
+            attention_mask: ``[B, S]`` mask of attended positions (None: all positions).
+            retain_graph: passed to ``backward``.
+
+        Returns:
+            True when committed; False for an empty or dropped batch.
+
+        """
+        reduction = reduction or self.cfg.loss_reduction
+        if reduction not in ("mean", "sum"):
+            raise ConfigError(f"Invalid reduction: {reduction!r}. Supported: 'mean', 'sum'.")
+        index = self._index
+        self._index += 1
+        t = int(attention_mask.sum()) if attention_mask is not None else None
+        if num_terms <= 0 or t == 0:
+            self.report.empty_batches.append(index)
+            self._cap.discard()
+            return False
+        scale = float(num_terms) if reduction == "mean" else 1.0
+        self._cap.backward(
+            loss,
+            batch=index,
+            grad_scale=scale,
+            num_terms=num_terms,
+            attention_mask=attention_mask,
+            retain_graph=retain_graph,
+        )
+        ok = self._cap.commit(index)
+        if ok:
+            self.report.loss_terms += int(num_terms)
+            self.report.batches += 1
+        return ok
+
+    def finalize(self) -> KFAC:
+        """Decompose what was collected into a :class:`~kronfisher.operator.KFAC`."""
+        _finish_report(self.report, self.discovery, self._cap.fired, self._cap)
+        return KFAC.from_sums(self.discovery.infos, self.collector.sums, self.cfg, report=self.report, model=self.model)
+
+
+def capture(model: nn.Module, cfg: KFACConfig | None = None) -> CaptureSession:
+    """Start a user-driven collection (SPEC §10)."""
+    return CaptureSession(model, cfg)

@@ -1,0 +1,85 @@
+"""Loss terms of a causal-LM batch and the backward passes of each Fisher type (SPEC §2).
+
+The loss is computed here from the logits, in the logits' dtype (float64 stays float64, SPEC §11), as the
+*summed* loss ``L_sum`` over loss terms, so captured gradients need no rescaling. ``empirical`` uses the data
+targets; ``mc`` samples targets from the model's predictive distribution with a seeded generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ShapeError
+
+
+@dataclass
+class LMTerms:
+    """Shifted logits and targets of the positions that carry a loss term.
+
+    Attributes:
+        logits: ``[N, vocab]`` logits at loss-term positions.
+        targets: ``[N]`` data targets.
+        attention_mask: ``[B, S]`` mask of attended positions (None: all attended).
+        num_terms: ``N``.
+        num_tokens: ``T`` (attended positions).
+
+    """
+
+    logits: Tensor
+    targets: Tensor
+    attention_mask: Tensor | None
+    num_terms: int
+    num_tokens: int
+
+
+def batch_labels(batch: Mapping[str, Tensor], ignore_index: int) -> Tensor:
+    """Labels of a batch: ``labels`` if given, else ``input_ids`` with non-attended positions ignored."""
+    ids = batch["input_ids"]
+    labels = batch.get("labels")
+    if labels is None:
+        labels = ids.clone()
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, ignore_index)
+    if labels.shape != ids.shape:
+        raise ShapeError(f"labels {list(labels.shape)} must have the shape of input_ids {list(ids.shape)}.")
+    return labels
+
+
+def lm_terms(logits: Tensor, batch: Mapping[str, Tensor], ignore_index: int) -> LMTerms:
+    """Select the positions with a target after the causal shift (SPEC §2)."""
+    ids = batch["input_ids"]
+    if logits.shape[:2] != ids.shape:
+        raise ShapeError(f"logits {list(logits.shape)} do not match input_ids {list(ids.shape)}.")
+    labels = batch_labels(batch, ignore_index)
+    targets = labels[:, 1:]
+    valid = targets != ignore_index
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        # A target at a non-attended position carries no loss term (SPEC §2).
+        valid = valid & (mask[:, 1:] != 0)
+    sel = logits[:, :-1][valid]
+    n = int(valid.sum())
+    t = int(mask.sum()) if mask is not None else int(ids.numel())
+    return LMTerms(sel, targets[valid], mask, n, t)
+
+
+def summed_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """``Σ_n ℓ_n`` for cross-entropy, computed in the logits' dtype (at least float32)."""
+    work = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.to(work), targets, reduction="sum")
+
+
+def sample_targets(logits: Tensor, generator: torch.Generator) -> Tensor:
+    """Targets drawn from ``softmax(logits)`` at every loss-term position (MC Fisher, SPEC §2)."""
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
+        if probs.device != generator.device:
+            probs = probs.to(generator.device)
+        draws = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return draws.to(logits.device)

@@ -1,0 +1,235 @@
+"""The K-FAC / EK-FAC operator over all tracked layers (SPEC §7, §10).
+
+Every matrix function goes through one method, :meth:`KFAC.power`, which works in the Kronecker eigenbasis (or the
+low-rank eigenform) of each layer. Inputs and outputs are dicts from parameter name to tensor with the
+parameter's shape; weight and bias of a layer are combined as ``V = [W | b]``. No dense ``d × d`` matrix is built
+by any operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .accumulate import CollectionReport, LayerSums
+from .config import KFACConfig
+from .damping import Damping, spectrum
+from .errors import ConfigError, KronfisherError
+from .factors import KronBlock, decompose_all
+from .layers import LayerInfo, combine, split
+from .linalg import kron_apply
+
+logger = logging.getLogger("kronfisher")
+
+
+class KFAC:
+    """Kronecker-factored curvature of a model: decomposed blocks per tracked layer plus the raw sums.
+
+    Build it with :func:`kronfisher.fit`, :func:`kronfisher.capture` or :func:`kronfisher.load`.
+    """
+
+    def __init__(
+        self,
+        infos: dict[str, LayerInfo],
+        blocks: dict[str, KronBlock],
+        cfg: KFACConfig,
+        sums: dict[str, LayerSums] | None = None,
+        report: CollectionReport | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        self.infos = dict(infos)
+        self._blocks = dict(blocks)
+        self.cfg = cfg
+        self.sums = sums
+        self.report = report or CollectionReport()
+        self._model_ref = weakref.ref(model) if model is not None else None
+        self._param_index = {}
+        for name, info in self.infos.items():
+            self._param_index[info.weight_name] = name
+            if info.bias_name:
+                self._param_index[info.bias_name] = name
+
+    # Construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_sums(
+        cls,
+        infos: dict[str, LayerInfo],
+        sums: dict[str, LayerSums],
+        cfg: KFACConfig,
+        report: CollectionReport | None = None,
+        model: nn.Module | None = None,
+    ) -> KFAC:
+        """Normalise and decompose accumulated sums (once) into an operator."""
+        live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
+        blocks = decompose_all(live, cfg)
+        return cls({n: infos[n] for n in live}, blocks, cfg, sums=sums, report=report, model=model)
+
+    def update_sums(self, sums: dict[str, LayerSums]) -> None:
+        """Replace the factors by new sums; every block (and so every cached spectrum) is rebuilt (SPEC §4)."""
+        live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
+        self._blocks = decompose_all(live, self.cfg)
+        self.sums = sums
+
+    def set_blocks(self, blocks: Mapping[str, KronBlock]) -> None:
+        """Replace decomposed blocks (e.g. after the EK-FAC pass). Old caches go with the old blocks."""
+        unknown = set(blocks) - set(self.infos)
+        if unknown:
+            raise KronfisherError(f"Blocks for unknown layers: {sorted(unknown)}.")
+        self._blocks.update(blocks)
+
+    def attach_model(self, model: nn.Module) -> None:
+        """Remember ``model`` (weakly) so that :meth:`natural_gradient` can read its ``.grad``."""
+        self._model_ref = weakref.ref(model)
+
+    # Introspection --------------------------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        """Tracked layer names (in model order)."""
+        return list(self._blocks)
+
+    def block(self, name: str) -> KronBlock:
+        """The decomposed block of one layer."""
+        if name not in self._blocks:
+            raise KeyError(f"Unknown layer {name!r}. Tracked layers: {self.layer_names[:8]}...")
+        return self._blocks[name]
+
+    @property
+    def blocks(self) -> dict[str, KronBlock]:
+        """All decomposed blocks (read-only view by convention)."""
+        return dict(self._blocks)
+
+    @property
+    def is_ekfac(self) -> bool:
+        """True when every block carries EK-FAC eigenvalues."""
+        return bool(self._blocks) and all(b.is_ekfac for b in self._blocks.values())
+
+    def _check_dense_size(self, name: str, n: int, what: str) -> None:
+        if n > self.cfg.max_dense_elements:
+            raise KronfisherError(
+                f"{what} of layer {name!r} has {n} elements (> max_dense_elements={self.cfg.max_dense_elements}); "
+                "it is a diagnostic for small layers."
+            )
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """Dense ``A`` and ``G`` of one layer (diagnostics; raises for factors above ``max_dense_elements``)."""
+        b = self.block(name)
+        self._check_dense_size(name, b.G.dim**2, "G")
+        self._check_dense_size(name, b.A.dim**2, "A")
+        return b.A.to_dense(), b.G.to_dense()
+
+    def to_dense(self, name: str) -> Tensor:
+        """The undamped dense block over the row-major flattening of ``V`` (SPEC §10): ``G ⊗ A`` or EK-FAC."""
+        b = self.block(name)
+        d = b.G.dim * b.A.dim
+        self._check_dense_size(name, d * d, "The dense block")
+        span, tail = b.kron_eigenvalues()
+        p, q = b.G.vectors, b.A.vectors
+        basis = torch.kron(p, q)  # [d, r * a]
+        out = (basis * span.reshape(-1)) @ basis.t()
+        if not b.G.full and tail is not None:
+            comp = torch.eye(b.G.dim, dtype=p.dtype, device=p.device) - p @ p.t()
+            out = out + torch.kron(comp, (q * tail) @ q.t())
+        return out
+
+    # Operators ------------------------------------------------------------------------------------------
+    def power(
+        self, vectors: Mapping[str, Tensor], p: float, damping: Damping | float | None = None
+    ) -> dict[str, Tensor]:
+        """``(F + δ)^p v`` for any real ``p`` under the configured (or given) damping (SPEC §7).
+
+        Args:
+            vectors: parameter name → tensor with the parameter's shape. Layers whose weight is absent are skipped;
+                a missing bias enters as a zero column and is not returned (seed bug 8). Entries for untracked
+                parameters are ignored.
+            p: real power; ``p < 0`` needs a positive damped spectrum.
+            damping: None (config), a number (``δ = δ_A = δ_G``) or a :class:`~kronfisher.damping.Damping`.
+
+        Returns:
+            Dict with the same parameter names (tracked ones only) and shapes.
+
+        """
+        damp = Damping.coerce(damping, self.cfg)
+        out: dict[str, Tensor] = {}
+        for name in self._blocks:
+            info = self.infos[name]
+            w = vectors.get(info.weight_name)
+            if w is None:
+                continue
+            b = vectors.get(info.bias_name) if info.bias_name else None
+            v = combine(info, w, b)
+            res = self._apply(name, v, p, damp)
+            nw, nb = split(info, res)
+            out[info.weight_name] = nw
+            if nb is not None and b is not None and info.bias_name:
+                out[info.bias_name] = nb
+        return out
+
+    def _apply(self, name: str, v: Tensor, p: float, damp: Damping) -> Tensor:
+        block = self._blocks[name]
+        span, tail = spectrum(block, p, damp, name)
+        work = torch.promote_types(v.dtype, block.A.vectors.dtype)
+        g, a = block.G.cast(work), block.A.cast(work)
+        dev = a.vectors.device
+        res = kron_apply(v.to(dev, work), g, a, span.to(dev, work), None if tail is None else tail.to(dev, work))
+        return res.to(v.device, v.dtype)
+
+    def fvp(self, vectors: Mapping[str, Tensor], damped: bool = False) -> dict[str, Tensor]:
+        """Fisher-vector product ``F v`` (undamped unless ``damped``)."""
+        return self.power(vectors, 1.0, None if damped else Damping.none())
+
+    def whiten(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``(F + δ)^{-1/2} v``."""
+        return self.power(vectors, -0.5)
+
+    def natural_gradient(self, grads: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``(F + δ)^{-1} g`` of explicit gradients, or of the model's ``.grad`` when ``grads`` is None."""
+        if grads is None:
+            grads = self.model_grads()
+        return self.power(grads, -1.0)
+
+    def model_grads(self) -> dict[str, Tensor]:
+        """``.grad`` of the tracked parameters of the attached model."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            raise ConfigError("No model attached: pass grads explicitly or call attach_model(model).")
+        params = dict(model.named_parameters())
+        grads = {}
+        for name in self._blocks:
+            info = self.infos[name]
+            for pname in (info.weight_name, info.bias_name):
+                if pname and pname in params and params[pname].grad is not None:
+                    grads[pname] = params[pname].grad
+        if not grads:
+            raise ConfigError("The attached model has no .grad on any tracked parameter; run a backward first.")
+        return grads
+
+    def __repr__(self) -> str:
+        reps: dict[str, int] = {}
+        for b in self._blocks.values():
+            reps[b.representation] = reps.get(b.representation, 0) + 1
+        kind = "EK-FAC" if self.is_ekfac else "K-FAC"
+        return f"KFAC({kind}, layers={len(self._blocks)}, representations={reps})"
+
+    def summary(self) -> dict[str, Any]:
+        """Per-layer dims, representation, token counts and traces (plain data)."""
+        rows = {}
+        for name, b in self._blocks.items():
+            info = self.infos[name]
+            rows[name] = {
+                "in": info.in_features,
+                "out": info.out_features,
+                "bias": info.has_bias,
+                "representation": b.representation,
+                "rank_G": b.G.rank,
+                "T": b.tokens.get("T", 0.0),
+                "N": b.tokens.get("N", 0.0),
+                "trace_A": b.A.trace(),
+                "trace_G": b.G.trace(),
+                "ekfac": b.is_ekfac,
+            }
+        return rows
