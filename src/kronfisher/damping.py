@@ -64,8 +64,14 @@ def _power(values: list[Tensor], p: float, name: str) -> list[Tensor]:
     if p == 1.0:
         return values
     if p < 0 or not float(p).is_integer():
-        low = min(float(v.min()) for v in values if v.numel())
-        if low <= 0.0 if p < 0 else low < 0.0:
+        live = [v for v in values if v.numel()]
+        low = min(float(v.min()) for v in live)
+        # For p < 0, eigenvalues within round-off of 0 (numpy matrix_rank's tolerance n·eps·λmax) count as 0.
+        tol = 0.0
+        if p < 0:
+            n = sum(v.numel() for v in live)
+            tol = max(float(v.abs().max()) for v in live) * n * torch.finfo(live[0].dtype).eps
+        if low <= tol if p < 0 else low < 0.0:
             raise SpectrumError(
                 f"power p={p} of layer {name!r} needs a positive damped spectrum, but its smallest eigenvalue is "
                 f"{low:.3e}; increase damping."

@@ -75,13 +75,14 @@ def activation_only_backward(model: nn.Module) -> Iterator[bool]:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode (no dropout), restoring the previous mode."""
-    was = model.training
+    """Run in eval mode (no dropout), restoring every submodule's previous mode (mixed modes included)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was)
+        for m, was in modes:
+            m.training = was
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -131,7 +132,7 @@ def run_batch(
         return ok
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise ConfigError(f"Batch {index}: expected a mapping with 'input_ids' (or pass loss_fn).")
-    fwd = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     logits = model(**fwd).logits
     terms = lm_terms(logits, batch, cfg.ignore_index)
     if terms.num_terms == 0 or terms.num_tokens == 0:

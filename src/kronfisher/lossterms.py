@@ -61,8 +61,8 @@ def lm_terms(logits: Tensor, batch: Mapping[str, Tensor], ignore_index: int) -> 
     valid = targets != ignore_index
     mask = batch.get("attention_mask")
     if mask is not None:
-        # A target at a non-attended position carries no loss term (SPEC §2).
-        valid = valid & (mask[:, 1:] != 0)
+        # A target at a non-attended position, or predicted from one (left padding), is no loss term (SPEC §2).
+        valid = valid & (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
     sel = logits[:, :-1][valid]
     n = int(valid.sum())
     t = int(mask.sum()) if mask is not None else int(ids.numel())
