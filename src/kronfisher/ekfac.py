@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .accumulate import CollectionReport, compute_dtype
 from .capture import BatchContext, Capture, Staged
 from .config import KFACConfig
+from .distributed import reduce_corrector, unwrap_model
 from .factors import KronBlock
 from .layers import LayerInfo
 from .operator import KFAC
@@ -122,6 +123,7 @@ def correct(
 
     cfg = fisher.cfg
     blocks = fisher.blocks
+    model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks (SPEC §8)
     modules = dict(model.named_modules())
     infos = {n: fisher.infos[n] for n in blocks}
     corrector = EigenCorrector(infos, blocks, cfg)
@@ -131,6 +133,7 @@ def correct(
     with eval_mode(model), activation_only_backward(model), cap:
         for i, batch in enumerate(_progress(batches, progress, "EK-FAC eigenvalues")):
             run_batch(model, batch, cap, cfg, i, report, generator, loss_fn)
+    reduce_corrector(corrector)  # SPEC §8: the ranks' sums and counts, once per pass; no-op on one process
     fisher.set_blocks(corrector.blocks_out())
     fisher.report.warnings.extend(report.warnings)
     return fisher

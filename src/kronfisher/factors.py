@@ -70,7 +70,17 @@ def decompose_factor(mean: Tensor, *, name: str, factor: str, cfg: KFACConfig) -
     return Eigen(vectors.to(store), values.to(store))
 
 
-def decompose_layer(name: str, sums: LayerSums, cfg: KFACConfig, shared_A: Eigen | None = None) -> KronBlock:
+def decompose_G(name: str, sums: LayerSums, cfg: KFACConfig) -> Eigen:
+    """Eigenbasis of ``G``: dense eigh (SPEC §4) or the low-rank eigenform from ``Uᵀ U`` (SPEC §6)."""
+    if isinstance(sums.G, LowRankSum):
+        work = torch.float64 if cfg.accumulate_torch_dtype == torch.float64 else torch.float32
+        return lowrank_eigen(sums.G.factor_U(work), sums.G.tail(), name=name)
+    return decompose_factor(sums.G.mean(torch.float64), name=name, factor="G", cfg=cfg)
+
+
+def decompose_layer(
+    name: str, sums: LayerSums, cfg: KFACConfig, shared_A: Eigen | None = None, shared_G: Eigen | None = None
+) -> KronBlock:
     """Decompose the factors of one layer (once per update; only eigenvectors and eigenvalues are kept).
 
     Args:
@@ -78,22 +88,27 @@ def decompose_layer(name: str, sums: LayerSums, cfg: KFACConfig, shared_A: Eigen
         sums: accumulated sums and counts.
         cfg: configuration (eigh dtype, storage dtype).
         shared_A: an already computed decomposition of an identical ``A`` (layers reading the same input).
+        shared_G: an already computed decomposition of this layer's ``G`` (e.g. by another rank, SPEC §8).
 
     """
     a_eig = shared_A or decompose_factor(sums.A.mean(torch.float64), name=name, factor="A", cfg=cfg)
-    if isinstance(sums.G, LowRankSum):
-        work = torch.float64 if cfg.accumulate_torch_dtype == torch.float64 else torch.float32
-        g_eig = lowrank_eigen(sums.G.factor_U(work), sums.G.tail(), name=name)
-        rep = "lowrank"
-    else:
-        g_eig = decompose_factor(sums.G.mean(torch.float64), name=name, factor="G", cfg=cfg)
-        rep = "dense"
+    g_eig = shared_G or decompose_G(name, sums, cfg)
+    rep = "lowrank" if isinstance(sums.G, LowRankSum) else "dense"
     tokens = {"T": sums.A.count, "N": sums.G.count}
     return KronBlock(a_eig, g_eig, rep, tokens=tokens)
 
 
-def decompose_all(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, KronBlock]:
-    """Decompose every layer; identical ``A`` sums (q/k/v, gate/up) are decomposed once and shared."""
+def decompose_all(sums: dict[str, LayerSums], cfg: KFACConfig, *, spread: bool = False) -> dict[str, KronBlock]:
+    """Decompose every layer; identical ``A`` sums (q/k/v, gate/up) are decomposed once and shared.
+
+    With ``spread=True`` and a process group, the eigendecompositions are spread over ranks by cost and broadcast
+    (SPEC §8, :func:`~kronfisher.distributed.decompose_spread`); every rank must then call this together.
+    """
+    if spread:
+        from .distributed import decompose_spread, is_distributed
+
+        if is_distributed():
+            return decompose_spread(sums, cfg)
     blocks: dict[str, KronBlock] = {}
     seen: list[tuple[Tensor, float, Eigen]] = []
     for name, layer in sums.items():

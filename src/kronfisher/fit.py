@@ -21,6 +21,7 @@ from .accumulate import CollectionReport
 from .capture import Capture
 from .collect import FactorCollector
 from .config import KFACConfig
+from .distributed import is_main_process, reduce_collection, unwrap_model
 from .errors import ConfigError
 from .layers import Discovery, discover_layers
 from .lossterms import lm_terms, sample_targets, summed_ce
@@ -170,7 +171,7 @@ def _finish_report(report: CollectionReport, discovery: Discovery, fired: set[st
 
 
 def _progress(batches: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
-    if not enabled:
+    if not enabled or not is_main_process():  # one progress bar under torchrun, not one per rank
         return batches
     from tqdm.auto import tqdm
 
@@ -186,6 +187,7 @@ def collect(
     progress: bool = False,
 ) -> tuple[Discovery, FactorCollector, CollectionReport]:
     """The K-FAC pass: sums and counts for every tracked layer (no decomposition)."""
+    model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks (SPEC §8)
     discovery = discover_layers(model, cfg.include, cfg.exclude)
     if not discovery.infos:
         raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
@@ -196,7 +198,8 @@ def collect(
     with eval_mode(model), activation_only_backward(model), cap:
         for i, batch in enumerate(_progress(batches, progress, "K-FAC factors")):
             run_batch(model, batch, cap, cfg, i, report, generator, loss_fn)
-    _finish_report(report, discovery, cap.fired, cap)
+    fired = reduce_collection(collector.sums, report, cap.fired)  # SPEC §8: once per pass; no-op on one process
+    _finish_report(report, discovery, fired, cap)
     return discovery, collector, report
 
 
@@ -223,10 +226,11 @@ def fit(
 
     """
     cfg = cfg or KFACConfig()
+    model = unwrap_model(model)
     if cfg.ekfac and iter(batches) is batches:  # type: ignore[comparison-overlap]
         raise ConfigError("ekfac=True needs two passes over the data: pass a list or a DataLoader, not an iterator.")
     discovery, collector, report = collect(model, batches, cfg, loss_fn=loss_fn, progress=progress)
-    fisher = KFAC.from_sums(discovery.infos, collector.sums, cfg, report=report, model=model)
+    fisher = KFAC.from_sums(discovery.infos, collector.sums, cfg, report=report, model=model, spread=True)
     if cfg.ekfac:
         from .ekfac import correct
 
@@ -243,7 +247,7 @@ class CaptureSession:
     """
 
     def __init__(self, model: nn.Module, cfg: KFACConfig | None = None) -> None:
-        self.model = model
+        self.model = model = unwrap_model(model)
         self.cfg = cfg or KFACConfig()
         self.discovery = discover_layers(model, self.cfg.include, self.cfg.exclude)
         if not self.discovery.infos:
@@ -252,6 +256,8 @@ class CaptureSession:
         self.report = CollectionReport()
         self._cap = Capture(self.discovery.modules, self.discovery.infos, self.collector, self.cfg.on_nonfinite)
         self._index = 0
+        self._reduced = False
+        self._fired: set[str] = set()
 
     def __enter__(self) -> CaptureSession:
         self._cap.__enter__()
@@ -309,8 +315,13 @@ class CaptureSession:
 
     def finalize(self) -> KFAC:
         """Decompose what was collected into a :class:`~kronfisher.operator.KFAC`."""
-        _finish_report(self.report, self.discovery, self._cap.fired, self._cap)
-        return KFAC.from_sums(self.discovery.infos, self.collector.sums, self.cfg, report=self.report, model=self.model)
+        if not self._reduced:  # merge the ranks' sums once, however often finalize is called (SPEC §8)
+            self._fired = reduce_collection(self.collector.sums, self.report, self._cap.fired)
+            self._reduced = True
+        _finish_report(self.report, self.discovery, self._fired, self._cap)
+        return KFAC.from_sums(
+            self.discovery.infos, self.collector.sums, self.cfg, report=self.report, model=self.model, spread=True
+        )
 
 
 def capture(model: nn.Module, cfg: KFACConfig | None = None) -> CaptureSession:

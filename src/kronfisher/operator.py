@@ -63,10 +63,15 @@ class KFAC:
         cfg: KFACConfig,
         report: CollectionReport | None = None,
         model: nn.Module | None = None,
+        *,
+        spread: bool = False,
     ) -> KFAC:
-        """Normalise and decompose accumulated sums (once) into an operator."""
+        """Normalise and decompose accumulated sums (once) into an operator.
+
+        ``spread=True`` spreads the eigendecompositions over the ranks of a process group (SPEC §8; collective).
+        """
         live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
-        blocks = decompose_all(live, cfg)
+        blocks = decompose_all(live, cfg, spread=spread)
         return cls({n: infos[n] for n in live}, blocks, cfg, sums=sums, report=report, model=model)
 
     def update_sums(self, sums: dict[str, LayerSums]) -> None:

@@ -1,0 +1,453 @@
+"""Distributed collection with ``torch.distributed`` (SPEC §8); every function is a no-op without a process group.
+
+Launched by ``torchrun``, each rank collects on its own shard of the data. At the end of a pass (never per batch,
+so a rank that runs out of batches early, or has no tokens at all, cannot hang the others) the ranks merge:
+
+* dense sums (``A``, dense ``G``, EK-FAC sums) and every count are all-reduced in a few flat buckets (one buffer
+  per dtype and device, capped at ``bucket_bytes``), not one collective per tensor;
+* low-rank ``U`` (SPEC §6) is all-gathered along the token dimension after padding every rank's columns to the
+  largest local count; the padding is removed after the gather, so the merged ``U`` holds exactly the columns of
+  every rank (rank order). Ranks that compressed under a token budget send their basis columns with their raw
+  ones, so ``G = U Uᵀ`` plus the summed tail mass is the merge of SPEC §3.3;
+* decompositions are spread over ranks by estimated cost (longest first, to the least loaded rank) and every
+  result is broadcast by its owner, so all ranks hold bit-identical eigenbases (the EK-FAC pass relies on it).
+
+The result equals one process over the union of the data up to summation order (SPEC §8 oracle, float64
+``rtol 1e-10``). With a token budget the merged columns are exact until the merged count passes ``2 · max_rank``
+(the threshold :meth:`~kronfisher.accumulate.LowRankSum.add` uses); past it both paths compress at different
+points and only the trace and the counts stay exact.
+
+Files: only rank 0 writes. Writers do ``if is_main_process(): write(...)`` followed by ``barrier()`` on every rank
+before anyone reads the file.
+
+Every collective function here must be called by all ranks (``fit``, ``collect``, ``capture(...).finalize()`` and
+the EK-FAC pass call them at the same point on every rank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .accumulate import CollectionReport, DenseSum, LayerSums, LowRankSum
+from .errors import DecompositionError
+from .linalg import Eigen
+
+if TYPE_CHECKING:
+    from .config import KFACConfig
+    from .ekfac import EigenCorrector
+    from .factors import KronBlock
+
+DEFAULT_BUCKET_BYTES = 256 * 2**20
+
+
+# Process-group queries ------------------------------------------------------------------------------------
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is initialised."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """Rank of this process (0 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and always without a process group): the only rank that writes files (SPEC §8)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group); put it after a rank-0 write, before any read."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` (or ``DataParallel``); other models unchanged.
+
+    Collection runs on the inner module: layer and parameter names have no ``module.`` prefix (they match the
+    plain model), and DDP's forward (buffer broadcast) and gradient hooks are never involved, so collection
+    triggers no collective per batch and no gradient all-reduce (SPEC §8).
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Device on which the default group's backend can communicate a tensor that lives on ``device``."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()).lower()
+    if "gloo" in backend and "nccl" in backend:  # "cpu:gloo,cuda:nccl": each device has its backend
+        return device
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# Bucketed all-reduce ---------------------------------------------------------------------------------------
+def all_reduce_tensors(tensors: Iterable[Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
+    """Sum every tensor over ranks, in place, packing them into flat buffers (one per dtype and device).
+
+    Tensors of one dtype and device are concatenated into buffers of at most ``bucket_bytes`` (a larger tensor goes
+    alone), so a whole pass costs a few collectives whatever the number of layers.
+
+    Args:
+        tensors: the tensors to reduce; every rank passes the same shapes and dtypes in the same order.
+        bucket_bytes: cap on one buffer.
+
+    Returns:
+        The number of collectives issued (0 without a process group).
+
+    """
+    if not is_distributed():
+        return 0
+    import torch.distributed as dist
+
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            groups.setdefault((t.dtype, _comm_device(t.device)), []).append(t)
+    calls = 0
+    for (dtype, device), members in groups.items():
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        bucket: list[Tensor] = []
+        size = 0
+        for t in [*members, None]:
+            if t is not None and (not bucket or size + t.numel() * itemsize <= bucket_bytes):
+                bucket.append(t)
+                size += t.numel() * itemsize
+                continue
+            if bucket:
+                flat = torch.cat([b.reshape(-1).to(device) for b in bucket])
+                dist.all_reduce(flat)
+                calls += 1
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                    offset += b.numel()
+            bucket, size = ([t], t.numel() * itemsize) if t is not None else ([], 0)
+    return calls
+
+
+# K-FAC pass ------------------------------------------------------------------------------------------------
+def _local_rows(g: LowRankSum) -> Tensor:
+    """Held columns of ``g`` as ``[m, out]`` rows in the storage dtype (basis first, as in ``raw_columns``)."""
+    parts = ([] if g.basis is None else [g.basis.t().to(g.device, g.storage_dtype)]) + list(g.chunks)
+    if not parts:
+        return torch.zeros(0, g.dim, dtype=g.storage_dtype, device=g.device)
+    return torch.cat(parts).contiguous()
+
+
+def _gather_lowrank(items: list[tuple[LowRankSum, Tensor, list[int]]]) -> None:
+    """All-gather low-rank columns along the token dimension, padded to the largest local count (SPEC §8).
+
+    Args:
+        items: ``(sum, local rows [m, out], column counts of every rank)``; counts, tail mass etc. already reduced.
+
+    """
+    import torch.distributed as dist
+
+    world = get_world_size()
+    by_dtype: dict[torch.dtype, list[tuple[LowRankSum, Tensor, list[int]]]] = {}
+    for item in items:
+        if max(item[2]) > 0:
+            by_dtype.setdefault(item[0].storage_dtype, []).append(item)
+    for dtype, members in by_dtype.items():
+        device = _comm_device(members[0][0].device)
+        padded = []
+        for g, rows, counts in members:
+            pad = max(counts) - rows.shape[0]
+            padded.append(torch.cat([rows, rows.new_zeros(pad, g.dim)]) if pad else rows)
+        # Bytes on the wire: every backend gathers uint8, whatever the storage dtype (bfloat16, float16 too).
+        local = torch.cat([p.reshape(-1) for p in padded]).view(torch.uint8).to(device)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        offset = 0
+        for g, _rows, counts in members:
+            width = max(counts)
+            nbytes = width * g.dim * itemsize
+            blocks = [
+                buf[offset : offset + nbytes].to(g.device).view(dtype).reshape(width, g.dim)[: counts[r]]
+                for r, buf in enumerate(gathered)
+            ]
+            offset += nbytes
+            g.basis = None
+            g.chunks = [torch.cat(blocks).contiguous()]
+            # Same threshold as LowRankSum.add, so a merged count within 2 * max_rank stays exact.
+            if g.max_rank is not None and g.num_columns > 2 * g.max_rank:
+                g.compress()
+
+
+def reduce_collection(
+    sums: Mapping[str, LayerSums],
+    report: CollectionReport | None = None,
+    fired: Iterable[str] = (),
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> set[str]:
+    """Merge the K-FAC sums, counts and report of every rank, in place, at the end of a pass (SPEC §8).
+
+    Dense sums and all counts are all-reduced in buckets; low-rank columns are all-gathered (padded to the largest
+    local token count, padding removed). Afterwards every rank holds the sums one process would have accumulated
+    over the union of the data.
+
+    Args:
+        sums: the layer sums of this rank (same layer names and representations on every rank).
+        report: this rank's report; ``tokens``, ``loss_terms`` and ``batches`` become totals (lists stay local).
+        fired: names of the layers whose hooks fired on this rank.
+        bucket_bytes: cap on one all-reduce buffer.
+
+    Returns:
+        The names (from ``sums``) whose hooks fired on at least one rank; ``set(fired)`` without a process group.
+
+    """
+    fired = set(fired)
+    if not is_distributed():
+        return fired
+    names = list(sums)
+    world, rank = get_world_size(), get_rank()
+    lowrank = [n for n in names if isinstance(sums[n].G, LowRankSum)]
+    rows = {n: _local_rows(sums[n].G) for n in lowrank}  # type: ignore[arg-type]
+    per_layer = 4  # A.count, G.count, batches, fired
+    lr_base = per_layer * len(names)
+    rank_base = lr_base + 2 * len(lowrank)
+    report_base = rank_base + world * len(lowrank)
+    scalars = torch.zeros(report_base + 3, dtype=torch.float64)
+    for i, n in enumerate(names):
+        s = sums[n]
+        scalars[per_layer * i : per_layer * (i + 1)] = torch.tensor(
+            [s.A.count, s.G.count, float(s.batches), float(n in fired)], dtype=torch.float64
+        )
+    for j, n in enumerate(lowrank):
+        g = sums[n].G
+        scalars[lr_base + 2 * j] = g.tail_mass  # type: ignore[union-attr]
+        scalars[lr_base + 2 * j + 1] = g.discarded_mass  # type: ignore[union-attr]
+        scalars[rank_base + rank * len(lowrank) + j] = rows[n].shape[0]  # own slot: all-reduce = all-gather
+    if report is not None:
+        scalars[report_base:] = torch.tensor([report.tokens, report.loss_terms, report.batches], dtype=torch.float64)
+    dense = [sums[n].A.sum for n in names] + [sums[n].G.sum for n in names if isinstance(sums[n].G, DenseSum)]
+    all_reduce_tensors([*dense, scalars], bucket_bytes)
+    values = scalars.tolist()
+    merged: set[str] = set()
+    for i, n in enumerate(names):
+        a_count, g_count, batches, was_fired = values[per_layer * i : per_layer * (i + 1)]
+        sums[n].A.count, sums[n].G.count, sums[n].batches = a_count, g_count, int(batches)
+        if was_fired > 0:
+            merged.add(n)
+    items = []
+    for j, n in enumerate(lowrank):
+        g = sums[n].G
+        g.tail_mass, g.discarded_mass = values[lr_base + 2 * j], values[lr_base + 2 * j + 1]  # type: ignore[union-attr]
+        counts = [int(values[rank_base + r * len(lowrank) + j]) for r in range(world)]
+        items.append((g, rows[n], counts))
+    _gather_lowrank(items)  # type: ignore[arg-type]
+    if report is not None:
+        report.tokens, report.loss_terms, report.batches = (int(v) for v in values[report_base:])
+    return merged | (fired - set(names))
+
+
+# EK-FAC pass -----------------------------------------------------------------------------------------------
+def reduce_corrector(corrector: EigenCorrector, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Sum the EK-FAC sums, tail sums and counts of every rank, in place (SPEC §5, §8)."""
+    if not is_distributed():
+        return
+    names = list(corrector.sums)
+    counts = torch.tensor([corrector.counts[n] for n in names], dtype=torch.float64)
+    tails = [corrector.tail_sums[n] for n in names if n in corrector.tail_sums]
+    all_reduce_tensors([*(corrector.sums[n] for n in names), *tails, counts], bucket_bytes)
+    for n, c in zip(names, counts.tolist()):
+        corrector.counts[n] = c
+
+
+# Decomposition spread over ranks ---------------------------------------------------------------------------
+def _task_cost(kind: str, s: LayerSums) -> float:
+    """Rough flop count of one decomposition: ``9 d³`` for a dense eigh, Gram + eigh + ``P`` for a low-rank one."""
+    if kind == "G" and isinstance(s.G, LowRankSum):
+        m = s.G.num_columns
+        return 4.0 * s.G.dim * m * m + 9.0 * m**3
+    return 9.0 * float(s.A.dim if kind == "A" else s.G.dim) ** 3
+
+
+def _assign(costs: list[float], world: int) -> list[int]:
+    """Owner of each task: longest first, each to the least loaded rank (LPT), deterministic on every rank."""
+    owner = [0] * len(costs)
+    load = [0.0] * world
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def _shared_A_plan(sums: dict[str, LayerSums]) -> list[int]:
+    """For each layer, the index of the first layer with an identical ``A`` sum (itself if none), agreed by all.
+
+    Computed on rank 0 and broadcast, so every rank builds the same task list even if reduced sums were to differ
+    in the last bit between ranks (a mismatch would otherwise desynchronise the broadcasts that follow).
+    """
+    import torch.distributed as dist
+
+    names = list(sums)
+    plan = torch.arange(len(names), dtype=torch.int64)
+    if is_main_process():
+        for i, n in enumerate(names):
+            a = sums[n].A
+            for j in range(i):
+                b = sums[names[j]].A
+                if (
+                    int(plan[j]) == j
+                    and b.count == a.count
+                    and b.sum.shape == a.sum.shape
+                    and torch.equal(b.sum, a.sum)
+                ):
+                    plan[i] = j
+                    break
+    wire = plan.to(_comm_device(torch.device("cpu")))
+    dist.broadcast(wire, src=0)
+    return [int(p) for p in wire.cpu()]
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a tensor in a packed buffer, padded to 8 so that every slice can be viewed as any dtype."""
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return n + (-n) % 8
+
+
+def _pack(tensors: list[tuple[Tensor, torch.dtype]]) -> Tensor:
+    """Tensors (cast to the given dtypes) as one uint8 CPU buffer, each padded to 8 bytes (see :func:`_nbytes`)."""
+    parts = []
+    for t, dtype in tensors:
+        raw = t.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8)
+        parts.append(raw)
+        pad = (-raw.numel()) % 8
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, KronBlock]:
+    """:func:`~kronfisher.factors.decompose_all` with the eigendecompositions spread over ranks (SPEC §8).
+
+    Tasks (each distinct ``A``, each ``G``) are assigned by estimated cost (``d³`` for a dense eigh, ``out · m²``
+    and ``m³`` for a low-rank eigenform); each owner decomposes its tasks and broadcasts them in one buffer, so every
+    rank ends with bit-identical blocks. A task that fails on its owner makes every rank raise (no rank is left
+    waiting). Without a process group it is :func:`~kronfisher.factors.decompose_all`.
+
+    Raises:
+        DecompositionError: a decomposition failed on another rank (the owner raises its own error).
+
+    """
+    from .factors import decompose_all, decompose_factor, decompose_G, decompose_layer
+
+    if not is_distributed():
+        return decompose_all(sums, cfg)
+    import torch.distributed as dist
+
+    names = list(sums)
+    world, rank = get_world_size(), get_rank()
+    shared = _shared_A_plan(sums)
+    tasks: list[tuple[str, int]] = [("A", i) for i in range(len(names)) if shared[i] == i]
+    tasks += [("G", i) for i in range(len(names))]
+    owner = _assign([_task_cost(kind, sums[names[i]]) for kind, i in tasks], world)
+    results: dict[tuple[str, int], Eigen] = {}
+    error: BaseException | None = None
+    # Explicit eigenpair count of each task (only its owner knows it for a low-rank eigenform); -1: failed.
+    ranks = torch.zeros(len(tasks), dtype=torch.int64)
+    for t, (kind, i) in enumerate(tasks):
+        if owner[t] != rank or error is not None:
+            continue
+        name, s = names[i], sums[names[i]]
+        try:
+            if kind == "A":
+                eig = decompose_factor(s.A.mean(torch.float64), name=name, factor="A", cfg=cfg)
+            else:
+                eig = decompose_G(name, s, cfg)
+        except Exception as err:  # re-raised below, after every rank has learnt of it
+            error = err
+            ranks[t] = -1
+            continue
+        results[(kind, i)] = eig
+        ranks[t] = eig.rank
+    wire = ranks.to(_comm_device(torch.device("cpu")))
+    dist.all_reduce(wire)
+    ranks = wire.cpu()
+    failed = [t for t in range(len(tasks)) if int(ranks[t]) < 0]
+    if failed:
+        if error is not None:
+            raise error
+        kind, i = tasks[failed[0]]
+        raise DecompositionError(
+            f"Decomposition of factor {kind} of layer {names[i]!r} failed on rank {owner[failed[0]]}; see its log."
+        )
+    store = cfg.accumulate_torch_dtype
+    lowrank_work = torch.float64 if store == torch.float64 else torch.float32  # as factors.decompose_G
+    # What each owner sends: (task, vectors shape, values shape, dtype), in task order.
+    layout: list[list[tuple[int, tuple[int, int], tuple[int], torch.dtype]]] = [[] for _ in range(world)]
+    for t, (kind, i) in enumerate(tasks):
+        s = sums[names[i]]
+        if kind == "G" and isinstance(s.G, LowRankSum):
+            dim, r, dtype = s.G.dim, int(ranks[t]), lowrank_work
+        else:
+            dim = s.A.dim if kind == "A" else s.G.dim
+            r, dtype = dim, store
+        layout[owner[t]].append((t, (dim, r), (r,), dtype))
+    for src in range(world):
+        if not layout[src]:
+            continue
+        if src == rank:
+            buf = _pack(
+                [(x, dt) for t, _, _, dt in layout[src] for x in (results[tasks[t]].vectors, results[tasks[t]].values)]
+            )
+        else:
+            buf = torch.empty(
+                sum(_nbytes(vs, dt) + _nbytes(ls, dt) for _, vs, ls, dt in layout[src]), dtype=torch.uint8
+            )
+        wire = buf.to(_comm_device(torch.device("cpu")))
+        dist.broadcast(wire, src=src)
+        if src == rank:
+            continue
+        buf = wire.cpu()
+        offset = 0
+        for t, vshape, lshape, dtype in layout[src]:
+            kind, i = tasks[t]
+            parts = []
+            for shape in (vshape, lshape):
+                parts.append(
+                    buf[offset : offset + _nbytes(shape, dtype)].view(dtype)[: math.prod(shape)].reshape(shape)
+                )
+                offset += _nbytes(shape, dtype)
+            s = sums[names[i]]
+            lowrank = kind == "G" and isinstance(s.G, LowRankSum)
+            if kind == "A":
+                device = s.A.sum.device
+            else:
+                device = s.G.device if isinstance(s.G, LowRankSum) else s.G.sum.device
+            tail = s.G.tail() if lowrank else 0.0  # type: ignore[union-attr]
+            results[(kind, i)] = Eigen(parts[0].to(device).clone(), parts[1].to(device).clone(), tail)
+    return {
+        name: decompose_layer(name, sums[name], cfg, shared_A=results[("A", shared[i])], shared_G=results[("G", i)])
+        for i, name in enumerate(names)
+    }

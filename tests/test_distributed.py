@@ -1,0 +1,264 @@
+"""Distributed collection (SPEC §8): each rank collects on its shard; the result is one process on the union.
+
+Oracle: the single-process fit on the union of the shards (float64, ``rtol 1e-10``). The shards are the union
+split in order, so even the low-rank ``U`` matches column by column (rank 0's tokens, then rank 1's, ...).
+Every rank runs in its own gloo process (:func:`distributed_helper.distributed_test`, with a timeout).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+
+import kronfisher as kf
+from conftest import make_model, random_ids, right_pad
+from distributed_helper import (
+    DistributedTestError,
+    DistributedTimeout,
+    distributed_test,
+    failing_worker,
+    hang_worker,
+)
+from kronfisher import distributed as kd
+
+# Shards by world size: indices into _all_batches(); "empty" is a batch with no attended token (T = 0).
+# World 2: uneven batch counts (rank 1 runs out first). World 3: rank 2 has zero tokens, rank 1 the most batches.
+SHARDS: dict[int, list[list[Any]]] = {2: [[0, 1], [2]], 3: [[0], [1, 2, 3], ["empty"]]}
+MODELS = {2: "gpt2", 3: "qwen2"}
+LOWRANK = ("lm_head",)  # lm_head (out = vocab = 40) low-rank; every other layer dense: both kinds in one model
+
+
+def _all_batches() -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of different sizes (different T per rank)."""
+    shapes = [[5, 3], [4], [6, 2, 4], [3, 5]]
+    out = []
+    for i, lengths in enumerate(shapes):
+        ids = random_ids(len(lengths), max(lengths), seed=10 + i)
+        out.append(right_pad([ids[j, :n] for j, n in enumerate(lengths)]))
+    return out
+
+
+def _shard(world_size: int, rank: int) -> list[dict[str, torch.Tensor]]:
+    batches = _all_batches()
+    out = []
+    for item in SHARDS[world_size][rank]:
+        if item == "empty":
+            b = dict(batches[0])
+            b["attention_mask"] = torch.zeros_like(b["attention_mask"])
+            out.append(b)
+        else:
+            out.append(batches[item])
+    return out
+
+
+def _union(world_size: int) -> list[dict[str, torch.Tensor]]:
+    return [b for r in range(world_size) for b in _shard(world_size, r)]
+
+
+def _cfg(**kw: Any) -> kf.KFACConfig:
+    return kf.KFACConfig(accumulate_dtype="float64", lowrank_layers=LOWRANK, **kw)
+
+
+def _probe(fisher: kf.KFAC, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Fixed random 'gradients' for every tracked parameter (same on every process)."""
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(123)
+    names = sorted(n for info in fisher.infos.values() for n in (info.weight_name, info.bias_name) if n)
+    return {n: torch.randn(params[n].shape, generator=g, dtype=torch.float64) for n in names}
+
+
+def _summary(fisher: kf.KFAC, model: torch.nn.Module) -> dict[str, Any]:
+    """What the oracle comparison looks at: factors, U, EK-FAC eigenvalues, natural gradients, counts."""
+    out: dict[str, Any] = {"A": {}, "G": {}, "corrected": {}, "corrected_tail": {}}
+    for name in fisher.layer_names:
+        a, g = fisher.factors(name)
+        out["A"][name], out["G"][name] = a, g
+        block = fisher.block(name)
+        if block.corrected is not None:
+            out["corrected"][name] = block.corrected
+        if block.corrected_tail is not None:
+            out["corrected_tail"][name] = block.corrected_tail
+    out["U"] = fisher.sums["lm_head"].G.factor_U(torch.float64)
+    out["nat"] = fisher.natural_gradient(_probe(fisher, model))
+    r = fisher.report
+    out["report"] = [r.tokens, r.loss_terms, r.batches]
+    out["never_fired"] = list(r.never_fired)
+    out["layers"] = list(fisher.layer_names)
+    return out
+
+
+class _EighCounter:
+    """Counts eigendecompositions (dense eigh and low-rank Gram eigh) done in this process."""
+
+    def __init__(self) -> None:
+        import kronfisher.factors as factors
+        import kronfisher.linalg as linalg
+
+        self.calls = 0
+        self._orig = linalg.safe_eigh
+        self._mods = (factors, linalg)
+
+    def __enter__(self) -> _EighCounter:
+        def counted(*args: Any, **kw: Any) -> Any:
+            self.calls += 1
+            return self._orig(*args, **kw)
+
+        for m in self._mods:
+            m.safe_eigh = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self._mods:
+            m.safe_eigh = self._orig
+
+
+def _summed_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over attended positions with a target (the user's own loss)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["attention_mask"].bool()
+    keep = mask[:, 1:] & mask[:, :-1]
+    pred = logits[:, :-1][keep]
+    target = batch["input_ids"][:, 1:][keep]
+    return torch.nn.functional.cross_entropy(pred, target, reduction="sum"), int(keep.sum())
+
+
+def fit_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """One rank: plain fit (EK-FAC), DDP-wrapped fit, user-driven capture, token budget."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model(MODELS[world_size])
+    batches = _shard(world_size, rank)
+    out: dict[str, Any] = {}
+    with _EighCounter() as counter:
+        fisher = kf.fit(model, batches, _cfg(ekfac=True))
+    out["plain"] = _summary(fisher, model)
+    out["eigh_calls"] = counter.calls
+
+    # DDP-wrapped model: same result, and collection triggers no gradient all-reduce.
+    ddp = DDP(model)
+    calls = [0]
+
+    def counting_hook(state, bucket):  # no annotations: DDP checks them against dist.GradBucket
+        calls[0] += 1
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    ddp.register_comm_hook(None, counting_hook)
+    control = _all_batches()[0]
+    _summed_lm_loss(ddp, control)[0].backward()  # positive control: an ordinary backward does all-reduce
+    out["ddp_control_calls"] = calls[0]
+    model.zero_grad(set_to_none=True)
+    calls[0] = 0
+    fisher_ddp = kf.fit(ddp, batches, _cfg(ekfac=True))
+    out["ddp_fit_calls"] = calls[0]
+    out["ddp_grads_untouched"] = all(p.grad is None for p in model.parameters())
+    out["ddp"] = _summary(fisher_ddp, model)
+
+    # User-driven loop (kf.capture): finalize merges the ranks' sums.
+    with kf.capture(model, _cfg()) as cap:
+        for b in batches:
+            loss, n = _summed_lm_loss(model, b)
+            cap.backward(loss, num_terms=n, reduction="sum", attention_mask=b["attention_mask"])
+    fisher_cap = cap.finalize()
+    model.zero_grad(set_to_none=True)
+    out["capture"] = {n: list(fisher_cap.factors(n)) for n in fisher_cap.layer_names}
+
+    # Token budget: every rank compresses locally (basis columns), the merge must keep them.
+    budget = kf.fit(model, batches, _cfg(lowrank_max_rank=2))
+    g = budget.block("lm_head").G
+    out["budget"] = [g.trace(), budget.block("lm_head").tokens["N"], budget.sums["lm_head"].G.num_columns]
+    return out
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    # SPEC §8 oracle: rtol 1e-10; absolute floor 1e-10 · max|expected| for entries that are round-off zeros
+    # (clamped null-space eigenvalues, EK-FAC values on the null space of A).
+    atol = 1e-10 * float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _compare(got: dict[str, Any], ref: dict[str, Any], what: str) -> None:
+    assert got["layers"] == ref["layers"], what
+    for key in ("A", "G", "corrected", "corrected_tail", "nat"):
+        assert sorted(got[key]) == sorted(ref[key]), f"{what}: {key} keys"
+        for name in ref[key]:
+            _close(got[key][name], ref[key][name], f"{what} {key}[{name}]")
+    assert got["U"].shape == ref["U"].shape, f"{what}: U {list(got['U'].shape)} vs {list(ref['U'].shape)}"
+    _close(got["U"], ref["U"], f"{what} U")
+    assert got["report"] == ref["report"], what
+    assert got["never_fired"] == [], what
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_distributed_fit_equals_one_process_on_union(world_size: int, tmp_path: Any) -> None:
+    """Factors, U, EK-FAC eigenvalues, natural gradients (plain and DDP-wrapped, uneven shards, zero-token rank)."""
+    results = distributed_test(world_size, fit_worker, tmp_path, timeout=240)
+
+    model = make_model(MODELS[world_size])
+    union = _union(world_size)
+    with _EighCounter() as counter:
+        ref_fisher = kf.fit(model, union, _cfg(ekfac=True))
+    ref = _summary(ref_fisher, model)
+    assert ref["corrected"] and ref["corrected_tail"], "the oracle must exercise EK-FAC on a low-rank layer"
+    assert ref["U"].shape[1] == ref_fisher.report.tokens > 0
+
+    for rank, res in enumerate(results):
+        _compare(res["plain"], ref, f"rank {rank} plain")
+        _compare(res["ddp"], ref, f"rank {rank} DDP")
+        # Every rank holds bit-identical blocks (decompositions broadcast by their owner).
+        for key in ("A", "G", "corrected", "nat"):
+            for name in ref[key]:
+                assert torch.equal(res["plain"][key][name], results[0]["plain"][key][name]), (rank, key, name)
+        assert res["ddp_control_calls"] > 0, "the comm-hook counter must see an ordinary DDP backward"
+        assert res["ddp_fit_calls"] == 0, "collection must not trigger DDP gradient all-reduce"
+        assert res["ddp_grads_untouched"]
+        for name, (a, g) in res["capture"].items():
+            _close(a, ref["A"][name], f"rank {rank} capture A[{name}]")
+            _close(g, ref["G"][name], f"rank {rank} capture G[{name}]")
+        assert sorted(res["capture"]) == sorted(ref["A"])
+
+    # The decompositions are spread: together the ranks do exactly the single-process work, none does all of it.
+    per_rank = [res["eigh_calls"] for res in results]
+    assert sum(per_rank) == counter.calls, (per_rank, counter.calls)
+    assert max(per_rank) < counter.calls, per_rank
+
+    # Token budget: the merged G keeps every rank's compressed basis, so tr G = Σ ‖ĝ‖² / N and N stay exact.
+    # rel 1e-6: low-rank columns are stored and compressed in float32 (lowrank_dtype has no float64 option);
+    # losing a rank's basis would lose a large part of the trace.
+    exact_trace = float(ref["U"].square().sum())
+    for res in results:
+        trace, n, columns = res["budget"]
+        assert n == ref_fisher.block("lm_head").tokens["N"]
+        assert columns <= 2 * 2
+        assert trace == pytest.approx(exact_trace, rel=1e-6)
+
+
+def test_helper_fails_fast_on_hang_and_on_error(tmp_path: Any) -> None:
+    """A hang is killed at the timeout; a rank that raises fails at once with its traceback."""
+    t0 = time.monotonic()
+    with pytest.raises(DistributedTimeout) as hang:
+        distributed_test(2, hang_worker, tmp_path, timeout=5)
+    assert time.monotonic() - t0 < 5 + 10  # killed promptly, did not wait for the gloo timeout
+    assert 0 in hang.value.running
+
+    t0 = time.monotonic()
+    with pytest.raises(DistributedTestError) as err:
+        distributed_test(2, failing_worker, tmp_path, timeout=120)
+    assert not isinstance(err.value, DistributedTimeout)
+    assert "rank 1 failed on purpose" in str(err.value)
+    assert time.monotonic() - t0 < 60  # reported as soon as rank 1 exits, not at the timeout
+
+
+def test_single_process_helpers_are_noops() -> None:
+    """Without a process group: rank 0 writes, barrier returns, reductions change nothing."""
+    assert not kd.is_distributed() and kd.is_main_process() and kd.get_world_size() == 1
+    kd.barrier()
+    t = torch.ones(3)
+    assert kd.all_reduce_tensors([t]) == 0 and torch.equal(t, torch.ones(3))
+    model = make_model("gpt2")
+    wrapped = torch.nn.DataParallel(model)
+    assert kd.unwrap_model(wrapped) is model and kd.unwrap_model(model) is model
