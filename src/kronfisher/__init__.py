@@ -23,6 +23,18 @@ from .errors import (
     SpectrumError,
 )
 from .fit import CaptureSession, capture, collect, fit
+from .io import (
+    SumsFile,
+    inspect_file,
+    load,
+    load_sums,
+    merge_files,
+    model_fingerprint,
+    read_metadata,
+    save,
+    save_sums,
+    verify_file,
+)
 from .layers import LayerInfo, discover_layers
 from .operator import KFAC
 
@@ -42,9 +54,19 @@ __all__ = [
     "NonFiniteError",
     "ShapeError",
     "SpectrumError",
+    "SumsFile",
     "__version__",
     "capture",
     "collect",
     "discover_layers",
     "fit",
+    "inspect_file",
+    "load",
+    "load_sums",
+    "merge_files",
+    "model_fingerprint",
+    "read_metadata",
+    "save",
+    "save_sums",
+    "verify_file",
 ]

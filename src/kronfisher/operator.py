@@ -9,8 +9,10 @@ by any operator.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +45,8 @@ class KFAC:
         model: nn.Module | None = None,
     ) -> None:
         self.infos = dict(infos)
-        self._blocks = dict(blocks)
+        # A dict is copied; another mutable mapping (the lazy per-layer blocks of kronfisher.io.load) is kept.
+        self._blocks = dict(blocks) if isinstance(blocks, dict) else blocks
         self.cfg = cfg
         self.sums = sums
         self.report = report or CollectionReport()
@@ -133,7 +136,8 @@ class KFAC:
         d = b.G.dim * b.A.dim
         self._check_dense_size(name, d * d, "The dense block")
         span, tail = b.kron_eigenvalues()
-        p, q = b.G.vectors, b.A.vectors
+        # contiguous: torch.kron fails on a transposed-stride operand (eigh returns column-major vectors)
+        p, q = b.G.vectors.contiguous(), b.A.vectors.contiguous()
         basis = torch.kron(p, q)  # [d, r * a]
         out = (basis * span.reshape(-1)) @ basis.t()
         if not b.G.full and tail is not None:
@@ -212,6 +216,12 @@ class KFAC:
         if not grads:
             raise ConfigError("The attached model has no .grad on any tracked parameter; run a backward first.")
         return grads
+
+    def save(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, include_sums: bool = True) -> Path:
+        """Write factors and raw sums to a safetensors file with JSON metadata (SPEC §9, :func:`kronfisher.save`)."""
+        from .io import save
+
+        return save(self, path, model=model, include_sums=include_sums)
 
     def __repr__(self) -> str:
         reps: dict[str, int] = {}

@@ -1,0 +1,366 @@
+"""Factor files: save, lazy load, raw sums for resume and merge, inspection (SPEC §9, §9a, §3.3).
+
+Files are safetensors plus JSON metadata (format and library version, config, per-layer representation, shapes,
+token counts, a model fingerprint and checksums; see :mod:`kronfisher.io_format`). Never pickle; model weights are
+never stored. Two kinds of file share the format:
+
+* ``"kfac"`` (:func:`save`, :meth:`KFAC.save`): decomposed blocks per layer (eigenbases of ``A`` and ``G``, a thin
+  ``G`` with its tail for low-rank layers, EK-FAC eigenvalues) and, by default, the raw sums.
+* ``"sums"`` (:func:`save_sums`): raw sums and counts only, written during collection so that it can resume and
+  so that files from disjoint data merge exactly by adding sums and counts (:func:`merge_files`).
+
+:func:`load` reads only the header; each layer's tensors are read (and checksum-verified) on first access.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .accumulate import CollectionReport
+from .errors import FileFormatError, FingerprintError, KronfisherError
+from .factors import KronBlock
+from .io_format import Header, LazyLayers, Payload, read_header, read_tensors, verify_payload
+from .io_sums import (
+    PathLike,
+    SumsFile,
+    base_meta,
+    check_fingerprint,
+    config_from_header,
+    fingerprint_mismatches,
+    infos_from_header,
+    load_sums,
+    model_fingerprint,
+    read_layer_sums,
+    report_from_dict,
+    save_sums,
+    sums_meta,
+    write_file,
+)
+from .layers import LayerInfo
+from .linalg import Eigen
+from .operator import KFAC
+
+__all__ = [
+    "SUM_FIELDS",
+    "LoadedKFAC",
+    "SumsFile",
+    "check_fingerprint",
+    "fingerprint_mismatches",
+    "inspect_file",
+    "load",
+    "load_sums",
+    "merge_files",
+    "model_fingerprint",
+    "read_metadata",
+    "save",
+    "save_sums",
+    "verify_file",
+]
+
+logger = logging.getLogger("kronfisher")
+
+
+# Config fields that change what the sums mean: files whose values differ cannot be merged (SPEC §3.3).
+SUM_FIELDS = (
+    "fisher",
+    "mc_samples",
+    "approx",
+    "include",
+    "exclude",
+    "loss_reduction",
+    "ignore_index",
+    "accumulate_dtype",
+    "lowrank_threshold",
+    "lowrank_layers",
+    "lowrank_dtype",
+    "lowrank_max_rank",
+)
+
+
+# Decomposed factors ---------------------------------------------------------------------------------------------
+def save(
+    fisher: KFAC,
+    path: PathLike,
+    *,
+    model: nn.Module | None = None,
+    include_sums: bool = True,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a :class:`KFAC` to a safetensors file with JSON metadata, atomically (SPEC §9).
+
+    Args:
+        fisher: the operator (K-FAC or EK-FAC; dense and low-rank layers).
+        path: destination (``.safetensors``).
+        model: when given, checked against the layer shapes and described in the metadata (weights never stored).
+        include_sums: also store the raw sums, so the file can be merged with files from disjoint data.
+        extra_meta: JSON-serialisable data for the caller.
+
+    Returns:
+        The written path.
+
+    """
+    blocks = {n: fisher.block(n) for n in fisher.layer_names}
+    infos = {n: fisher.infos[n] for n in blocks}
+    meta = base_meta("kfac", fisher.cfg, infos, fisher.report, model, extra_meta)
+    payload = Payload()
+    bmeta, rows = {}, {}
+    for name, b in blocks.items():
+        info = infos[name]
+        entry: dict[str, Any] = {"representation": b.representation, "tokens": dict(b.tokens)}
+        for which, eig in (("A", b.A), ("G", b.G)):
+            entry[which] = {
+                "vectors": payload.add(f"block:{name}:{which}.vectors", eig.vectors),
+                "values": payload.add(f"block:{name}:{which}.values", eig.values),
+                "tail": float(eig.tail),
+            }
+        for which in ("corrected", "corrected_tail"):
+            t = getattr(b, which)
+            entry[which] = None if t is None else payload.add(f"block:{name}:{which}", t)
+        bmeta[name] = entry
+        rows[name] = {
+            "in": info.in_features,
+            "out": info.out_features,
+            "bias": info.has_bias,
+            "representation": b.representation,
+            "rank_G": b.G.rank,
+            "T": float(b.tokens.get("T", 0.0)),
+            "N": float(b.tokens.get("N", 0.0)),
+            "trace_A": b.A.trace(),
+            "trace_G": b.G.trace(),
+            "discarded_G": float(getattr(b.G, "discarded", 0.0)),  # token-budget mass in the tail (SPEC §6)
+            "ekfac": b.is_ekfac,
+        }
+    meta["blocks"] = bmeta
+    meta["layers"] = rows
+    if include_sums and fisher.sums is not None:
+        kept = {n: s for n, s in fisher.sums.items() if n in infos}
+        dropped = [n for n, s in fisher.sums.items() if n not in infos and (s.A.count > 0 or s.G.count > 0)]
+        if dropped:  # a layer with A but no G tokens (or vice versa) has no block and no LayerInfo in the operator
+            logger.warning("save: sums of layers without a block are not stored: %s", dropped)
+        meta["sums"] = sums_meta(payload, kept)
+        meta["sums_not_stored"] = dropped
+    return write_file(path, payload, meta)
+
+
+class _BlockReader:
+    """Reads one layer's block on demand; eigenbases stored once (shared ``A``) are loaded once and shared."""
+
+    def __init__(self, header: Header, infos: Mapping[str, LayerInfo], device: torch.device | str) -> None:
+        self.header = header
+        self.infos = infos
+        self.device = torch.device(device)
+        self._eigen: dict[str, Eigen] = {}
+
+    def __call__(self, name: str) -> KronBlock:
+        bm = self.header.meta["blocks"][name]
+        keys = [bm[w][k] for w in ("A", "G") for k in ("vectors", "values") if bm[w]["vectors"] not in self._eigen]
+        keys += [bm[k] for k in ("corrected", "corrected_tail") if bm[k] is not None]
+        read = {k: t.to(self.device) for k, t in read_tensors(self.header, dict.fromkeys(keys)).items()}
+        eig = {}
+        for which in ("A", "G"):
+            em = bm[which]
+            hit = self._eigen.get(em["vectors"])
+            if hit is None:
+                hit = Eigen(read[em["vectors"]], read[em["values"]], float(em["tail"]))
+                self._eigen[em["vectors"]] = hit
+            eig[which] = hit
+        info = self.infos[name]
+        if eig["A"].vectors.shape != (info.a_dim, info.a_dim) or eig["G"].dim != info.out_features:
+            raise FileFormatError(
+                f"Factor file {self.header.path}: layer {name!r} has eigenbases {list(eig['A'].vectors.shape)} / "
+                f"{list(eig['G'].vectors.shape)}, which do not fit [out={info.out_features}, a_dim={info.a_dim}]."
+            )
+        corrected = read[bm["corrected"]] if bm["corrected"] is not None else None
+        tail = read[bm["corrected_tail"]] if bm["corrected_tail"] is not None else None
+        return KronBlock(eig["A"], eig["G"], bm["representation"], corrected, tail, tokens=dict(bm["tokens"]))
+
+
+class LoadedKFAC(KFAC):
+    """A :class:`KFAC` read from a file: blocks load per layer on first use (SPEC §9).
+
+    Only ``repr`` differs from :class:`KFAC`: it describes layers that are not loaded yet from the file's metadata
+    (which describes exactly the file's tensors), so printing a loaded operator reads no tensor.
+    """
+
+    def __init__(self, *args: Any, rows: Mapping[str, Mapping[str, Any]], path: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.path = path
+        self._rows = rows
+
+    def __repr__(self) -> str:
+        blocks = self._blocks
+        loaded = set(blocks.loaded) if isinstance(blocks, LazyLayers) else set(blocks)
+        reps: dict[str, int] = {}
+        ekfac = True
+        for name in self.layer_names:
+            if name in loaded:
+                b = blocks[name]
+                rep, is_ek = b.representation, b.is_ekfac
+            else:
+                rep, is_ek = self._rows[name]["representation"], bool(self._rows[name]["ekfac"])
+            reps[rep] = reps.get(rep, 0) + 1
+            ekfac = ekfac and is_ek
+        kind = "EK-FAC" if ekfac and reps else "K-FAC"
+        return f"KFAC({kind}, layers={len(self.layer_names)}, representations={reps}, file={str(self.path)!r})"
+
+
+def load(
+    path: PathLike, *, model: nn.Module | None = None, device: torch.device | str = "cpu", verify: bool = False
+) -> KFAC:
+    """Load a factor file (SPEC §9). Layers load lazily: each layer's tensors are read on first use.
+
+    Args:
+        path: a file written by :func:`save` (or :func:`save_sums`, which is then decomposed here, eagerly).
+        model: when given, every layer of the file must exist in it with the same ``[out, in, has_bias]``
+            (:class:`FingerprintError` lists the mismatched layers); the model is attached for
+            :meth:`KFAC.natural_gradient`.
+        device: where the tensors go when they are read.
+        verify: read every tensor now and check the payload checksum (otherwise each tensor is checked when read).
+
+    Raises:
+        FileFormatError: truncated, corrupted or unsupported file (the message names the file).
+        FingerprintError: the model does not match.
+
+    """
+    header = read_header(path)
+    if verify:
+        verify_payload(header)
+    cfg = config_from_header(header)
+    infos = infos_from_header(header)
+    if model is not None:
+        check_fingerprint(header.meta["fingerprint"], model, path=header.path)
+    report = report_from_dict(header.meta.get("report", {}))
+    if header.meta.get("kind") == "sums":
+        sums = {n: read_layer_sums(header, n, cfg, device) for n in header.meta["sums"]}
+        return KFAC.from_sums(infos, sums, cfg, report=report, model=model)
+    if header.meta.get("kind") != "kfac":
+        raise FileFormatError(f"Factor file {header.path}: unknown kind {header.meta.get('kind')!r}.")
+    names = list(header.meta["blocks"])
+    blocks: LazyLayers[KronBlock] = LazyLayers(names, _BlockReader(header, infos, device))
+    sums = None
+    if header.meta.get("sums"):
+        sums = LazyLayers(header.meta["sums"], lambda n: read_layer_sums(header, n, cfg, device))
+    return LoadedKFAC(
+        {n: infos[n] for n in names},
+        blocks,  # type: ignore[arg-type]
+        cfg,
+        sums=sums,  # type: ignore[arg-type]
+        report=report,
+        model=model,
+        rows=header.meta["layers"],
+        path=header.path,
+    )
+
+
+def verify_file(path: PathLike) -> dict[str, Any]:
+    """Check every byte of a factor file (header, metadata and all tensor checksums); return its metadata."""
+    header = read_header(path)
+    verify_payload(header)
+    return header.meta
+
+
+def read_metadata(path: PathLike) -> dict[str, Any]:
+    """The checked JSON metadata of a factor file, without reading any tensor."""
+    return read_header(path).meta
+
+
+def inspect_file(path: PathLike) -> list[dict[str, Any]]:
+    """Per-layer summary from the header only: name, representation, in, out, T, N, trace_A, trace_G, and more."""
+    meta = read_header(path).meta
+    return [{"name": name, **row} for name, row in meta["layers"].items()]
+
+
+# Merge ----------------------------------------------------------------------------------------------------------
+def _check_mergeable(files: list[tuple[Path, SumsFile]]) -> list[str]:
+    base_path, base = files[0]
+    base_cfg = base.cfg.to_dict()
+    notes = []
+    for p, f in files[1:]:
+        cfg = f.cfg.to_dict()
+        bad = [k for k in SUM_FIELDS if cfg.get(k) != base_cfg.get(k)]
+        if bad:
+            diffs = ", ".join(f"{k}: {base_cfg.get(k)!r} vs {cfg.get(k)!r}" for k in bad)
+            raise FileFormatError(f"Cannot merge {p} into {base_path}: sums collected with different {diffs}.")
+        other = [k for k in cfg if k not in SUM_FIELDS and cfg.get(k) != base_cfg.get(k)]
+        if other:
+            notes.append(f"{p}: config fields {other} differ from {base_path}; the first file's values are kept.")
+        for name, info in f.infos.items():
+            if name in base.infos and base.infos[name] != info:
+                raise FingerprintError(
+                    f"Cannot merge {p} into {base_path}: layer {name!r} differs "
+                    f"({base.infos[name].to_dict()} vs {info.to_dict()}).",
+                    [(name, str(base.infos[name].to_dict()), str(info.to_dict()))],
+                )
+    return notes
+
+
+def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Module | None = None) -> Path:
+    """Merge files of sums from disjoint data: add sums and counts, then decompose (SPEC §3.3).
+
+    The result equals one collection over the union of the data. Every input must carry raw sums (a ``"sums"`` file
+    or a ``"kfac"`` file saved with ``include_sums=True``) collected with the same sum-relevant configuration
+    (:data:`SUM_FIELDS`). A layer absent from one file (its hooks never fired there) contributes nothing from it.
+    EK-FAC eigenvalues cannot be merged (they depend on the merged eigenbasis): the output is K-FAC and a warning
+    says so. The output is a ``"kfac"`` file with its sums, so it can be merged again.
+
+    Args:
+        paths: two or more input files.
+        out_path: destination, written atomically.
+        model: when given, every input must match it (:class:`FingerprintError`).
+
+    Returns:
+        The written path.
+
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise KronfisherError("merge_files needs at least one input file.")
+    files = []
+    for p in paths:
+        f = load_sums(p)
+        if model is not None:
+            check_fingerprint(f.meta["fingerprint"], model, path=p)
+        files.append((p, f))
+    notes = _check_mergeable(files)
+    base = files[0][1]
+    infos = dict(base.infos)
+    sums = dict(base.sums)
+    report = CollectionReport(skipped_layers=dict(base.report.skipped_layers))
+    for _, f in files[1:]:
+        for name, s in f.sums.items():
+            if name in sums:
+                sums[name].merge(s)
+            else:
+                infos[name], sums[name] = f.infos[name], s
+    for _, f in files:
+        report.tokens += f.report.tokens
+        report.loss_terms += f.report.loss_terms
+        report.batches += f.report.batches
+        report.warnings.extend(f.report.warnings)
+    never = {n for _, f in files for n in f.report.never_fired}
+    report.never_fired = sorted(n for n in never if not (n in sums and sums[n].A.count > 0))
+    if base.cfg.ekfac:
+        notes.append("EK-FAC eigenvalues are not mergeable; the merged file is K-FAC: rerun the EK-FAC pass.")
+    for note in notes:
+        logger.warning("merge_files: %s", note)
+    report.warnings.extend(notes)
+    fisher = KFAC.from_sums(infos, sums, base.cfg, report=report)
+    merged_from = [
+        {
+            "path": str(p),
+            "tokens": f.report.tokens,
+            "loss_terms": f.report.loss_terms,
+            "batches": f.report.batches,
+            "empty_batches": f.report.empty_batches,
+            "nonfinite_batches": [[b, ls] for b, ls in f.report.nonfinite_batches],
+            "payload_sha256": f.meta.get("payload_sha256"),
+        }
+        for p, f in files
+    ]
+    return save(fisher, out_path, model=model, include_sums=True, extra_meta={"merged_from": merged_from})

@@ -1,0 +1,407 @@
+"""Low-level factor-file format: safetensors payload, checked JSON metadata, atomic writes (SPEC §9, §9a).
+
+A factor file is a plain safetensors file (never pickle). Its ``__metadata__`` carries two strings: the
+kronfisher metadata as JSON text and the SHA-256 of that text. The metadata lists every tensor with its dtype,
+shape and the SHA-256 of its bytes, so every byte of the file is covered by a check:
+
+* the 8-byte header length and the safetensors header (tensor index): parsed here, every entry compared with the
+  metadata, offsets checked to tile the payload exactly and the file size checked against the header (a
+  truncated file is refused when it is opened, before any tensor is read);
+* the metadata text: its own SHA-256;
+* the tensor payload: per-tensor SHA-256, checked whenever a tensor is read, so lazy loading (one layer at a time)
+  still never hands out a corrupted tensor; :func:`verify_payload` checks them all at once.
+
+Writes are atomic: a temporary file in the destination directory, ``fsync``, ``os.replace``, then ``fsync`` of the
+directory; on any failure the temporary file is removed and an existing destination is left untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import FileFormatError
+
+FORMAT_NAME = "kronfisher"
+FORMAT_VERSION = 1
+META_KEY = "kronfisher"
+META_SHA_KEY = "kronfisher_sha256"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+_ST_CODES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+_TORCH_DTYPES = {name: getattr(torch, name) for name in _ST_CODES}
+
+V = TypeVar("V")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).replace("torch.", "")
+
+
+def tensor_digest(t: Tensor) -> str:
+    """SHA-256 of a tensor's bytes in memory order (the bytes safetensors stores, little endian)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256()
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def payload_digest(entries: Mapping[str, Mapping[str, Any]]) -> str:
+    """One SHA-256 for the whole tensor payload, from the per-tensor entries (name, dtype, shape, digest)."""
+    h = hashlib.sha256()
+    for key in sorted(entries):
+        e = entries[key]
+        h.update(f"{key}\t{e['dtype']}\t{list(e['shape'])}\t{e['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+class Payload:
+    """Tensors to write, deduplicated by identity (a shared ``A`` eigenbasis is stored once)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+        self._by_id: dict[int, str] = {}
+        self._keepalive: list[Tensor] = []
+
+    def add(self, key: str, t: Tensor) -> str:
+        """Register ``t`` under ``key`` unless the same tensor object is already registered; return its key."""
+        hit = self._by_id.get(id(t))
+        if hit is not None:
+            return hit
+        if key in self.tensors:
+            raise KeyError(f"Duplicate tensor key {key!r} in a factor file.")
+        self._by_id[id(t)] = key
+        self._keepalive.append(t)  # keeps id(t) unique for the lifetime of the payload
+        self.tensors[key] = t
+        return key
+
+    def prepared(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+        """CPU, contiguous tensors (storage shared between two keys is copied) and their metadata entries."""
+        out: dict[str, Tensor] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        storages: set[int] = set()
+        for key, t in self.tensors.items():
+            c = t.detach().to("cpu").contiguous()
+            ptr = c.untyped_storage().data_ptr()
+            if c.numel() and ptr in storages:
+                c = c.clone()
+            if c.numel():
+                storages.add(c.untyped_storage().data_ptr())
+            name = dtype_name(c.dtype)
+            if name not in _ST_CODES:
+                raise FileFormatError(f"Tensor {key!r} has dtype {c.dtype}, which factor files do not store.")
+            out[key] = c
+            entries[key] = {"dtype": name, "shape": list(c.shape), "sha256": tensor_digest(c)}
+        return out, entries
+
+
+# Writing ------------------------------------------------------------------------------------------------------
+def write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file (indirection so that tests can simulate a failure midway)."""
+    save_file(tensors, path, metadata=metadata)
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms cannot open directories; the rename is still atomic
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``tensors`` and the JSON ``meta`` to ``path`` atomically (SPEC §9).
+
+    The file is written to a temporary name in the same directory, flushed to disk, and renamed over ``path``.
+    On any failure the temporary file is removed, so nothing partial is ever left under either name.
+
+    Returns:
+        The destination path.
+
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(f"Cannot write factors to {path}: it is a directory.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(meta)  # insertion order kept: layers stay in model order
+    header_meta = {META_KEY: text, META_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
+    os.close(fd)
+    try:
+        write_safetensors(tensors, str(tmp), header_meta)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_path(path.parent, directory=True)
+    return path
+
+
+# Reading ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileStamp:
+    """Identity of a file on disk: a replaced or rewritten file gets a different stamp."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp:
+        """Stamp of ``path`` now."""
+        st = os.stat(path)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
+class Header:
+    """Checked header of a factor file.
+
+    Attributes:
+        path: the file.
+        meta: the kronfisher metadata (JSON object).
+        stamp: identity of the file when the header was read.
+
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    stamp: FileStamp
+
+
+def _fail(path: Path, what: str) -> FileFormatError:
+    return FileFormatError(f"Factor file {path}: {what}")
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Parse and check the header of a factor file without reading any tensor.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: not a kronfisher file, truncated, corrupted header or metadata, or a newer format.
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No such factor file: {path}")
+    stamp = FileStamp.of(path)
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise _fail(path, f"truncated ({stamp.size} bytes; not even a safetensors header length).")
+        n = int.from_bytes(prefix, "little")
+        if n > MAX_HEADER_BYTES or 8 + n > stamp.size:
+            raise _fail(path, f"truncated or corrupted: header of {n} bytes announced, file has {stamp.size} bytes.")
+        raw = fh.read(n)
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _fail(path, f"corrupted safetensors header ({err}).") from err
+    if not isinstance(index, dict):
+        raise _fail(path, "corrupted safetensors header (not a JSON object).")
+    block = index.pop("__metadata__", None)
+    if not isinstance(block, dict) or not isinstance(block.get(META_KEY), str):
+        raise _fail(path, "not a kronfisher factor file (no kronfisher metadata in the safetensors header).")
+    text = block[META_KEY]
+    if hashlib.sha256(text.encode()).hexdigest() != block.get(META_SHA_KEY):
+        raise _fail(path, "metadata checksum mismatch (corrupted file).")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:  # pragma: no cover - the checksum passed, so only a writer bug gets here
+        raise _fail(path, f"unreadable metadata ({err}).") from err
+    _check_version(path, meta)
+    _check_layout(path, index, meta["tensors"], stamp.size - 8 - n)
+    return Header(path=path, meta=meta, stamp=stamp)
+
+
+def _check_version(path: Path, meta: Any) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or not isinstance(meta.get("tensors"), dict):
+        raise _fail(path, "not a kronfisher factor file (unexpected metadata).")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise _fail(path, f"invalid format version {version!r}.")
+    if version > FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"format version {version} (written by kronfisher {meta.get('library_version')}); this kronfisher "
+            f"reads format versions up to {FORMAT_VERSION}: upgrade kronfisher.",
+        )
+
+
+def _check_layout(path: Path, index: dict[str, Any], expected: dict[str, Any], data_len: int) -> None:
+    """The safetensors tensor index must describe exactly the tensors of the metadata and tile the payload."""
+    if set(index) != set(expected):
+        extra = sorted(set(index) - set(expected))[:5]
+        missing = sorted(set(expected) - set(index))[:5]
+        raise _fail(path, f"corrupted tensor index (unexpected {extra}, missing {missing}).")
+    spans = []
+    for key, entry in index.items():
+        exp = expected[key]
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (
+                dtype == _ST_CODES[exp["dtype"]]
+                and list(shape) == list(exp["shape"])
+                and isinstance(start, int)
+                and isinstance(end, int)
+                and end - start == _numel(shape) * _TORCH_DTYPES[exp["dtype"]].itemsize
+            )
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _fail(path, f"corrupted tensor index entry for {key!r}: {entry!r} (expected {exp!r}).")
+        spans.append((start, end))
+    pos = 0
+    for start, end in sorted(spans):
+        if start != pos:
+            raise _fail(path, "corrupted tensor index (offsets do not tile the payload).")
+        pos = end
+    if pos != data_len:
+        what = "truncated" if data_len < pos else "corrupted (trailing bytes)"
+        raise _fail(path, f"{what}: the header describes {pos} payload bytes, the file holds {data_len}.")
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        if not isinstance(s, int) or s < 0:
+            raise ValueError(shape)
+        n *= s
+    return n
+
+
+def _iter_tensors(header: Header, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(key, tensor)`` on CPU, each checked against its recorded SHA-256, from one open of the file."""
+    path = header.path
+    try:
+        now = FileStamp.of(path)
+    except OSError as err:
+        raise _fail(path, f"cannot be read any more ({err}).") from err
+    if now != header.stamp:
+        raise _fail(path, "changed on disk since it was opened; load it again.")
+    entries = header.meta["tensors"]
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise _fail(path, f"cannot be opened by safetensors: {err}") from err
+    with f:
+        for key in keys:
+            try:
+                t = f.get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+                raise _fail(path, f"cannot read tensor {key!r}: {err}") from err
+            if tensor_digest(t) != entries[key]["sha256"]:
+                raise _fail(path, f"checksum mismatch in tensor {key!r} (corrupted file).")
+            yield key, t
+
+
+def read_tensors(header: Header, keys: Iterable[str]) -> dict[str, Tensor]:
+    """Read tensors ``keys`` (on CPU), each checked against its recorded SHA-256.
+
+    Raises:
+        FileFormatError: the file changed on disk since its header was read, or a tensor is corrupted.
+
+    """
+    return dict(_iter_tensors(header, list(keys)))
+
+
+def verify_payload(header: Header) -> str:
+    """Read every tensor, check its SHA-256 and the payload checksum; return the payload checksum."""
+    entries = header.meta["tensors"]
+    for _ in _iter_tensors(header, list(entries)):  # one tensor in memory at a time
+        pass
+    digest = payload_digest(entries)
+    if digest != header.meta.get("payload_sha256"):
+        raise _fail(header.path, "payload checksum mismatch (corrupted file).")
+    return digest
+
+
+class LazyLayers(MutableMapping[str, V]):
+    """A mapping layer name -> value whose values are loaded by ``loader`` on first access and then kept.
+
+    Membership, iteration and ``len`` never load anything. Assigning a value replaces (or adds) it without
+    reading the file. Used for the blocks and sums of a loaded factor file (SPEC §9: layers load lazily).
+    """
+
+    def __init__(self, names: Iterable[str], loader: Callable[[str], V]) -> None:
+        self._names = list(names)
+        self._known = set(self._names)
+        self._loader = loader
+        self._cache: dict[str, V] = {}
+
+    def __getitem__(self, key: str) -> V:
+        if key in self._cache:
+            return self._cache[key]
+        if key not in self._known:
+            raise KeyError(key)
+        value = self._loader(key)
+        self._cache[key] = value
+        return value
+
+    def __setitem__(self, key: str, value: V) -> None:
+        if key not in self._known:
+            self._names.append(key)
+            self._known.add(key)
+        self._cache[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self._known:
+            raise KeyError(key)
+        self._known.discard(key)
+        self._names.remove(key)
+        self._cache.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @property
+    def loaded(self) -> list[str]:
+        """Names whose values are in memory."""
+        return [n for n in self._names if n in self._cache]
+
+    def __repr__(self) -> str:
+        return f"LazyLayers({len(self._names)} layers, {len(self._cache)} loaded)"

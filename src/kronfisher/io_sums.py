@@ -1,0 +1,338 @@
+"""Raw sums on disk, fingerprints and shared metadata of factor files (SPEC §3.3, §9).
+
+Raw sums and counts are saved (:func:`save_sums`) so that collection can resume after an interruption and so that
+files from disjoint data merge exactly by adding sums and counts. The model fingerprint (layer name ->
+``[out, in, has_bias]``) is checked against a model when one is given. The file format itself (checksums, atomic
+writes) lives in :mod:`kronfisher.io_format`; the public entry points are re-exported by :mod:`kronfisher.io`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .accumulate import CollectionReport, DenseSum, LayerSums, LowRankSum
+from .config import KFACConfig
+from .errors import ConfigError, FileFormatError, FingerprintError, KronfisherError
+from .io_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    Header,
+    Payload,
+    atomic_write,
+    payload_digest,
+    read_header,
+    read_tensors,
+)
+from .layers import LayerInfo, layer_kind
+
+PathLike = str | os.PathLike[str]
+
+
+# Fingerprints ---------------------------------------------------------------------------------------------------
+def model_fingerprint(model_or_infos: Any) -> dict[str, list[int]]:
+    """Layer name -> ``[out, in, has_bias]`` (SPEC §9).
+
+    Args:
+        model_or_infos: a model (every ``nn.Linear`` / ``Conv1D``, frozen or not), a dict of
+            :class:`~kronfisher.layers.LayerInfo`, an object with ``.infos`` (a :class:`KFAC`, a :class:`SumsFile`)
+            or a fingerprint dict.
+
+    """
+    if isinstance(model_or_infos, nn.Module):
+        out: dict[str, list[int]] = {}
+        for name, module in model_or_infos.named_modules():
+            kind = layer_kind(module)
+            if kind is None:
+                continue
+            w = module.weight
+            in_f, out_f = (w.shape[1], w.shape[0]) if kind == "linear" else (w.shape[0], w.shape[1])
+            out[name] = [int(out_f), int(in_f), int(getattr(module, "bias", None) is not None)]
+        return out
+    infos = getattr(model_or_infos, "infos", model_or_infos)
+    if not isinstance(infos, Mapping):
+        raise TypeError(f"model_fingerprint needs a model, layer infos or a fingerprint, got {type(infos).__name__}.")
+    result = {}
+    for name, v in infos.items():
+        if isinstance(v, LayerInfo):
+            result[name] = [v.out_features, v.in_features, int(v.has_bias)]
+        else:
+            result[name] = [int(x) for x in v]
+    return result
+
+
+def fingerprint_mismatches(expected: Mapping[str, list[int]], model_or_infos: Any) -> list[tuple[str, str, str]]:
+    """``(layer, expected, found)`` for every layer of ``expected`` that the model lacks or shapes differently."""
+    found = model_fingerprint(model_or_infos)
+    bad = []
+    for name, want in expected.items():
+        have = found.get(name)
+        if have is None:
+            bad.append((name, str(list(want)), "missing"))
+        elif list(have) != list(want):
+            bad.append((name, str(list(want)), str(list(have))))
+    return bad
+
+
+def check_fingerprint(expected: Mapping[str, list[int]], model_or_infos: Any, *, path: PathLike = "?") -> None:
+    """Raise :class:`FingerprintError` listing every mismatched layer (``[out, in, has_bias]``)."""
+    bad = fingerprint_mismatches(expected, model_or_infos)
+    if bad:
+        shown = "; ".join(f"{n}: file {e}, model {f}" for n, e, f in bad[:20])
+        more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
+        raise FingerprintError(
+            f"Factor file {path} does not match the model: {len(bad)} mismatched layer(s) "
+            f"[out, in, has_bias]: {shown}{more}.",
+            bad,
+        )
+
+
+# Metadata helpers -----------------------------------------------------------------------------------------------
+def _model_meta(model: nn.Module | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "model_type": getattr(config, "model_type", None),
+    }
+
+
+def base_meta(
+    kind: str,
+    cfg: KFACConfig,
+    infos: Mapping[str, LayerInfo],
+    report: CollectionReport | None,
+    model: nn.Module | None,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Metadata common to every file kind; checks ``model`` against ``infos`` when given (SPEC §9)."""
+    from . import __version__
+
+    if model is not None:
+        check_fingerprint(model_fingerprint(infos), model, path="(being written)")
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "library_version": __version__,
+        "torch_version": torch.__version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        "report": (report or CollectionReport()).to_dict(),
+        "fingerprint": model_fingerprint(infos),
+        "infos": {n: info.to_dict() for n, info in infos.items()},
+        "model": _model_meta(model),
+        "extra": dict(extra or {}),
+    }
+
+
+def report_from_dict(d: Mapping[str, Any]) -> CollectionReport:
+    """Inverse of :meth:`CollectionReport.to_dict`; keys this version does not know are ignored."""
+    known = {f.name for f in dataclasses.fields(CollectionReport)}
+    kwargs = {k: v for k, v in d.items() if k in known}
+    if "nonfinite_batches" in kwargs:
+        kwargs["nonfinite_batches"] = [(int(b), list(ls)) for b, ls in kwargs["nonfinite_batches"]]
+    return CollectionReport(**kwargs)
+
+
+def write_file(path: PathLike, payload: Payload, meta: dict[str, Any]) -> Path:
+    """Record per-tensor checksums and the payload checksum in ``meta``, then write atomically."""
+    tensors, entries = payload.prepared()
+    meta["tensors"] = entries
+    meta["payload_sha256"] = payload_digest(entries)
+    try:
+        return atomic_write(path, tensors, meta)
+    except TypeError as err:  # json.dumps of a user extra_meta
+        raise ConfigError(f"Metadata for {path} is not JSON-serialisable: {err}") from err
+
+
+# Sums -----------------------------------------------------------------------------------------------------------
+def _state_trace(kind: str, state: Mapping[str, Tensor], block: int = 4096) -> float:
+    """Trace of the raw sum from its state: ``tr(sum)`` (dense) or ``‖W‖_F² + tail_mass`` (low-rank), float64.
+
+    Low-rank columns are summed in blocks of ``block`` columns, so no float64 copy of ``W`` is made.
+    """
+    if kind == "dense":
+        return float(state["sum"].diagonal().to(torch.float64).sum())
+    cols = state["columns"]
+    total = sum(float(cols[:, i : i + block].to(torch.float64).square().sum()) for i in range(0, cols.shape[1], block))
+    return total + float(state.get("tail_mass", 0.0))
+
+
+def _add_state(payload: Payload, prefix: str, kind: str, state: Mapping[str, Tensor]) -> dict[str, Any]:
+    tensors, scalars = {}, {}
+    for key, value in state.items():
+        if value.dim() == 0:
+            scalars[key] = float(value)
+        else:
+            tensors[key] = payload.add(f"{prefix}.{key}", value)
+    return {"kind": kind, "tensors": tensors, "scalars": scalars, "trace_sum": _state_trace(kind, state)}
+
+
+def sums_meta(payload: Payload, sums: Mapping[str, LayerSums]) -> dict[str, Any]:
+    """Register the raw state of every layer's sums in ``payload``; return their metadata."""
+    return {
+        name: {
+            "batches": int(s.batches),
+            "A": _add_state(payload, f"sums:{name}:A", s.A.kind, s.A.state()),
+            "G": _add_state(payload, f"sums:{name}:G", s.G.kind, s.G.state()),
+        }
+        for name, s in sums.items()
+    }
+
+
+def _sums_rows(infos: Mapping[str, LayerInfo], smeta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-layer inspection rows of a sums file, from the metadata of :func:`sums_meta`."""
+    rows = {}
+    for name, sm in smeta.items():
+        t, n = sm["A"]["scalars"]["count"], sm["G"]["scalars"]["count"]
+        rows[name] = {
+            "in": infos[name].in_features,
+            "out": infos[name].out_features,
+            "bias": infos[name].has_bias,
+            "representation": sm["G"]["kind"],
+            "rank_G": None,
+            "T": t,
+            "N": n,
+            "trace_A": sm["A"]["trace_sum"] / t if t > 0 else 0.0,
+            "trace_G": sm["G"]["trace_sum"] / n if n > 0 else 0.0,
+            "ekfac": False,
+        }
+    return rows
+
+
+@dataclass
+class SumsFile:
+    """Raw sums read from a file (SPEC §3.3, §9).
+
+    Attributes:
+        infos: static layer descriptions by name.
+        sums: :class:`~kronfisher.accumulate.LayerSums` by name (fresh tensors, safe to keep accumulating into).
+        cfg: the configuration the sums were collected with.
+        report: the collection report.
+        meta: the whole file metadata (``meta["extra"]`` holds what the writer passed as ``extra_meta``).
+
+    """
+
+    infos: dict[str, LayerInfo]
+    sums: dict[str, LayerSums]
+    cfg: KFACConfig
+    report: CollectionReport
+    meta: dict[str, Any] = field(repr=False)
+
+
+def save_sums(
+    path: PathLike,
+    infos: Mapping[str, LayerInfo],
+    sums: Mapping[str, LayerSums],
+    cfg: KFACConfig,
+    *,
+    report: CollectionReport | None = None,
+    model: nn.Module | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write raw sums and counts atomically, to resume collection or merge later (SPEC §3.3, §9).
+
+    Args:
+        path: destination (``.safetensors``).
+        infos: layer infos; must cover every layer of ``sums``.
+        sums: accumulated sums by layer (for example ``FactorCollector.sums``).
+        cfg: the configuration used to collect them.
+        report: the collection report so far.
+        model: when given, checked against the layer shapes and described in the metadata (weights never stored).
+        extra_meta: JSON-serialisable data for the caller (for example how many batches were consumed).
+
+    Returns:
+        The written path.
+
+    """
+    missing = sorted(set(sums) - set(infos))
+    if missing:
+        raise KronfisherError(f"save_sums: no LayerInfo for layers {missing}.")
+    infos = {n: infos[n] for n in sums}
+    meta = base_meta("sums", cfg, infos, report, model, extra_meta)
+    payload = Payload()
+    meta["sums"] = sums_meta(payload, sums)
+    meta["layers"] = _sums_rows(infos, meta["sums"])
+    return write_file(path, payload, meta)
+
+
+def _tensor_state(header: Header, part: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
+    keys = part["tensors"]
+    read = read_tensors(header, keys.values())
+    state = {k: read[key].to(device) for k, key in keys.items()}
+    state.update({k: torch.tensor(v, dtype=torch.float64) for k, v in part["scalars"].items()})
+    return state
+
+
+def read_layer_sums(header: Header, name: str, cfg: KFACConfig, device: torch.device | str = "cpu") -> LayerSums:
+    """Rebuild one layer's :class:`LayerSums` from a file (fresh tensors, checksum-verified)."""
+    sm = header.meta["sums"][name]
+    info = header.meta["infos"][name]
+    parts = []
+    for factor, dim in (("A", info["in_features"] + int(info["has_bias"])), ("G", info["out_features"])):
+        part = sm[factor]
+        s: DenseSum | LowRankSum
+        if part["kind"] == "dense":
+            state = _tensor_state(header, part, device)
+            s = DenseSum(dim, state["sum"].dtype, device)
+        elif part["kind"] == "lowrank":
+            state = _tensor_state(header, part, "cpu")  # the G side of huge layers lives on CPU (SPEC §6)
+            s = LowRankSum(dim, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, device="cpu")
+        else:
+            raise FileFormatError(f"Factor file {header.path}: unknown sum kind {part['kind']!r} for layer {name!r}.")
+        first = next(iter(state.values()))
+        if first.dim() and first.shape[0] != dim:
+            raise FileFormatError(
+                f"Factor file {header.path}: {factor} sum of layer {name!r} has shape {list(first.shape)}, "
+                f"expected {dim} rows."
+            )
+        s.load_state(state)
+        parts.append(s)
+    return LayerSums(A=parts[0], G=parts[1], batches=int(sm["batches"]))  # type: ignore[arg-type]
+
+
+def config_from_header(header: Header) -> KFACConfig:
+    """The :class:`KFACConfig` stored in a file (FileFormatError if this version cannot read it)."""
+    try:
+        return KFACConfig.from_dict(header.meta["config"])
+    except (ConfigError, KeyError, TypeError) as err:
+        raise FileFormatError(
+            f"Factor file {header.path}: its configuration cannot be read by this kronfisher "
+            f"(written by {header.meta.get('library_version')}): {err}"
+        ) from err
+
+
+def infos_from_header(header: Header) -> dict[str, LayerInfo]:
+    """The :class:`LayerInfo` of every layer stored in a file."""
+    try:
+        return {n: LayerInfo(**d) for n, d in header.meta["infos"].items()}
+    except (KeyError, TypeError) as err:
+        raise FileFormatError(f"Factor file {header.path}: unreadable layer infos ({err}).") from err
+
+
+def load_sums(path: PathLike) -> SumsFile:
+    """Read the raw sums of a ``"sums"`` file, or of a ``"kfac"`` file saved with its sums (eager, CPU)."""
+    header = read_header(path)
+    if not header.meta.get("sums"):
+        raise FileFormatError(f"Factor file {header.path} holds no raw sums (it was saved with include_sums=False).")
+    cfg = config_from_header(header)
+    infos = infos_from_header(header)
+    sums = {n: read_layer_sums(header, n, cfg) for n in header.meta["sums"]}
+    return SumsFile(
+        infos={n: infos[n] for n in sums},
+        sums=sums,
+        cfg=cfg,
+        report=report_from_dict(header.meta.get("report", {})),
+        meta=header.meta,
+    )
