@@ -110,6 +110,14 @@ def test_roundtrip_dense_lowrank_ekfac(which, kfac_qwen, ekfac_qwen, tmp_path):
     _assert_same_operator(fisher, loaded, model, rtol=1e-12)
     assert loaded.report.to_dict() == fisher.report.to_dict()
     assert loaded.cfg == fisher.cfg
+    # Each tensor is stored once: q/k/v read the same input, so their identical A sums share one tensor; an implicit
+    # low-rank eigenbasis P = W C shares W with the raw low-rank sum.
+    meta = kf.read_metadata(path)
+    qkv = {meta["sums"][f"model.layers.0.self_attn.{x}_proj"]["A"]["tensors"]["sum"] for x in "qkv"}
+    assert len(qkv) == 1
+    g_meta = meta["blocks"]["lm_head"]["G"]
+    if g_meta["form"] == "implicit":
+        assert g_meta["columns"] == meta["sums"]["lm_head"]["G"]["tensors"]["columns"]
 
 
 def test_roundtrip_gpt2_conv1d_and_natural_gradient(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .accumulate import CollectionReport
 from .errors import FileFormatError, FingerprintError, KronfisherError
@@ -114,11 +114,7 @@ def save(
         info = infos[name]
         entry: dict[str, Any] = {"representation": b.representation, "tokens": dict(b.tokens)}
         for which, eig in (("A", b.A), ("G", b.G)):
-            entry[which] = {
-                "vectors": payload.add(f"block:{name}:{which}.vectors", eig.vectors),
-                "values": payload.add(f"block:{name}:{which}.values", eig.values),
-                "tail": float(eig.tail),
-            }
+            entry[which] = _eigen_meta(payload, f"block:{name}:{which}", eig)
         for which in ("corrected", "corrected_tail"):
             t = getattr(b, which)
             entry[which] = None if t is None else payload.add(f"block:{name}:{which}", t)
@@ -148,6 +144,40 @@ def save(
     return write_file(path, payload, meta)
 
 
+def _eigen_meta(payload: Payload, prefix: str, eig: Any) -> dict[str, Any]:
+    """Store an eigenbasis: explicit ``Q`` (``Eigen``) or, for an implicit low-rank ``P = W C``, ``W`` and ``C``.
+
+    The implicit form (:class:`~kronfisher.lowrank.LowRankEigen`, SPEC §6) is stored as it is held: ``W`` token-major
+    in its storage dtype (the same bytes as the raw low-rank sum, so the payload keeps one copy) and ``C``; building
+    ``P`` (``out × r``) is never needed.
+    """
+    meta: dict[str, Any] = {"tail": float(eig.tail), "values": payload.add(f"{prefix}.values", eig.values)}
+    if getattr(eig, "implicit", False):
+        chunks = list(eig.columns.chunks)
+        if len(chunks) == 1:
+            cols = chunks[0]
+        elif chunks:
+            cols = torch.cat(chunks)
+        else:
+            cols = eig.coeffs.new_zeros(0, eig.dim)
+        meta.update(
+            form="implicit",
+            dim=int(eig.dim),
+            columns=payload.add(f"{prefix}.columns", cols),
+            coeffs=payload.add(f"{prefix}.coeffs", eig.coeffs),
+            discarded=float(getattr(eig, "discarded", 0.0)),
+        )
+    else:
+        meta.update(form="explicit", vectors=payload.add(f"{prefix}.vectors", eig.vectors))
+    return meta
+
+
+def _eigen_keys(em: Mapping[str, Any]) -> tuple[str, ...]:
+    if em.get("form") == "implicit":
+        return (em["columns"], em["coeffs"], em["values"])
+    return (em["vectors"], em["values"])
+
+
 class _BlockReader:
     """Reads one layer's block on demand; eigenbases stored once (shared ``A``) are loaded once and shared."""
 
@@ -155,30 +185,39 @@ class _BlockReader:
         self.header = header
         self.infos = infos
         self.device = torch.device(device)
-        self._eigen: dict[str, Eigen] = {}
+        self._eigen: dict[tuple[str, ...], Any] = {}
+
+    def _build(self, em: Mapping[str, Any], read: Mapping[str, Tensor]) -> Any:
+        if em.get("form") == "implicit":
+            from .lowrank import ColumnStore, LowRankEigen
+
+            # The G side of a low-rank layer stays on CPU, where it was collected (SPEC §6 placement).
+            cols = ColumnStore([read[em["columns"]]], int(em["dim"]))
+            return LowRankEigen(cols, read[em["coeffs"]], read[em["values"]], float(em["tail"]), em["discarded"])
+        return Eigen(read[em["vectors"]].to(self.device), read[em["values"]].to(self.device), float(em["tail"]))
 
     def __call__(self, name: str) -> KronBlock:
         bm = self.header.meta["blocks"][name]
-        keys = [bm[w][k] for w in ("A", "G") for k in ("vectors", "values") if bm[w]["vectors"] not in self._eigen]
+        keys = [k for w in ("A", "G") if _eigen_keys(bm[w]) not in self._eigen for k in _eigen_keys(bm[w])]
         keys += [bm[k] for k in ("corrected", "corrected_tail") if bm[k] is not None]
-        read = {k: t.to(self.device) for k, t in read_tensors(self.header, dict.fromkeys(keys)).items()}
+        read = read_tensors(self.header, dict.fromkeys(keys))
         eig = {}
         for which in ("A", "G"):
-            em = bm[which]
-            hit = self._eigen.get(em["vectors"])
-            if hit is None:
-                hit = Eigen(read[em["vectors"]], read[em["values"]], float(em["tail"]))
-                self._eigen[em["vectors"]] = hit
-            eig[which] = hit
+            sig = _eigen_keys(bm[which])
+            if sig not in self._eigen:
+                self._eigen[sig] = self._build(bm[which], read)
+            eig[which] = self._eigen[sig]
         info = self.infos[name]
-        if eig["A"].vectors.shape != (info.a_dim, info.a_dim) or eig["G"].dim != info.out_features:
+        a, g = eig["A"], eig["G"]
+        if (a.dim, a.rank) != (info.a_dim, info.a_dim) or g.dim != info.out_features:
             raise FileFormatError(
-                f"Factor file {self.header.path}: layer {name!r} has eigenbases {list(eig['A'].vectors.shape)} / "
-                f"{list(eig['G'].vectors.shape)}, which do not fit [out={info.out_features}, a_dim={info.a_dim}]."
+                f"Factor file {self.header.path}: layer {name!r} has eigenbases A [{a.dim}, {a.rank}] / "
+                f"G [{g.dim}, {g.rank}], which do not fit [out={info.out_features}, a_dim={info.a_dim}]."
             )
-        corrected = read[bm["corrected"]] if bm["corrected"] is not None else None
-        tail = read[bm["corrected_tail"]] if bm["corrected_tail"] is not None else None
-        return KronBlock(eig["A"], eig["G"], bm["representation"], corrected, tail, tokens=dict(bm["tokens"]))
+        corrected, tail = (
+            None if bm[k] is None else read[bm[k]].to(self.device) for k in ("corrected", "corrected_tail")
+        )
+        return KronBlock(a, g, bm["representation"], corrected, tail, tokens=dict(bm["tokens"]))
 
 
 class LoadedKFAC(KFAC):

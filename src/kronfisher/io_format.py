@@ -80,43 +80,51 @@ def payload_digest(entries: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 class Payload:
-    """Tensors to write, deduplicated by identity (a shared ``A`` eigenbasis is stored once)."""
+    """Tensors to write, each stored once.
+
+    Tensors are deduplicated by identity (a shared ``A`` eigenbasis) and by content (identical ``A`` sums of
+    layers reading the same input; the low-rank columns ``W`` held both by the sums and by an implicit eigenbasis):
+    a tensor with the same dtype, shape and SHA-256 as one already registered gets that tensor's key. Each tensor is
+    copied to CPU, made contiguous and hashed when it is added.
+    """
 
     def __init__(self) -> None:
         self.tensors: dict[str, Tensor] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
         self._by_id: dict[int, str] = {}
+        self._by_content: dict[tuple[str, tuple[int, ...], str], str] = {}
+        self._storages: set[int] = set()
         self._keepalive: list[Tensor] = []
 
     def add(self, key: str, t: Tensor) -> str:
-        """Register ``t`` under ``key`` unless the same tensor object is already registered; return its key."""
+        """Register ``t`` under ``key`` unless an identical tensor is already registered; return the key to use."""
         hit = self._by_id.get(id(t))
         if hit is not None:
             return hit
         if key in self.tensors:
             raise KeyError(f"Duplicate tensor key {key!r} in a factor file.")
-        self._by_id[id(t)] = key
+        c = t.detach().to("cpu").contiguous()
+        name = dtype_name(c.dtype)
+        if name not in _ST_CODES:
+            raise FileFormatError(f"Tensor {key!r} has dtype {c.dtype}, which factor files do not store.")
+        digest = tensor_digest(c)
         self._keepalive.append(t)  # keeps id(t) unique for the lifetime of the payload
-        self.tensors[key] = t
-        return key
+        sig = (name, tuple(c.shape), digest)
+        hit = self._by_content.get(sig)
+        if hit is None:
+            if c.numel() and c.untyped_storage().data_ptr() in self._storages:
+                c = c.clone()  # safetensors refuses two keys on one storage
+            if c.numel():
+                self._storages.add(c.untyped_storage().data_ptr())
+            self.tensors[key] = c
+            self.entries[key] = {"dtype": name, "shape": list(c.shape), "sha256": digest}
+            self._by_content[sig] = hit = key
+        self._by_id[id(t)] = hit
+        return hit
 
     def prepared(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
-        """CPU, contiguous tensors (storage shared between two keys is copied) and their metadata entries."""
-        out: dict[str, Tensor] = {}
-        entries: dict[str, dict[str, Any]] = {}
-        storages: set[int] = set()
-        for key, t in self.tensors.items():
-            c = t.detach().to("cpu").contiguous()
-            ptr = c.untyped_storage().data_ptr()
-            if c.numel() and ptr in storages:
-                c = c.clone()
-            if c.numel():
-                storages.add(c.untyped_storage().data_ptr())
-            name = dtype_name(c.dtype)
-            if name not in _ST_CODES:
-                raise FileFormatError(f"Tensor {key!r} has dtype {c.dtype}, which factor files do not store.")
-            out[key] = c
-            entries[key] = {"dtype": name, "shape": list(c.shape), "sha256": tensor_digest(c)}
-        return out, entries
+        """The tensors to write (CPU, contiguous, one storage each) and their metadata entries."""
+        return dict(self.tensors), dict(self.entries)
 
 
 # Writing ------------------------------------------------------------------------------------------------------

@@ -170,13 +170,27 @@ def _state_trace(kind: str, state: Mapping[str, Tensor], block: int = 4096) -> f
 
 
 def _add_state(payload: Payload, prefix: str, kind: str, state: Mapping[str, Tensor]) -> dict[str, Any]:
-    tensors, scalars = {}, {}
+    """Register one factor's raw state: scalars go to the JSON, tensors to the payload.
+
+    Low-rank columns ``W`` (``[out, m]``) are stored token-major (``[m, out]``), the layout they are held in, so no
+    transposed copy is made and the bytes match an implicit eigenbasis built from the same columns.
+    """
+    tensors, scalars, token_major = {}, {}, []
     for key, value in state.items():
         if value.dim() == 0:
             scalars[key] = float(value)
+        elif kind == "lowrank" and key == "columns":
+            tensors[key] = payload.add(f"{prefix}.{key}", value.t())
+            token_major.append(key)
         else:
             tensors[key] = payload.add(f"{prefix}.{key}", value)
-    return {"kind": kind, "tensors": tensors, "scalars": scalars, "trace_sum": _state_trace(kind, state)}
+    return {
+        "kind": kind,
+        "tensors": tensors,
+        "scalars": scalars,
+        "token_major": token_major,
+        "trace_sum": _state_trace(kind, state),
+    }
 
 
 def sums_meta(payload: Payload, sums: Mapping[str, LayerSums]) -> dict[str, Any]:
@@ -270,7 +284,8 @@ def save_sums(
 def _tensor_state(header: Header, part: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
     keys = part["tensors"]
     read = read_tensors(header, keys.values())
-    state = {k: read[key].to(device) for k, key in keys.items()}
+    flip = set(part.get("token_major", ()))
+    state = {k: (read[key].t() if k in flip else read[key]).to(device) for k, key in keys.items()}
     state.update({k: torch.tensor(v, dtype=torch.float64) for k, v in part["scalars"].items()})
     return state
 
