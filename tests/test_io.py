@@ -210,11 +210,22 @@ def test_merge_refuses_incompatible_and_drops_ekfac(kfac_qwen, ekfac_qwen, tmp_p
     with pytest.raises(kf.FileFormatError, match="no raw sums"):
         kf.merge_files([p1, p3], tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+    # The same data twice is refused: the same file, a copy, or a merged file together with one of its sources.
+    with pytest.raises(kf.FileFormatError, match="counted twice"):
+        kf.merge_files([p1, p1], tmp_path / "m.safetensors")
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(p1.read_bytes())
+    with pytest.raises(kf.FileFormatError, match="counted twice"):
+        kf.merge_files([p1, copy], tmp_path / "m.safetensors")
     # EK-FAC eigenvalues depend on the merged eigenbasis: the merged file is K-FAC, with a warning.
-    pe = ekfac_qwen[1].save(tmp_path / "e.safetensors")
-    out = kf.merge_files([pe, pe], tmp_path / "me.safetensors")
+    pe = ekfac_qwen[1].save(tmp_path / "e.safetensors")  # batches 0-1
+    pe2 = _fit("qwen2", BATCHES[2:3], ekfac=True)[1].save(tmp_path / "e2.safetensors")  # batch 2
+    out = kf.merge_files([pe, pe2], tmp_path / "me.safetensors")
     merged = kf.load(out)
     assert not merged.is_ekfac and any("EK-FAC" in w for w in merged.report.warnings)
+    assert merged.report.tokens == 36  # 3 batches of 2 x 6 tokens
+    with pytest.raises(kf.FileFormatError, match="counted twice"):
+        kf.merge_files([out, pe2], tmp_path / "again.safetensors")
 
 
 # Atomic writes --------------------------------------------------------------------------------------------------
@@ -325,7 +336,7 @@ def test_not_a_factor_file_and_newer_format(tmp_path):
         kf.load(newer)
 
 
-def test_no_pickle_anywhere(saved, tmp_path, monkeypatch):
+def test_no_pickle_anywhere(saved, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("pickle / torch.load used on a factor file")
 
@@ -335,7 +346,6 @@ def test_no_pickle_anywhere(saved, tmp_path, monkeypatch):
     for name in fisher.layer_names:
         fisher.block(name)
     kf.load_sums(saved)
-    kf.merge_files([saved, saved], tmp_path / "m.safetensors")
     data = saved.read_bytes()
     n = int.from_bytes(data[:8], "little")
     assert data[8:9] == b"{" and data[8 + n - 1 : 8 + n] in (b"}", b" ")  # a JSON header, then raw tensor bytes

@@ -316,7 +316,21 @@ def inspect_file(path: PathLike) -> list[dict[str, Any]]:
 
 
 # Merge ----------------------------------------------------------------------------------------------------------
+def _sources(meta: Mapping[str, Any]) -> list[str]:
+    """Payload checksums of the original (unmerged) files whose data a file holds."""
+    return list(meta.get("extra", {}).get("sources") or [meta.get("payload_sha256")])
+
+
 def _check_mergeable(files: list[tuple[Path, SumsFile]]) -> list[str]:
+    seen: dict[str, Path] = {}
+    for p, f in files:  # SPEC §3.3 needs disjoint data: the same file (or a merge containing it) counts twice
+        for src in _sources(f.meta):
+            if src in seen:
+                raise FileFormatError(
+                    f"Cannot merge {p} with {seen[src]}: both hold the sums of the same file (payload {src[:12]}), "
+                    "so that data would be counted twice."
+                )
+            seen[src] = p
     base_path, base = files[0]
     base_cfg = base.cfg.to_dict()
     notes = []
@@ -345,6 +359,8 @@ def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Modu
     The result equals one collection over the union of the data. Every input must carry raw sums (a ``"sums"`` file
     or a ``"kfac"`` file saved with ``include_sums=True``) collected with the same sum-relevant configuration
     (:data:`SUM_FIELDS`). A layer absent from one file (its hooks never fired there) contributes nothing from it.
+    Inputs that hold the same data (the same file twice, or a merged file and one of its sources, recognised by the
+    payload checksums recorded in ``extra["sources"]``) are refused.
     EK-FAC eigenvalues cannot be merged (they depend on the merged eigenbasis): the output is K-FAC and a warning
     says so. The output is a ``"kfac"`` file with its sums, so it can be merged again.
 
@@ -402,4 +418,7 @@ def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Modu
         }
         for p, f in files
     ]
-    return save(fisher, out_path, model=model, include_sums=True, extra_meta={"merged_from": merged_from})
+    sources = sorted({src for _, f in files for src in _sources(f.meta)})
+    return save(
+        fisher, out_path, model=model, include_sums=True, extra_meta={"merged_from": merged_from, "sources": sources}
+    )

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import secrets
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,16 +92,15 @@ class Payload:
     def __init__(self) -> None:
         self.tensors: dict[str, Tensor] = {}
         self.entries: dict[str, dict[str, Any]] = {}
-        self._by_id: dict[int, str] = {}
+        self._by_id: dict[int, tuple[str, weakref.ref[Tensor]]] = {}
         self._by_content: dict[tuple[str, tuple[int, ...], str], str] = {}
         self._storages: set[int] = set()
-        self._keepalive: list[Tensor] = []
 
     def add(self, key: str, t: Tensor) -> str:
         """Register ``t`` under ``key`` unless an identical tensor is already registered; return the key to use."""
-        hit = self._by_id.get(id(t))
-        if hit is not None:
-            return hit
+        known = self._by_id.get(id(t))
+        if known is not None and known[1]() is t:  # the same live object (e.g. a shared A basis)
+            return known[0]
         if key in self.tensors:
             raise KeyError(f"Duplicate tensor key {key!r} in a factor file.")
         c = t.detach().to("cpu").contiguous()
@@ -108,7 +108,6 @@ class Payload:
         if name not in _ST_CODES:
             raise FileFormatError(f"Tensor {key!r} has dtype {c.dtype}, which factor files do not store.")
         digest = tensor_digest(c)
-        self._keepalive.append(t)  # keeps id(t) unique for the lifetime of the payload
         sig = (name, tuple(c.shape), digest)
         hit = self._by_content.get(sig)
         if hit is None:
@@ -119,7 +118,7 @@ class Payload:
             self.tensors[key] = c
             self.entries[key] = {"dtype": name, "shape": list(c.shape), "sha256": digest}
             self._by_content[sig] = hit = key
-        self._by_id[id(t)] = hit
+        self._by_id[id(t)] = (hit, weakref.ref(t))  # a weak reference: a dropped copy is not kept alive
         return hit
 
     def prepared(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
