@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import ShapeError
+
+if TYPE_CHECKING:
+    from .lowrank import ColumnStore, LowRankEigen
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,12 +92,25 @@ class DenseSum:
 class LowRankSum:
     """Low-rank ``G``: keeps the (masked, rescaled) output-gradient rows so that ``G = U Uᵀ`` (SPEC §6).
 
-    Rows are stored as ``[T, out]`` chunks in ``storage_dtype``; :meth:`factor_U` returns ``U = [ĝ_1 … ĝ_T] / √N``
-    with shape ``[out, T]``. Nothing of size ``out × out`` is ever allocated. When ``max_rank`` is set, the token
-    columns are stream-compressed (see :mod:`kronfisher.lowrank`).
+    The columns ``W = [ĝ_1 … ĝ_T]`` of ``U = W / √N`` (``[out, T]``) are held token-major, as ``[n, out]`` chunks in
+    ``storage_dtype`` (``lowrank_dtype``), on ``device`` (CPU for huge layers); arithmetic on them is blockwise in
+    float32 or higher (:mod:`kronfisher.lowrank`). Nothing of size ``out × out`` is ever allocated.
+
+    Token budget (``max_rank = k``): when more than ``2k`` columns are held, they are compressed to the top-``k``
+    eigen-columns ``basis = P diag(√s)`` (``[out, k]``) and the discarded mass goes to ``tail_mass`` (so the trace
+    stays exact); columns that arrive later are appended after the basis and compressed with it next time, and
+    :meth:`eigen` truncates to ``k``. Memory stays ``O(out · k)``.
+
+    Attributes:
+        chunks: raw ``[n, out]`` rows after the basis (each immutable once appended).
+        basis: compressed columns ``[out, k]`` (a transposed view of a token-major tensor), or None.
+        count: ``N`` (loss terms).
+        tail_mass: discarded eigenvalue mass, un-normalised (``G_sum`` units); ``discarded_mass`` equals it.
+
     """
 
     kind = "lowrank"
+    min_chunk_rows = 256  # small batches are concatenated into chunks of at least this many rows
 
     def __init__(
         self,
@@ -108,78 +125,108 @@ class LowRankSum:
         self.device = torch.device(device)
         self.chunks: list[Tensor] = []
         self.count = 0.0
-        # Compressed part (SPEC §6 token budget): G_sum ≈ basis diag(weights) basisᵀ + tail_mass · iso.
-        self.basis: Tensor | None = None  # [out, k] orthonormal columns scaled: W with G_sum part = W Wᵀ
+        self.basis: Tensor | None = None
         self.tail_mass = 0.0
         self.discarded_mass = 0.0
 
     @property
     def num_columns(self) -> int:
         """Columns currently held (compressed basis plus raw tokens)."""
-        raw = sum(c.shape[0] for c in self.chunks)
-        return raw + (0 if self.basis is None else self.basis.shape[1])
+        raw = sum(int(c.shape[0]) for c in self.chunks)
+        return raw + (0 if self.basis is None else int(self.basis.shape[1]))
+
+    def columns(self) -> ColumnStore:
+        """The held columns ``W`` (basis first) as a :class:`~kronfisher.lowrank.ColumnStore` (no copy)."""
+        from .lowrank import ColumnStore
+
+        head = [] if self.basis is None else [self.basis.t()]
+        return ColumnStore(head + list(self.chunks), self.dim)
 
     def add(self, rows: Tensor, count: float) -> None:
-        """Append staged ``[n, out]`` rows (already scaled to gradients of the summed loss)."""
+        """Append staged ``[n, out]`` rows (already scaled to gradients of the summed loss) and their count."""
         if rows.dim() != 2 or rows.shape[1] != self.dim:
-            raise ShapeError(f"Low-rank rows must be [n, {self.dim}], got {list(rows.shape)}.")
+            raise ShapeError(f"Low-rank rows must be [n, out={self.dim}], got {list(rows.shape)}.")
         if rows.shape[0]:
-            self.chunks.append(rows.to(self.device, self.storage_dtype))
+            rows = rows.to(self.device, self.storage_dtype)
+            if self.chunks and self.chunks[-1].shape[0] < self.min_chunk_rows:
+                self.chunks[-1] = torch.cat([self.chunks[-1], rows])  # a new tensor: older ones stay untouched
+            else:
+                self.chunks.append(rows.contiguous())
         self.count += float(count)
         if self.max_rank is not None and self.num_columns > 2 * self.max_rank:
             self.compress()
 
     def merge(self, other: LowRankSum) -> None:
-        """Add another sum over disjoint data: concatenate token columns, add counts (SPEC §3.3)."""
-        if other.basis is not None:
-            self.chunks.append(other.basis.t().to(self.device, self.storage_dtype))
-        self.chunks.extend(c.to(self.device, self.storage_dtype) for c in other.chunks)
+        """Add another sum over disjoint data: concatenate columns, add counts and tail mass (SPEC §3.3)."""
+        if other.dim != self.dim:
+            raise ShapeError(f"Cannot merge low-rank sums of out={other.dim} into out={self.dim}.")
+        self.chunks.extend(c.to(self.device, self.storage_dtype) for c in other.columns().chunks)
         self.tail_mass += other.tail_mass
         self.discarded_mass += other.discarded_mass
         self.count += other.count
-        if self.max_rank is not None and self.num_columns > self.max_rank:
+        if self.max_rank is not None and self.num_columns > 2 * self.max_rank:
             self.compress()
 
-    def raw_columns(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``[out, m]`` matrix ``W`` of all held columns with ``G_sum ≈ W Wᵀ (+ tail)``; arithmetic dtype."""
-        parts = []
-        if self.basis is not None:
-            parts.append(self.basis.to(dtype))
-        parts.extend(c.to(dtype).t() for c in self.chunks)
-        if not parts:
-            return torch.zeros(self.dim, 0, dtype=dtype, device=self.device)
-        return torch.cat(parts, dim=1)
-
     def compress(self) -> None:
-        """Compress to the top ``max_rank`` eigenpairs plus an isotropic tail (SPEC §6)."""
+        """Compress to the top ``max_rank`` eigen-columns plus tail mass, keeping the trace exact (SPEC §6)."""
         from .lowrank import compress_columns
 
-        if self.max_rank is None:
+        if self.max_rank is None or self.num_columns <= self.max_rank:
             return
-        w = self.raw_columns(torch.float32 if self.storage_dtype != torch.float64 else torch.float64)
-        kept, dropped = compress_columns(w, self.max_rank)
-        self.basis = kept.to(self.storage_dtype)
+        kept, dropped = compress_columns(self.columns(), self.max_rank, self.storage_dtype)
+        self.basis = kept.t()
         self.chunks = []
         self.tail_mass += dropped
         self.discarded_mass += dropped
 
-    def factor_U(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``U = W / √N`` with shape ``[out, m]`` (asserted)."""
-        w = self.raw_columns(dtype)
-        assert w.shape[0] == self.dim, f"U must be [out={self.dim}, T], got {list(w.shape)}"
-        return w / math.sqrt(self.count) if self.count > 0 else w
+    def eigen(self, *, name: str = "?", dtype: torch.dtype = torch.float32) -> LowRankEigen:
+        """Thin eigenform of the normalised ``G`` (budget ``max_rank`` enforced; the sums are not modified)."""
+        from .lowrank import eigen_from_columns
+
+        return eigen_from_columns(
+            self.columns(), self.count, self.tail_mass, max_rank=self.max_rank, dtype=dtype, name=name
+        )
 
     def tail(self) -> float:
-        """Isotropic tail eigenvalue ``τ`` of the normalised ``G`` over the complement of the kept columns."""
-        if self.tail_mass <= 0 or self.count <= 0:
+        """Isotropic tail eigenvalue ``τ`` of the normalised ``G`` (exactly the one :meth:`eigen` uses).
+
+        ``τ = (tail_mass / N + mass truncated to the budget) / (out − r)``; 0 without compression. It depends on the
+        rank ``r`` of the eigenform, so when it is not trivially 0 it is computed by the same decomposition.
+        """
+        if self.count <= 0:
             return 0.0
-        rank = self.num_columns
-        return self.tail_mass / self.count / max(self.dim - rank, 1)
+        if self.tail_mass <= 0 and (self.max_rank is None or self.num_columns <= self.max_rank):
+            return 0.0
+        return self.eigen(dtype=torch.float64).tail
+
+    def trace(self) -> float:
+        """``tr G`` of the normalised factor, tail included (``(‖W‖_F² + tail_mass) / N``), in float64."""
+        if self.count <= 0:
+            return 0.0
+        return (self.columns().square_sum() + self.tail_mass) / self.count
+
+    def raw_columns(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``W`` materialised as ``[out, m]`` in ``dtype`` (basis first). A full copy: diagnostics and files only."""
+        store = self.columns()
+        if not store.chunks:
+            return torch.zeros(self.dim, 0, dtype=dtype, device=self.device)
+        return torch.cat([c.to(dtype) for c in store.chunks]).t()
+
+    def factor_U(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``U = W / √N`` with shape ``[out, m]`` (asserted; SPEC §6). A full copy: diagnostics only."""
+        w = self.raw_columns(dtype)
+        assert w.shape == (self.dim, self.num_columns), f"U must be [out={self.dim}, T], got {list(w.shape)}"
+        return w / math.sqrt(self.count) if self.count > 0 else w
 
     def state(self) -> dict[str, Tensor]:
-        """Raw state as plain tensors: columns ``W`` (``[out, m]``), count and tail mass."""
+        """Raw state as plain tensors: columns ``W`` (``[out, m]``, storage dtype), count and tail mass."""
+        store = self.columns()
+        if store.chunks:
+            cols = torch.cat(list(store.chunks)).t()  # a transposed view: no second copy
+        else:
+            cols = torch.zeros(self.dim, 0, dtype=self.storage_dtype, device=self.device)
         return {
-            "columns": self.raw_columns(self.storage_dtype if self.storage_dtype != torch.float16 else torch.float32),
+            "columns": cols,
             "count": torch.tensor(self.count, dtype=torch.float64),
             "tail_mass": torch.tensor(self.tail_mass, dtype=torch.float64),
             "discarded_mass": torch.tensor(self.discarded_mass, dtype=torch.float64),
@@ -188,11 +235,13 @@ class LowRankSum:
     def load_state(self, state: dict[str, Tensor]) -> None:
         """Replace the state by ``state`` (inverse of :meth:`state`)."""
         cols = state["columns"]
+        if cols.dim() != 2 or cols.shape[0] != self.dim:
+            raise ShapeError(f"Low-rank columns must be [out={self.dim}, m], got {list(cols.shape)}.")
         self.basis = None
         self.chunks = [cols.t().to(self.device, self.storage_dtype).contiguous()] if cols.shape[1] else []
         self.count = float(state["count"])
         self.tail_mass = float(state.get("tail_mass", torch.tensor(0.0)))
-        self.discarded_mass = float(state.get("discarded_mass", torch.tensor(0.0)))
+        self.discarded_mass = float(state.get("discarded_mass", torch.tensor(self.tail_mass)))
 
 
 @dataclass
@@ -221,6 +270,7 @@ class CollectionReport:
         nonfinite_batches: ``(batch, layers)`` for batches dropped by ``on_nonfinite="skip"``.
         tokens: attended positions seen (``T``), loss terms seen (``N``), batches committed.
         warnings: other messages (tied weights, placement).
+        tied: tracked layers whose weight is also another parameter, ``{layer: [other names]}`` (SPEC §6).
 
     """
 
@@ -232,6 +282,7 @@ class CollectionReport:
     loss_terms: int = 0
     batches: int = 0
     warnings: list[str] = field(default_factory=list)
+    tied: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -244,4 +295,5 @@ class CollectionReport:
             "loss_terms": self.loss_terms,
             "batches": self.batches,
             "warnings": list(self.warnings),
+            "tied": {k: list(v) for k, v in self.tied.items()},
         }

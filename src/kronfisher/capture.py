@@ -52,7 +52,7 @@ class BatchContext:
                 f"Layer {info.name!r}: {what} of shape {list(t.shape)} does not match the attention mask "
                 f"{list(self.mask.shape)}; pass attention_mask=None for layers that do not see [batch, seq]."
             )
-        return flat.index_select(0, self.rows)  # type: ignore[arg-type]
+        return flat.index_select(0, self.rows.to(flat.device))  # type: ignore[union-attr]  # CPU fallback: §6
 
     def masked(self, t: Tensor, info: LayerInfo, what: str) -> Tensor:
         """``t`` as ``[B, S, d]`` with non-attended positions zeroed (sequence view, §3.2 and §5)."""
@@ -67,7 +67,7 @@ class BatchContext:
                 f"Layer {info.name!r}: {what} of shape {list(t.shape)} does not match the attention mask "
                 f"{list(self.mask.shape)}."
             )
-        return t * self.mask.unsqueeze(-1).to(t.dtype)
+        return t * self.mask.unsqueeze(-1).to(t.device, t.dtype)
 
 
 Staged = list[tuple[str, str, Tensor, float]]  # (layer, target, tensor, count)
@@ -214,7 +214,8 @@ class Capture:
         self._cache = {}
         if not staged:
             return True
-        flags = torch.stack([torch.isfinite(t).all() for (_, _, t, _) in staged])
+        dev = staged[0][2].device  # staged tensors may sit on CPU and on the accelerator (SPEC §6 placement)
+        flags = torch.stack([torch.isfinite(t).all().to(dev) for (_, _, t, _) in staged])
         if bool(flags.all()):
             self.processor.commit(staged)
             return True

@@ -17,6 +17,7 @@ from .accumulate import DenseSum, LayerSums, LowRankSum, compute_dtype, gram
 from .capture import BatchContext, Staged
 from .config import KFACConfig
 from .layers import LayerInfo
+from .placement import Placement, move_sum_to_cpu
 
 
 def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:
@@ -60,6 +61,8 @@ class FactorCollector:
         self.infos = infos
         self.cfg = cfg
         self.sums = {name: new_layer_sums(info, cfg, device) for name, info in infos.items()}
+        # SPEC §6: a real OOM on the accelerator moves that factor's work (and its sum) to CPU, with a warning.
+        self.placement = Placement(on_fallback=lambda layer, factor: move_sum_to_cpu(self.sums[layer], factor))
 
     def _stage_A(self, name: str, x: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> tuple[Tensor, float]:
         info = self.infos[name]
@@ -67,14 +70,30 @@ class FactorCollector:
         hit = cache.get(key)
         if hit is not None:
             return hit
-        x = x.detach()
-        if self.cfg.approx == "expand":
-            rows = ctx.select(x, info, "input")
-        else:
-            rows = _sequence_means(x, ctx, info)
-        out = (gram(rows, info.has_bias, self.cfg.accumulate_torch_dtype), float(rows.shape[0]))
+
+        def contribution(x: Tensor) -> tuple[Tensor, float]:
+            rows = ctx.select(x, info, "input") if self.cfg.approx == "expand" else _sequence_means(x, ctx, info)
+            return gram(rows, info.has_bias, self.cfg.accumulate_torch_dtype), float(rows.shape[0])
+
+        out = self.placement.run(info, "A", contribution, x.detach())
         cache[key] = out
         return out
+
+    def _G_contribution(self, g: Tensor, ctx: BatchContext, info: LayerInfo) -> Tensor:
+        """``Σ ĝ ĝᵀ`` of a dense ``G``, or the rows ``ĝ`` of a low-rank one (moved to CPU first, SPEC §6)."""
+        if self.cfg.approx == "expand":
+            rows = ctx.select(g, info, "output gradient")
+        else:
+            rows = ctx.masked(g, info, "output gradient").sum(dim=1)
+        lowrank = self.sums[info.name].G
+        if isinstance(lowrank, LowRankSum):
+            rows = rows.to(lowrank.device)
+        rows = rows.to(compute_dtype(rows.dtype))
+        if ctx.grad_scale != 1.0:
+            rows = rows * ctx.grad_scale
+        if isinstance(lowrank, LowRankSum):
+            return rows.to(lowrank.storage_dtype)
+        return gram(rows, False, self.cfg.accumulate_torch_dtype)
 
     def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
         """Contributions of one layer call: ``A`` on the first backward of a forward, ``G`` on every one."""
@@ -83,19 +102,8 @@ class FactorCollector:
         if ctx.first_draw:
             a_sum, a_count = self._stage_A(name, x, ctx, cache)
             staged.append((name, "A", a_sum, a_count))
-        g = g.detach()
-        if self.cfg.approx == "expand":
-            rows = ctx.select(g, info, "output gradient")
-        else:
-            rows = ctx.masked(g, info, "output gradient").sum(dim=1)
-        rows = rows.to(compute_dtype(rows.dtype))
-        if ctx.grad_scale != 1.0:
-            rows = rows * ctx.grad_scale
-        sums = self.sums[name]
-        if isinstance(sums.G, LowRankSum):
-            staged.append((name, "G", rows.to(sums.G.storage_dtype), float(ctx.num_terms)))
-        else:
-            staged.append((name, "G", gram(rows, False, self.cfg.accumulate_torch_dtype), float(ctx.num_terms)))
+        contribution = self.placement.run(info, "G", lambda t: self._G_contribution(t, ctx, info), g.detach())
+        staged.append((name, "G", contribution, float(ctx.num_terms)))
         return staged
 
     def commit(self, staged: Staged) -> None:

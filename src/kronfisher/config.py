@@ -70,8 +70,16 @@ class KFACConfig:
     eigh_max_dim: int = _help("Factors larger than this are decomposed in float32.", default=8192)
     lowrank_threshold: int = _help("Layers with out > this keep G in low-rank form (SPEC §6).", default=8192)
     lowrank_layers: tuple[str, ...] = _help("Regexes of layers whose G is low-rank whatever their size.", default=())
-    lowrank_dtype: str = _help("Storage dtype of low-rank U: 'float32', 'bfloat16', 'float16'.", default="float32")
+    lowrank_dtype: str = _help(
+        "Storage dtype of low-rank U: 'float32', 'bfloat16', 'float16' (or 'float64' for exact checks).",
+        default="float32",
+    )
     lowrank_max_rank: int | None = _help("Token budget of a low-rank G (top-k + isotropic tail).", default=None)
+    lowrank_solver: str = _help(
+        "p = -1 on low-rank layers: 'eigen' (eigenform, default) or 'woodbury' (factored/pi damping, no EK-FAC, "
+        "no condition cap, no token budget; SPEC §6).",
+        default="eigen",
+    )
     on_nonfinite: str = _help("'raise' (default) or 'skip' a batch with non-finite values (§3.3).", default="raise")
     seed: int = _help("Seed of the generator used for MC targets.", default=0)
     max_dense_elements: int = _help("Largest dense matrix that to_dense/factors will build.", default=100_000_000)
@@ -93,7 +101,24 @@ class KFACConfig:
             raise ConfigError(f"Invalid max_condition_number: {self.max_condition_number!r}. Must be >= 1.")
         resolve_dtype(self.accumulate_dtype, "accumulate_dtype", ("float32", "float64"))
         resolve_dtype(self.eigh_dtype, "eigh_dtype", ("float32", "float64"))
-        resolve_dtype(self.lowrank_dtype, "lowrank_dtype", ("float32", "bfloat16", "float16"))
+        resolve_dtype(self.lowrank_dtype, "lowrank_dtype", ("float32", "bfloat16", "float16", "float64"))
+        _choice("lowrank_solver", self.lowrank_solver, ("eigen", "woodbury"))
+        if self.lowrank_solver == "woodbury":
+            clash = [
+                what
+                for what, bad in (
+                    ("ekfac=True", self.ekfac),
+                    (f"damping_mode={self.damping_mode!r}", self.damping_mode == "exact"),
+                    ("max_condition_number", self.max_condition_number is not None),
+                    ("lowrank_max_rank (compressed tail)", self.lowrank_max_rank is not None),
+                )
+                if bad
+            ]
+            if clash:
+                raise ConfigError(
+                    f"Invalid lowrank_solver: 'woodbury' needs (G + δ_G) ⊗ (A + δ_A) with an uncompressed U; "
+                    f"incompatible with {', '.join(clash)}. Use lowrank_solver='eigen'."
+                )
         for name in ("lowrank_threshold", "eigh_max_dim", "max_dense_elements"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .accumulate import CollectionReport, DenseSum, LayerSums, LowRankSum
 from .errors import DecompositionError
 from .linalg import Eigen
+from .lowrank import lowrank_from_coeffs
 
 if TYPE_CHECKING:
     from .config import KFACConfig
@@ -149,6 +150,11 @@ def all_reduce_tensors(tensors: Iterable[Tensor], bucket_bytes: int = DEFAULT_BU
                     offset += b.numel()
             bucket, size = ([t], t.numel() * itemsize) if t is not None else ([], 0)
     return calls
+
+
+def _basis_payload(eig: Eigen) -> Tensor:
+    """What is broadcast for a decomposed factor: ``C`` of an implicit low-rank basis (``P = W C``), else ``P``."""
+    return eig.coeffs if getattr(eig, "implicit", False) else eig.vectors  # type: ignore[attr-defined]
 
 
 # K-FAC pass ------------------------------------------------------------------------------------------------
@@ -409,7 +415,7 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
     for t, (kind, i) in enumerate(tasks):
         s = sums[names[i]]
         if kind == "G" and isinstance(s.G, LowRankSum):
-            dim, r, dtype = s.G.dim, int(ranks[t]), lowrank_work
+            dim, r, dtype = s.G.num_columns, int(ranks[t]), lowrank_work  # coeffs C [m, r]: P = W C (SPEC §6)
         else:
             dim = s.A.dim if kind == "A" else s.G.dim
             r, dtype = dim, store
@@ -419,7 +425,11 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
             continue
         if src == rank:
             buf = _pack(
-                [(x, dt) for t, _, _, dt in layout[src] for x in (results[tasks[t]].vectors, results[tasks[t]].values)]
+                [
+                    (x, dt)
+                    for t, _, _, dt in layout[src]
+                    for x in (_basis_payload(results[tasks[t]]), results[tasks[t]].values)
+                ]
             )
         else:
             buf = torch.empty(
@@ -445,8 +455,10 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
                 device = s.A.sum.device
             else:
                 device = s.G.device if isinstance(s.G, LowRankSum) else s.G.sum.device
-            tail = s.G.tail() if lowrank else 0.0  # type: ignore[union-attr]
-            results[(kind, i)] = Eigen(parts[0].to(device).clone(), parts[1].to(device).clone(), tail)
+            if lowrank:  # every rank holds the same gathered U: rebuild the owner's implicit eigenform exactly
+                results[(kind, i)] = lowrank_from_coeffs(s.G, parts[0].clone(), parts[1].clone())  # type: ignore[arg-type]
+                continue
+            results[(kind, i)] = Eigen(parts[0].to(device).clone(), parts[1].to(device).clone(), 0.0)
     return {
         name: decompose_layer(name, sums[name], cfg, shared_A=results[("A", shared[i])], shared_G=results[("G", i)])
         for i, name in enumerate(names)

@@ -55,18 +55,17 @@ class EigenCorrector:
             return []
         info, block = self.infos[name], self.blocks[name]
         work = compute_dtype(torch.promote_types(g.dtype, block.A.vectors.dtype))
-        p = block.G.vectors.to(g.device, work)
-        q = block.A.vectors.to(x.device, work)
-        x = x.detach().to(work)
-        g = g.detach().to(work) * ctx.grad_scale
+        dev = block.G.device  # SPEC §6: the G side of a low-rank layer (and so this work) lives on CPU
+        q = block.A.vectors.to(dev, work)
+        x, g = x.detach(), g.detach()
         thin = not block.G.full
         dtype = self.cfg.accumulate_torch_dtype
         staged: Staged = []
         if self.cfg.ekfac_granularity == "token":
-            a = _augment(ctx.select(x, info, "input"), info.has_bias)  # [T, a]
-            gr = ctx.select(g, info, "output gradient")  # [T, out]
+            a = _augment(ctx.select(x, info, "input"), info.has_bias).to(dev, work)  # [T, a]
+            gr = ctx.select(g, info, "output gradient").to(dev, work) * ctx.grad_scale  # [T, out]
             y = a @ q
-            z = gr @ p  # [T, r]
+            z = block.G.rows_project(gr)  # [T, r]: ĝ_tᵀ P (implicit P for low-rank G)
             y2 = y.square()
             staged.append((name, "span", (z.square().t() @ y2).to(dtype), ctx.num_terms))
             if thin:
@@ -75,10 +74,10 @@ class EigenCorrector:
                 staged.append((name, "tail", tail.to(dtype), 0.0))
         else:
             mask = ctx.mask
-            a = _augment(ctx.masked(x, info, "input"), info.has_bias, mask)  # [B, S, a]
-            gr = ctx.masked(g, info, "output gradient")  # [B, S, out]
+            a = _augment(ctx.masked(x, info, "input"), info.has_bias, mask).to(dev, work)  # [B, S, a]
+            gr = ctx.masked(g, info, "output gradient").to(dev, work) * ctx.grad_scale  # [B, S, out]
             y = a @ q  # [B, S, a]
-            z = gr @ p  # [B, S, r]
+            z = block.G.rows_project(gr)  # [B, S, r]
             m = z.transpose(1, 2) @ y  # [B, r, a]: Pᵀ ∇_s Q_A per sequence
             staged.append((name, "span", m.square().sum(0).to(dtype), ctx.num_terms))
             if thin:

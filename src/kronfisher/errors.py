@@ -53,3 +53,19 @@ class FingerprintError(FileFormatError):
     def __init__(self, message: str, mismatched: list[tuple[str, str, str]]) -> None:
         super().__init__(message)
         self.mismatched = mismatched
+
+
+class KronfisherWarning(UserWarning):
+    """Base class of every warning issued by kronfisher."""
+
+
+class NumericalWarning(KronfisherWarning):
+    """A numerical fallback was taken (e.g. Woodbury's Cholesky failed and eigh was used, SPEC §6)."""
+
+
+class PlacementWarning(KronfisherWarning):
+    """A factor's work moved from the accelerator to CPU after a real out-of-memory error (SPEC §6)."""
+
+
+class TiedWeightsWarning(KronfisherWarning):
+    """A tracked layer shares its weight with another parameter (tied lm_head / embedding, SPEC §6)."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .accumulate import LayerSums, LowRankSum
 from .config import KFACConfig
-from .linalg import Eigen, lowrank_eigen, safe_eigh
+from .linalg import Eigen, safe_eigh
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def decompose_G(name: str, sums: LayerSums, cfg: KFACConfig) -> Eigen:
     """Eigenbasis of ``G``: dense eigh (SPEC §4) or the low-rank eigenform from ``Uᵀ U`` (SPEC §6)."""
     if isinstance(sums.G, LowRankSum):
         work = torch.float64 if cfg.accumulate_torch_dtype == torch.float64 else torch.float32
-        return lowrank_eigen(sums.G.factor_U(work), sums.G.tail(), name=name)
+        return sums.G.eigen(name=name, dtype=work)  # implicit thin basis from the float64 Gram, budget applied
     return decompose_factor(sums.G.mean(torch.float64), name=name, factor="G", cfg=cfg)
 
 

@@ -25,6 +25,7 @@ from .distributed import is_main_process, reduce_collection, unwrap_model
 from .errors import ConfigError
 from .layers import Discovery, discover_layers
 from .lossterms import lm_terms, sample_targets, summed_ce
+from .lowrank import find_tied, note_tied
 from .operator import KFAC
 
 logger = logging.getLogger("kronfisher")
@@ -161,7 +162,19 @@ def run_batch(
     return ok
 
 
-def _finish_report(report: CollectionReport, discovery: Discovery, fired: set[str], cap: Capture) -> None:
+def _finish_report(
+    report: CollectionReport,
+    discovery: Discovery,
+    fired: set[str],
+    cap: Capture,
+    *,
+    model: nn.Module | None = None,
+    collector: FactorCollector | None = None,
+) -> None:
+    if collector is not None:  # SPEC §6: factors moved to CPU by a real out-of-memory error
+        report.warnings.extend(m for m in collector.placement.messages if m not in report.warnings)
+    if model is not None:  # SPEC §6: tied lm_head / embedding, recorded in report.tied and warned once
+        note_tied(report, find_tied(model, discovery.infos))
     report.skipped_layers.update(discovery.skipped)
     report.nonfinite_batches.extend(cap.nonfinite_batches)
     missing = [n for n in discovery.infos if n not in fired]
@@ -199,7 +212,7 @@ def collect(
         for i, batch in enumerate(_progress(batches, progress, "K-FAC factors")):
             run_batch(model, batch, cap, cfg, i, report, generator, loss_fn)
     fired = reduce_collection(collector.sums, report, cap.fired)  # SPEC §8: once per pass; no-op on one process
-    _finish_report(report, discovery, fired, cap)
+    _finish_report(report, discovery, fired, cap, model=model, collector=collector)
     return discovery, collector, report
 
 
@@ -318,7 +331,7 @@ class CaptureSession:
         if not self._reduced:  # merge the ranks' sums once, however often finalize is called (SPEC §8)
             self._fired = reduce_collection(self.collector.sums, self.report, self._cap.fired)
             self._reduced = True
-        _finish_report(self.report, self.discovery, self._fired, self._cap)
+        _finish_report(self.report, self.discovery, self._fired, self._cap, model=self.model, collector=self.collector)
         return KFAC.from_sums(
             self.discovery.infos, self.collector.sums, self.cfg, report=self.report, model=self.model, spread=True
         )

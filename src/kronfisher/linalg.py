@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,17 @@ class Eigen:
     values: Tensor
     tail: float = 0.0
 
+    implicit = False  # the low-rank eigenform (kronfisher.lowrank.LowRankEigen) keeps P = W C implicit
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the eigenbasis."""
+        return self.vectors.device
+
+    def rows_project(self, x: Tensor) -> Tensor:
+        """``x P`` for ``x`` of shape ``[..., d]`` (``[..., r]``) in ``x``'s dtype, on the eigenbasis' device."""
+        return x.to(self.vectors.device) @ self.vectors.to(x.dtype)
+
     @property
     def dim(self) -> int:
         """Dimension ``d`` of the factor."""
@@ -60,8 +72,13 @@ class Eigen:
             return self
         return Eigen(self.vectors.to(dtype), self.values.to(dtype), self.tail)
 
-    def to_dense(self) -> Tensor:
-        """Dense ``M`` (diagnostics only)."""
+    def to_dense(self, max_elements: int = 100_000_000) -> Tensor:
+        """Dense ``M`` (diagnostics only); refuses a thin basis whose ``d²`` exceeds ``max_elements`` (SPEC §6)."""
+        if not self.full and self.dim * self.dim > max_elements:
+            raise DecompositionError(
+                f"Dense factor of a thin eigenbasis would have {self.dim}² elements (> {max_elements}); "
+                "it is a diagnostic for small layers."
+            )
         q = self.vectors
         m = (q * self.values) @ q.t()
         if not self.full and self.tail != 0.0:
@@ -90,28 +107,25 @@ def safe_eigh(matrix: Tensor, *, name: str, factor: str, dtype: torch.dtype) -> 
 
 
 def lowrank_eigen(columns: Tensor, tail: float = 0.0, *, name: str = "?") -> Eigen:
-    """Thin eigendecomposition of ``G = U Uᵀ`` from the ``[r0, r0]`` Gram matrix ``Uᵀ U`` (SPEC §6).
+    """Thin eigendecomposition of ``G = U Uᵀ`` from the ``[m, m]`` Gram ``Uᵀ U`` in float64 (SPEC §6).
 
     Args:
-        columns: ``U`` with shape ``[out, m]`` in float32 or float64.
-        tail: isotropic tail eigenvalue of the compressed part.
+        columns: ``U`` with shape ``[out, m]`` (any float dtype; arithmetic in float32 or higher).
+        tail: isotropic tail eigenvalue on the complement of ``span(U)``.
         name: layer name for messages.
 
     Returns:
-        ``Eigen`` with ``P = U W / σ`` (``[out, r]``), ``values = σ²``, keeping the numerically non-zero ones.
+        A :class:`~kronfisher.lowrank.LowRankEigen` (implicit ``P = U V λ^{-1/2}``, same interface as
+        :class:`Eigen`), keeping eigenvalues above ``m · eps₆₄ · λ_max``.
 
     """
-    u = columns
-    if u.shape[1] == 0:
-        return Eigen(u.new_zeros(u.shape[0], 0), u.new_zeros(0), tail)
-    work = torch.float64 if u.shape[1] <= 8192 else u.dtype
-    k = u.t().to(work) @ u.to(work)
-    vals, vecs = safe_eigh(k, name=name, factor="G (Gram of U)", dtype=work)
-    top = float(vals.max()) if vals.numel() else 0.0
-    keep = vals > max(top, 0.0) * vals.numel() * torch.finfo(u.dtype).eps
-    vals, vecs = vals[keep], vecs[:, keep]
-    p = (u.to(work) @ vecs) / vals.sqrt()
-    return Eigen(p.to(u.dtype), vals.to(u.dtype), tail)
+    import dataclasses
+
+    from .lowrank import ColumnStore, eigen_from_columns
+
+    dtype = torch.promote_types(columns.dtype, torch.float32)
+    eig = eigen_from_columns(ColumnStore([columns.t()], columns.shape[0]), 1.0, dtype=dtype, name=name)
+    return dataclasses.replace(eig, tail=float(tail), discarded=float(tail) * (eig.dim - eig.rank))
 
 
 def kron_apply(v: Tensor, g: Eigen, a: Eigen, span: Tensor, tail: Tensor | None) -> Tensor:
@@ -128,6 +142,10 @@ def kron_apply(v: Tensor, g: Eigen, a: Eigen, span: Tensor, tail: Tensor | None)
         tail: ``[a_dim]`` eigenvalues on ``span(P)^⊥ ⊗ q_j`` (ignored when ``P`` is square).
 
     """
+    if g.implicit or not g.full:  # thin or implicit P: blockwise, on the G side's device (SPEC §6)
+        from .lowrank import thin_kron_apply
+
+        return thin_kron_apply(v, g, a, span, tail)
     p, q = g.vectors, a.vectors
     x = v @ q  # [out, a]
     y = p.t() @ x  # [r, a]
@@ -137,31 +155,71 @@ def kron_apply(v: Tensor, g: Eigen, a: Eigen, span: Tensor, tail: Tensor | None)
     return out @ q.t()
 
 
-def woodbury_solve(u: Tensor, delta: float, x: Tensor, eps: float = 1e-10, *, name: str = "?") -> Tensor:
-    """``(U Uᵀ + δ I)^{-1} X`` by Woodbury with ``S = I_T + Uᵀ U / δ`` (``[T, T]``, SPEC §6).
+def woodbury_factor(gram: Tensor, delta: float, eps: float | None = None, *, name: str = "?") -> Any:
+    """Factorise ``S = I_T + K / δ`` for Woodbury, ``K = Uᵀ U`` (``[T, T]``, SPEC §6); returns ``z ↦ S^{-1} z``.
 
-    ``S`` is factorised by Cholesky; on failure jitter ``ε, 10ε, 100ε`` is added to its diagonal; if all fail a
-    symmetric eigendecomposition of ``S`` is used with a warning. Never a silent ``inv``.
+    ``S`` is factorised in float64 by Cholesky; on failure, jitter ``ε, 10ε, 100ε`` is added to its diagonal
+    (``ε = eps``, default ``T · eps₆₄ · max diag S``); if all fail, a symmetric eigendecomposition of ``S`` is used
+    with a :class:`~kronfisher.errors.NumericalWarning` (its eigenvalues are clamped at 1, since ``S ⪰ I``).
+    Never a silent ``inv``.
+
+    Raises:
+        DecompositionError: ``δ ≤ 0``, a non-square or non-finite ``K``.
+
     """
-    if delta <= 0:
-        raise DecompositionError(f"Woodbury for layer {name!r} needs damping > 0, got {delta}.")
-    work = torch.promote_types(u.dtype, torch.float32)
-    u = u.to(work)
-    xw = x.to(work)
-    t = u.shape[1]
-    s = (u.t() @ u) / delta
+    if not delta > 0:
+        raise DecompositionError(f"Woodbury for layer {name!r} needs damping δ_G > 0, got {delta}.")
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise DecompositionError(f"Woodbury for layer {name!r}: Uᵀ U must be [T, T], got {list(gram.shape)}.")
+    s = gram.to(torch.float64) / delta
+    s = (s + s.t()) / 2
     s.diagonal().add_(1.0)
-    z = u.t() @ xw  # [T, k]
-    w = None
-    for jitter in (0.0, eps, 10 * eps, 100 * eps):
-        s_try = s if jitter == 0.0 else s + jitter * torch.eye(t, dtype=work, device=u.device)
+    if not bool(torch.isfinite(s).all()):
+        raise DecompositionError(f"Woodbury for layer {name!r}: S = I + UᵀU/δ ({list(s.shape)}) is not finite.")
+    t = s.shape[0]
+    base = eps if eps is not None else t * torch.finfo(torch.float64).eps * float(s.diagonal().max()) if t else 0.0
+    for jitter in (0.0, base, 10 * base, 100 * base):
+        s_try = s if jitter == 0.0 else s + jitter * torch.eye(t, dtype=s.dtype, device=s.device)
         chol, info = torch.linalg.cholesky_ex(s_try)
         if int(info) == 0:
-            w = torch.cholesky_solve(z, chol)
-            break
-    if w is None:
-        logger.warning("Woodbury: Cholesky of S failed for layer %r even with jitter; using eigh of S.", name)
-        vals, vecs = torch.linalg.eigh(s)
-        vals = vals.clamp_min(torch.finfo(work).tiny)
-        w = vecs @ ((vecs.t() @ z) / vals.unsqueeze(1))
+            return lambda z: torch.cholesky_solve(z.to(chol.dtype), chol)
+    import warnings
+
+    from .errors import NumericalWarning
+
+    msg = (
+        f"Woodbury: Cholesky of S ({t}×{t}) failed for layer {name!r} even with jitter up to {100 * base:.1e}; "
+        "using a symmetric eigendecomposition of S."
+    )
+    logger.warning(msg)
+    warnings.warn(msg, NumericalWarning, stacklevel=3)
+    vals, vecs = torch.linalg.eigh(s)
+    vals = vals.clamp_min(1.0)
+    return lambda z: vecs @ ((vecs.t() @ z.to(vecs.dtype)) / vals.unsqueeze(1))
+
+
+def woodbury_solve(u: Tensor, delta: float, x: Tensor, eps: float | None = None, *, name: str = "?") -> Tensor:
+    """``(U Uᵀ + δ I)^{-1} X`` by Woodbury: ``X/δ − U S^{-1} Uᵀ X / δ²`` with ``S = I_T + Uᵀ U / δ`` (SPEC §6).
+
+    Args:
+        u: ``U`` with shape ``[out, T]`` (asserted against ``X``'s ``out`` rows).
+        delta: damping ``δ > 0``.
+        x: ``[out, k]`` right-hand sides.
+        eps: Cholesky jitter (see :func:`woodbury_factor`).
+        name: layer name for messages.
+
+    Returns:
+        ``[out, k]`` in ``x``'s dtype; arithmetic in float32 or higher (``S`` in float64).
+
+    """
+    if u.dim() != 2 or x.dim() != 2 or u.shape[0] != x.shape[0]:
+        raise DecompositionError(
+            f"Woodbury for layer {name!r}: U must be [out, T] with out = X's rows; got U {list(u.shape)}, "
+            f"X {list(x.shape)}."
+        )
+    work = torch.promote_types(torch.promote_types(u.dtype, x.dtype), torch.float32)
+    u = u.to(work)
+    xw = x.to(work)
+    solve = woodbury_factor(u.t().to(torch.float64) @ u.to(torch.float64), delta, eps, name=name)
+    w = solve((u.t() @ xw).to(torch.float64)).to(work)
     return (xw / delta - (u @ w) / delta**2).to(x.dtype)

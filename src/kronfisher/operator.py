@@ -167,6 +167,8 @@ class KFAC:
         for name in self._blocks:
             info = self.infos[name]
             w = vectors.get(info.weight_name)
+            if w is None:  # a tied weight may come under its other name (e.g. the embedding's, SPEC §6)
+                w = next((vectors[a] for a in self.report.tied.get(name, ()) if a in vectors), None)
             if w is None:
                 continue
             b = vectors.get(info.bias_name) if info.bias_name else None
@@ -180,10 +182,14 @@ class KFAC:
 
     def _apply(self, name: str, v: Tensor, p: float, damp: Damping) -> Tensor:
         block = self._blocks[name]
+        if p == -1.0 and self.cfg.lowrank_solver == "woodbury" and block.representation == "lowrank":
+            from .lowrank import woodbury_power
+
+            return woodbury_power(block, v, damp, name)
         span, tail = spectrum(block, p, damp, name)
         work = torch.promote_types(v.dtype, block.A.vectors.dtype)
         g, a = block.G.cast(work), block.A.cast(work)
-        dev = a.vectors.device
+        dev = g.device if block.representation == "lowrank" else a.vectors.device  # G side of huge layers: CPU
         res = kron_apply(v.to(dev, work), g, a, span.to(dev, work), None if tail is None else tail.to(dev, work))
         return res.to(v.device, v.dtype)
 
@@ -206,7 +212,7 @@ class KFAC:
         model = self._model_ref() if self._model_ref is not None else None
         if model is None:
             raise ConfigError("No model attached: pass grads explicitly or call attach_model(model).")
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head keeps its own name
         grads = {}
         for name in self._blocks:
             info = self.infos[name]
@@ -245,6 +251,7 @@ class KFAC:
                 "N": b.tokens.get("N", 0.0),
                 "trace_A": b.A.trace(),
                 "trace_G": b.G.trace(),
+                "discarded_G": float(getattr(b.G, "discarded", 0.0)),  # token-budget mass in the tail (SPEC §6)
                 "ekfac": b.is_ekfac,
             }
         return rows
