@@ -69,3 +69,24 @@ class PlacementWarning(KronfisherWarning):
 
 class TiedWeightsWarning(KronfisherWarning):
     """A tracked layer shares its weight with another parameter (tied lm_head / embedding, SPEC §6)."""
+
+
+class InputError(KronfisherError, ValueError):
+    """A user input that cannot be used (CLI): the message says what, ``hint`` says what to do.
+
+    Attributes:
+        hint: one line suggesting a fix, or None.
+
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class ModelLoadError(InputError):
+    """A model that cannot be loaded: missing folder or file, offline hub id, unsupported format (SPEC §9a)."""
+
+
+class DataError(InputError):
+    """Text data that cannot be read or yields no tokens (missing file, bad JSONL field, empty dataset)."""

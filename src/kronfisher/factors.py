@@ -8,6 +8,7 @@ immutable: updating factors builds new blocks, so a cached spectrum can never ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,11 +99,18 @@ def decompose_layer(
     return KronBlock(a_eig, g_eig, rep, tokens=tokens)
 
 
-def decompose_all(sums: dict[str, LayerSums], cfg: KFACConfig, *, spread: bool = False) -> dict[str, KronBlock]:
+def decompose_all(
+    sums: dict[str, LayerSums],
+    cfg: KFACConfig,
+    *,
+    spread: bool = False,
+    on_layer: Callable[[str], None] | None = None,
+) -> dict[str, KronBlock]:
     """Decompose every layer; identical ``A`` sums (q/k/v, gate/up) are decomposed once and shared.
 
     With ``spread=True`` and a process group, the eigendecompositions are spread over ranks by cost and broadcast
     (SPEC §8, :func:`~kronfisher.distributed.decompose_spread`); every rank must then call this together.
+    ``on_layer(name)`` is called after each layer of the single-process path (progress bars).
     """
     if spread:
         from .distributed import decompose_spread, is_distributed
@@ -121,4 +129,6 @@ def decompose_all(sums: dict[str, LayerSums], cfg: KFACConfig, *, spread: bool =
         if shared is None:
             seen.append((layer.A.sum, layer.A.count, block.A))
         blocks[name] = block
+        if on_layer is not None:
+            on_layer(name)
     return blocks

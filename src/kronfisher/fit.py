@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .accumulate import CollectionReport
+from .accumulate import CollectionReport, DenseSum, LayerSums
 from .capture import Capture
 from .collect import FactorCollector
 from .config import KFACConfig
@@ -191,6 +192,42 @@ def _progress(batches: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]
     return tqdm(batches, desc=desc, unit="batch")
 
 
+@dataclass
+class CollectState:
+    """Where an interrupted K-FAC pass stopped (SPEC §9 resume): sums, report, batches consumed, MC generator.
+
+    Attributes:
+        sums: :class:`~kronfisher.accumulate.LayerSums` by layer, e.g. ``kf.load_sums(path).sums``.
+        report: the collection report so far.
+        batches_done: number of leading batches already in ``sums``.
+        generator_state: ``torch.Generator.get_state()`` of the MC-target generator after those batches, or None.
+
+    """
+
+    sums: dict[str, LayerSums]
+    report: CollectionReport
+    batches_done: int
+    generator_state: Tensor | None = None
+
+    def install(self, collector: FactorCollector, generator: torch.Generator) -> int:
+        """Put the saved sums into ``collector`` (same layers required) and restore the generator."""
+        if set(self.sums) != set(collector.sums):
+            raise ConfigError(
+                "Cannot resume: the saved sums cover layers "
+                f"{sorted(set(self.sums) ^ set(collector.sums))} that differ from the tracked layers."
+            )
+        for name, saved in self.sums.items():  # dense sums go where the collector keeps them (SPEC §6 placement)
+            fresh = collector.sums[name]
+            for which in ("A", "G"):
+                mine, theirs = getattr(fresh, which), getattr(saved, which)
+                if isinstance(mine, DenseSum) and isinstance(theirs, DenseSum):
+                    theirs.sum = theirs.sum.to(mine.sum.device)
+            collector.sums[name] = saved
+        if self.generator_state is not None:
+            generator.set_state(self.generator_state)
+        return int(self.batches_done)
+
+
 def collect(
     model: nn.Module,
     batches: Iterable[Any],
@@ -198,8 +235,23 @@ def collect(
     *,
     loss_fn: LossFn | None = None,
     progress: bool = False,
+    resume: CollectState | None = None,
+    on_batch_end: Callable[[int, FactorCollector, CollectionReport, torch.Generator], None] | None = None,
 ) -> tuple[Discovery, FactorCollector, CollectionReport]:
-    """The K-FAC pass: sums and counts for every tracked layer (no decomposition)."""
+    """The K-FAC pass: sums and counts for every tracked layer (no decomposition).
+
+    Args:
+        model: the model (see :func:`fit`).
+        batches: an iterable of batches.
+        cfg: configuration.
+        loss_fn: optional user loss (empirical Fisher only).
+        progress: show a progress bar.
+        resume: continue an interrupted pass (SPEC §9): start from these sums, report and MC generator state and
+            skip the first ``resume.batches_done`` batches (they are already in the sums). Single process only.
+        on_batch_end: called after every processed batch with ``(index, collector, report, generator)``, for
+            example to checkpoint the sums with :func:`kronfisher.save_sums`.
+
+    """
     model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks (SPEC §8)
     discovery = discover_layers(model, cfg.include, cfg.exclude)
     if not discovery.infos:
@@ -207,10 +259,18 @@ def collect(
     collector = FactorCollector(discovery.infos, cfg, device=model_device(model))
     report = CollectionReport()
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    start = 0
+    if resume is not None:
+        start = resume.install(collector, generator)
+        report = resume.report
     cap = Capture(discovery.modules, discovery.infos, collector, cfg.on_nonfinite)
     with eval_mode(model), activation_only_backward(model), cap:
         for i, batch in enumerate(_progress(batches, progress, "K-FAC factors")):
+            if i < start:
+                continue
             run_batch(model, batch, cap, cfg, i, report, generator, loss_fn)
+            if on_batch_end is not None:
+                on_batch_end(i, collector, report, generator)
     fired = reduce_collection(collector.sums, report, cap.fired)  # SPEC §8: once per pass; no-op on one process
     _finish_report(report, discovery, fired, cap, model=model, collector=collector)
     return discovery, collector, report
