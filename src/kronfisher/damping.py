@@ -60,15 +60,16 @@ def _cap(values: list[Tensor], kappa: float | None) -> list[Tensor]:
     return [v.clamp_min(floor) for v in values]
 
 
-def _power(values: list[Tensor], p: float, name: str) -> list[Tensor]:
+def _power(values: list[Tensor], p: float, name: str, shift: float = 0.0) -> list[Tensor]:
     if p == 1.0:
         return values
     if p < 0 or not float(p).is_integer():
         live = [v for v in values if v.numel()]
         low = min(float(v.min()) for v in live)
         # For p < 0, eigenvalues within round-off of 0 (numpy matrix_rank's tolerance n·eps·λmax) count as 0.
+        # That round-off is in the undamped eigenvalues: a damping shift > 0 makes the spectrum positive.
         tol = 0.0
-        if p < 0:
+        if p < 0 and shift <= 0.0:
             n = sum(v.numel() for v in live)
             tol = max(float(v.abs().max()) for v in live) * n * torch.finfo(live[0].dtype).eps
         if low <= tol if p < 0 else low < 0.0:
@@ -105,7 +106,7 @@ def spectrum(block: KronBlock, p: float, damping: Damping, name: str = "?") -> t
     if mode == "exact":
         span, tail = block.kron_eigenvalues()
         parts = [span + damping.delta] + ([tail + damping.delta] if thin and tail is not None else [])
-        parts = _power(_cap(parts, damping.max_condition_number), p, name)
+        parts = _power(_cap(parts, damping.max_condition_number), p, name, damping.delta)
         result = (parts[0], parts[1] if len(parts) > 1 else None)
     else:
         if mode == "pi":
@@ -114,13 +115,13 @@ def spectrum(block: KronBlock, p: float, damping: Damping, name: str = "?") -> t
             d_a, d_g = pi * root, root / pi
         else:
             d_a, d_g = damping.delta_A, damping.delta_G
-        ea = _power(_cap([block.A.values + d_a], damping.max_condition_number), p, name)[0]
+        ea = _power(_cap([block.A.values + d_a], damping.max_condition_number), p, name, d_a)[0]
         g_parts = [block.G.values + d_g]
         if thin:
             g_parts.append(
                 torch.full((1,), block.G.tail + d_g, dtype=block.G.values.dtype, device=block.G.values.device)
             )
-        g_parts = _power(_cap(g_parts, damping.max_condition_number), p, name)
+        g_parts = _power(_cap(g_parts, damping.max_condition_number), p, name, d_g)
         span = g_parts[0].unsqueeze(1) * ea.unsqueeze(0)
         tail = g_parts[1] * ea if thin else None
         result = (span, tail)
