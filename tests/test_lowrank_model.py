@@ -1,0 +1,202 @@
+"""Low-rank layers inside real (tiny) models: EK-FAC, tied lm_head, OOM placement, storage dtypes (SPEC §5, §6)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import kronfisher as kf
+import kronfisher.placement as placement
+from conftest import make_model, random_ids
+from kronfisher.collect import FactorCollector
+from kronfisher.ekfac import correct
+from kronfisher.errors import PlacementWarning, TiedWeightsWarning
+
+BATCHES = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(2)]
+OTHER = [{"input_ids": random_ids(3, 5, seed=10 + s)} for s in range(2)]
+F64 = {"accumulate_dtype": "float64", "lowrank_dtype": "float64", "damping": 0.05}
+
+
+def _pair(model, **kw):
+    dense = kf.fit(model, BATCHES, kf.KFACConfig(**F64, **kw))
+    low = kf.fit(model, BATCHES, kf.KFACConfig(**F64, lowrank_layers=("lm_head",), **kw))
+    assert low.block("lm_head").representation == "lowrank" and dense.block("lm_head").representation == "dense"
+    return dense, low
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_ekfac_lowrank_equals_dense_on_the_kfac_data(granularity):
+    # Same data in both passes: every per-sample gradient lies in span(P) ⊗ R^a, so the complement carries nothing
+    # and the low-rank EK-FAC block equals the dense one exactly (float64, rtol 1e-8).
+    model = make_model("qwen2")
+    dense, low = _pair(model, ekfac=True, ekfac_granularity=granularity)
+    b = low.block("lm_head")
+    assert b.G.rank < b.G.dim and b.corrected_tail is not None
+    assert float(b.corrected_tail.abs().max()) <= 1e-12 * float(b.corrected.abs().max())
+    ref = dense.to_dense("lm_head")
+    torch.testing.assert_close(low.to_dense("lm_head"), ref, rtol=1e-8, atol=1e-12 * float(ref.abs().max()))
+    v = {"lm_head.weight": torch.randn(40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+    for p in (1.0, -1.0, -0.5):
+        torch.testing.assert_close(
+            low.power(v, p)["lm_head.weight"], dense.power(v, p)["lm_head.weight"], rtol=1e-8, atol=0
+        )
+
+
+def test_ekfac_lowrank_restricted_to_span_plus_complement_trace_on_other_data():
+    # Documented restriction (ekfac.py): on span(P) ⊗ q_j the corrected eigenvalues are the dense ones (same
+    # eigenvectors up to sign); on the complement the low-rank block keeps one value per q_j whose total
+    # (out − r) · Λ*_⊥j is the dense block's total over the null space of G.
+    model = make_model("llama")
+    dense, low = _pair(model)
+    for f in (dense, low):
+        correct(f, model, OTHER)
+    bd, bl = dense.block("lm_head"), low.block("lm_head")
+    r, out = bl.G.rank, bl.G.dim
+    order = torch.argsort(bd.G.values, descending=True)
+    gaps = (bl.G.values[:-1] - bl.G.values[1:]) / bl.G.values[0]
+    assert float(gaps.min()) > 1e-8  # distinct eigenvalues: eigenvectors are unique up to sign
+    torch.testing.assert_close(bd.G.values[order[:r]], bl.G.values, rtol=1e-9, atol=0)
+    torch.testing.assert_close(bl.corrected, bd.corrected[order[:r]], rtol=1e-7, atol=1e-12)
+    complement = bd.corrected[order[r:]].sum(0)
+    assert float(complement.max()) > 0  # the other data does leave span(P): the tail is exercised
+    torch.testing.assert_close(bl.corrected_tail * (out - r), complement, rtol=1e-7, atol=1e-14)
+
+
+def test_tied_lm_head_detected_warned_once_and_named(recwarn):
+    model = make_model("qwen2", tie=True)
+    warnings.simplefilter("always")
+    fisher = kf.fit(model, BATCHES, kf.KFACConfig(**F64, lowrank_layers=("lm_head",), ekfac=True))
+    tied = [w for w in recwarn if issubclass(w.category, TiedWeightsWarning)]
+    assert len(tied) == 1 and "'lm_head' shares its weight with ['model.embed_tokens.weight']" in str(tied[0].message)
+    assert fisher.report.tied == {"lm_head": ["model.embed_tokens.weight"]}
+    assert sum("Tied weights" in w for w in fisher.report.warnings) == 1
+    assert fisher.report.to_dict()["tied"] == {"lm_head": ["model.embed_tokens.weight"]}
+
+    # .grad of the shared parameter comes back under the lm_head name, from the model or from either key.
+    model.zero_grad()
+    logits = model(input_ids=BATCHES[0]["input_ids"]).logits
+    torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 40), BATCHES[0]["input_ids"][:, 1:].reshape(-1)
+    ).backward()
+    shared = model.model.embed_tokens.weight.grad
+    ng = fisher.natural_gradient()
+    assert "lm_head.weight" in ng and "model.embed_tokens.weight" not in ng
+    by_alias = fisher.natural_gradient({"model.embed_tokens.weight": shared})
+    explicit = fisher.power({"lm_head.weight": shared}, -1.0)
+    assert set(by_alias) == {"lm_head.weight"}
+    assert torch.equal(ng["lm_head.weight"], explicit["lm_head.weight"])
+    assert torch.equal(by_alias["lm_head.weight"], explicit["lm_head.weight"])
+
+    untied = make_model("qwen2", tie=False)
+    recwarn.clear()
+    assert kf.fit(untied, BATCHES, kf.KFACConfig(**F64)).report.tied == {}
+    assert not [w for w in recwarn if issubclass(w.category, TiedWeightsWarning)]
+
+
+def test_capture_session_warns_tied_once_across_finalize_calls(recwarn):
+    model = make_model("gpt2", tie=True)
+    warnings.simplefilter("always")
+    with kf.capture(model, kf.KFACConfig(**F64)) as cap:
+        for b in BATCHES:
+            logits = model(input_ids=b["input_ids"]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, 40), b["input_ids"][:, 1:].reshape(-1), reduction="sum"
+            )
+            cap.backward(loss, num_terms=b["input_ids"][:, 1:].numel(), reduction="sum")
+    first, second = cap.finalize(), cap.finalize()
+    assert first.report.tied == {"lm_head": ["transformer.wte.weight"]}
+    assert len([w for w in recwarn if issubclass(w.category, TiedWeightsWarning)]) == 1
+    assert second.report.tied == first.report.tied
+
+
+class _OOMOnce:
+    """Wraps a work function: raises torch.OutOfMemoryError the first ``times`` calls for ``layer``."""
+
+    def __init__(self, real, layer: str, times: int = 1) -> None:
+        self.real, self.layer, self.left, self.calls = real, layer, times, 0
+
+    def __call__(self, collector, g, ctx, info):
+        if info.name == self.layer:
+            self.calls += 1
+            if self.left > 0:
+                self.left -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return self.real(collector, g, ctx, info)
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_injected_oom_moves_the_factor_to_cpu_with_warning_identical_result(monkeypatch, lowrank):
+    # The machine has no accelerator: the device is simulated by declaring every device an accelerator, so the
+    # fallback logic runs; the CPU path is the same arithmetic, so the factors must be identical.
+    model = make_model("qwen2")
+    cfg = kf.KFACConfig(**F64, lowrank_layers=("lm_head",) if lowrank else ())
+    ref = kf.fit(model, BATCHES, cfg)
+    monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
+    inject = _OOMOnce(FactorCollector._G_contribution, "lm_head")
+    monkeypatch.setattr(FactorCollector, "_G_contribution", lambda self, g, ctx, info: inject(self, g, ctx, info))
+    with pytest.warns(PlacementWarning, match=r"factor G of layer 'lm_head' \(in=16, out=40\)"):
+        got = kf.fit(model, BATCHES, cfg)
+    assert inject.calls == 1 + len(BATCHES)  # one failed device attempt, then CPU for every batch (no retry)
+    assert sum("Out of memory" in w for w in got.report.warnings) == 1
+    a_ref, g_ref = ref.factors("lm_head")
+    a_got, g_got = got.factors("lm_head")
+    assert torch.equal(a_got, a_ref) and torch.equal(g_got, g_ref)  # identical, not just close
+    v = {"lm_head.weight": torch.ones(40, 16, dtype=torch.float64)}
+    assert torch.equal(got.natural_gradient(v)["lm_head.weight"], ref.natural_gradient(v)["lm_head.weight"])
+
+
+def test_oom_on_cpu_is_not_swallowed(monkeypatch):
+    model = make_model("llama")
+    inject = _OOMOnce(FactorCollector._G_contribution, "lm_head")
+    monkeypatch.setattr(FactorCollector, "_G_contribution", lambda self, g, ctx, info: inject(self, g, ctx, info))
+    with pytest.raises(torch.OutOfMemoryError):  # already on CPU: nothing to fall back to
+        kf.fit(model, BATCHES, kf.KFACConfig(**F64))
+
+
+def test_a_factor_oom_falls_back_too(monkeypatch):
+    model = make_model("llama")
+    cfg = kf.KFACConfig(**F64)
+    ref = kf.fit(model, BATCHES, cfg)
+    monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
+    real_run, seen = placement.Placement.run, []
+
+    def run(self, info, factor, fn, *tensors):
+        if factor == "A" and info.name == "model.layers.0.mlp.down_proj" and not seen:
+            seen.append(1)
+            return real_run(self, info, factor, _fail_first(fn), *tensors)
+        return real_run(self, info, factor, fn, *tensors)
+
+    monkeypatch.setattr(placement.Placement, "run", run)
+    with pytest.warns(PlacementWarning, match=r"factor A of layer 'model.layers.0.mlp.down_proj' \(in=24, out=16\)"):
+        got = kf.fit(model, BATCHES, cfg)
+    for name in ref.layer_names:
+        assert all(torch.equal(x, y) for x, y in zip(got.factors(name), ref.factors(name))), name
+
+
+def _fail_first(fn):
+    calls = []
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return fn(*args)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16", "float32"])
+def test_storage_dtype_rounds_u_only_arithmetic_in_float32(storage):
+    model = make_model("qwen2")
+    cfg = kf.KFACConfig(accumulate_dtype="float32", lowrank_layers=("lm_head",), lowrank_dtype=storage)
+    fisher = kf.fit(model, BATCHES, cfg)
+    s = fisher.sums["lm_head"].G
+    assert all(c.dtype == cfg.lowrank_torch_dtype for c in s.columns().chunks)
+    b = fisher.block("lm_head")
+    assert b.G.values.dtype == torch.float32 and b.G.coeffs.dtype == torch.float32
+    u = s.factor_U(torch.float64)  # exact G of the stored (rounded) values
+    ref = u @ u.t()
+    # float32 arithmetic on exactly the stored values: agreement to float32 precision, whatever the storage
+    torch.testing.assert_close(b.G.to_dense().double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
