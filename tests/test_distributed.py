@@ -33,7 +33,7 @@ LOWRANK = ("lm_head",)  # lm_head (out = vocab = 40) low-rank; every other layer
 
 def _all_batches() -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of different sizes (different T per rank)."""
-    shapes = [[5, 3], [4], [6, 2, 4], [3, 5]]
+    shapes = [[5, 3], [4], [6, 2, 3], [3, 5]]  # T per rank: 12 | 11 (world 2); 8 | 23 | 0 (world 3)
     out = []
     for i, lengths in enumerate(shapes):
         ids = random_ids(len(lengths), max(lengths), seed=10 + i)
@@ -59,6 +59,7 @@ def _union(world_size: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _cfg(**kw: Any) -> kf.KFACConfig:
+    kw.setdefault("lowrank_dtype", "float64")
     return kf.KFACConfig(accumulate_dtype="float64", lowrank_layers=LOWRANK, **kw)
 
 
@@ -91,15 +92,16 @@ def _summary(fisher: kf.KFAC, model: torch.nn.Module) -> dict[str, Any]:
 
 
 class _EighCounter:
-    """Counts eigendecompositions (dense eigh and low-rank Gram eigh) done in this process."""
+    """Counts eigendecompositions (dense eigh, low-rank Gram eigh) done in this process."""
 
     def __init__(self) -> None:
         import kronfisher.factors as factors
         import kronfisher.linalg as linalg
+        import kronfisher.lowrank as lowrank
 
         self.calls = 0
         self._orig = linalg.safe_eigh
-        self._mods = (factors, linalg)
+        self._mods = [m for m in (factors, linalg, lowrank) if getattr(m, "safe_eigh", None) is self._orig]
 
     def __enter__(self) -> _EighCounter:
         def counted(*args: Any, **kw: Any) -> Any:
@@ -167,8 +169,9 @@ def fit_worker(rank: int, world_size: int) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
     out["capture"] = {n: list(fisher_cap.factors(n)) for n in fisher_cap.layer_names}
 
-    # Token budget: every rank compresses locally (basis columns), the merge must keep them.
-    budget = kf.fit(model, batches, _cfg(lowrank_max_rank=2))
+    # Token budget: every rank compresses locally (basis columns), the merge must keep them. bfloat16 storage
+    # also exercises the gather of a 2-byte dtype.
+    budget = kf.fit(model, batches, _cfg(lowrank_max_rank=2, lowrank_dtype="bfloat16"))
     g = budget.block("lm_head").G
     out["budget"] = [g.trace(), budget.block("lm_head").tokens["N"], budget.sums["lm_head"].G.num_columns]
     return out
@@ -226,15 +229,16 @@ def test_distributed_fit_equals_one_process_on_union(world_size: int, tmp_path: 
     assert sum(per_rank) == counter.calls, (per_rank, counter.calls)
     assert max(per_rank) < counter.calls, per_rank
 
-    # Token budget: the merged G keeps every rank's compressed basis, so tr G = Σ ‖ĝ‖² / N and N stay exact.
-    # rel 1e-6: low-rank columns are stored and compressed in float32 (lowrank_dtype has no float64 option);
-    # losing a rank's basis would lose a large part of the trace.
-    exact_trace = float(ref["U"].square().sum())
+    # Token budget: the merged G keeps every rank's compressed basis, so tr G = Σ ‖ĝ‖² / N and N stay exact
+    # (rel 1e-10: the compressions measure the discarded mass in float64 on the stored bfloat16 values, and the
+    # oracle is the uncompressed U stored in bfloat16). Losing a rank's basis would lose a large part of it.
+    stored = kf.fit(model, union, _cfg(lowrank_dtype="bfloat16"))
+    exact_trace = float(stored.sums["lm_head"].G.factor_U(torch.float64).square().sum())
     for res in results:
         trace, n, columns = res["budget"]
         assert n == ref_fisher.block("lm_head").tokens["N"]
         assert columns <= 2 * 2
-        assert trace == pytest.approx(exact_trace, rel=1e-6)
+        assert trace == pytest.approx(exact_trace, rel=1e-10)
 
 
 def test_helper_fails_fast_on_hang_and_on_error(tmp_path: Any) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .accumulate import CollectionReport, DenseSum, LayerSums, LowRankSum
 from .errors import DecompositionError
 from .linalg import Eigen
-from .lowrank import lowrank_from_coeffs
+from .lowrank import LowRankEigen
 
 if TYPE_CHECKING:
     from .config import KFACConfig
@@ -152,15 +152,10 @@ def all_reduce_tensors(tensors: Iterable[Tensor], bucket_bytes: int = DEFAULT_BU
     return calls
 
 
-def _basis_payload(eig: Eigen) -> Tensor:
-    """What is broadcast for a decomposed factor: ``C`` of an implicit low-rank basis (``P = W C``), else ``P``."""
-    return eig.coeffs if getattr(eig, "implicit", False) else eig.vectors  # type: ignore[attr-defined]
-
-
 # K-FAC pass ------------------------------------------------------------------------------------------------
 def _local_rows(g: LowRankSum) -> Tensor:
-    """Held columns of ``g`` as ``[m, out]`` rows in the storage dtype (basis first, as in ``raw_columns``)."""
-    parts = ([] if g.basis is None else [g.basis.t().to(g.device, g.storage_dtype)]) + list(g.chunks)
+    """Held columns of ``g`` as ``[m, out]`` rows in the storage dtype (compressed basis first, then raw tokens)."""
+    parts = [c.to(g.device, g.storage_dtype) for c in g.columns().chunks]
     if not parts:
         return torch.zeros(0, g.dim, dtype=g.storage_dtype, device=g.device)
     return torch.cat(parts).contiguous()
@@ -170,7 +165,8 @@ def _gather_lowrank(items: list[tuple[LowRankSum, Tensor, list[int]]]) -> None:
     """All-gather low-rank columns along the token dimension, padded to the largest local count (SPEC §8).
 
     Args:
-        items: ``(sum, local rows [m, out], column counts of every rank)``; counts, tail mass etc. already reduced.
+        items: ``(sum, local rows [m, out], column counts of every rank)``; ``count`` and ``tail_mass`` of each
+            sum are already the reduced totals.
 
     """
     import torch.distributed as dist
@@ -200,9 +196,15 @@ def _gather_lowrank(items: list[tuple[LowRankSum, Tensor, list[int]]]) -> None:
                 for r, buf in enumerate(gathered)
             ]
             offset += nbytes
-            g.basis = None
-            g.chunks = [torch.cat(blocks).contiguous()]
-            # Same threshold as LowRankSum.add, so a merged count within 2 * max_rank stays exact.
+            g.load_state(
+                {
+                    "columns": torch.cat(blocks).t(),  # [out, Σ m_r]; rows contiguous, so no further copy
+                    "count": torch.tensor(g.count, dtype=torch.float64),
+                    "tail_mass": torch.tensor(g.tail_mass, dtype=torch.float64),
+                    "discarded_mass": torch.tensor(g.discarded_mass, dtype=torch.float64),
+                }
+            )
+            # Same threshold as LowRankSum.add / merge, so a merged count within 2 * max_rank stays exact.
             if g.max_rank is not None and g.num_columns > 2 * g.max_rank:
                 g.compress()
 
@@ -354,6 +356,14 @@ def _pack(tensors: list[tuple[Tensor, torch.dtype]]) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
 
 
+def _payload(eig: Eigen | LowRankEigen) -> list[Tensor]:
+    """The tensors that describe a decomposition: ``(Q, λ)``, or ``(C, λ, [τ, tail mass])`` for ``P = W C``."""
+    if isinstance(eig, LowRankEigen):
+        scalars = torch.tensor([eig.tail, eig.discarded], dtype=torch.float64)
+        return [eig.coeffs, eig.values, scalars]
+    return [eig.vectors, eig.values]
+
+
 def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, KronBlock]:
     """:func:`~kronfisher.factors.decompose_all` with the eigendecompositions spread over ranks (SPEC §8).
 
@@ -410,55 +420,46 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
         )
     store = cfg.accumulate_torch_dtype
     lowrank_work = torch.float64 if store == torch.float64 else torch.float32  # as factors.decompose_G
-    # What each owner sends: (task, vectors shape, values shape, dtype), in task order.
-    layout: list[list[tuple[int, tuple[int, int], tuple[int], torch.dtype]]] = [[] for _ in range(world)]
+    # What each owner sends, in task order: a dense eigenbasis as (Q, λ); a low-rank eigenform as (C, λ, [τ, tail
+    # mass]) with P = W C implicit (SPEC §6): every rank already holds the same gathered W.
+    layout: list[list[tuple[int, list[tuple[tuple[int, ...], torch.dtype]]]]] = [[] for _ in range(world)]
     for t, (kind, i) in enumerate(tasks):
         s = sums[names[i]]
         if kind == "G" and isinstance(s.G, LowRankSum):
-            dim, r, dtype = s.G.num_columns, int(ranks[t]), lowrank_work  # coeffs C [m, r]: P = W C (SPEC §6)
+            m, r = s.G.num_columns, int(ranks[t])
+            spec = [((m, r), lowrank_work), ((r,), lowrank_work), ((2,), torch.float64)]
         else:
-            dim = s.A.dim if kind == "A" else s.G.dim
-            r, dtype = dim, store
-        layout[owner[t]].append((t, (dim, r), (r,), dtype))
+            d = s.A.dim if kind == "A" else s.G.dim
+            spec = [((d, d), store), ((d,), store)]
+        layout[owner[t]].append((t, spec))
     for src in range(world):
         if not layout[src]:
             continue
         if src == rank:
-            buf = _pack(
-                [
-                    (x, dt)
-                    for t, _, _, dt in layout[src]
-                    for x in (_basis_payload(results[tasks[t]]), results[tasks[t]].values)
-                ]
-            )
+            buf = _pack([(x, dt) for t, spec in layout[src] for x, (_, dt) in zip(_payload(results[tasks[t]]), spec)])
         else:
-            buf = torch.empty(
-                sum(_nbytes(vs, dt) + _nbytes(ls, dt) for _, vs, ls, dt in layout[src]), dtype=torch.uint8
-            )
+            buf = torch.empty(sum(_nbytes(sh, dt) for _, spec in layout[src] for sh, dt in spec), dtype=torch.uint8)
         wire = buf.to(_comm_device(torch.device("cpu")))
         dist.broadcast(wire, src=src)
         if src == rank:
             continue
         buf = wire.cpu()
         offset = 0
-        for t, vshape, lshape, dtype in layout[src]:
-            kind, i = tasks[t]
+        for t, spec in layout[src]:
             parts = []
-            for shape in (vshape, lshape):
-                parts.append(
-                    buf[offset : offset + _nbytes(shape, dtype)].view(dtype)[: math.prod(shape)].reshape(shape)
-                )
+            for shape, dtype in spec:
+                raw = buf[offset : offset + _nbytes(shape, dtype)].view(dtype)
+                parts.append(raw[: math.prod(shape)].reshape(shape).clone())
                 offset += _nbytes(shape, dtype)
+            kind, i = tasks[t]
             s = sums[names[i]]
-            lowrank = kind == "G" and isinstance(s.G, LowRankSum)
-            if kind == "A":
-                device = s.A.sum.device
+            if kind == "G" and isinstance(s.G, LowRankSum):
+                cols = s.G.columns()
+                tail, mass = parts[2].tolist()
+                results[(kind, i)] = LowRankEigen(cols, parts[0].to(cols.device), parts[1].to(cols.device), tail, mass)
             else:
-                device = s.G.device if isinstance(s.G, LowRankSum) else s.G.sum.device
-            if lowrank:  # every rank holds the same gathered U: rebuild the owner's implicit eigenform exactly
-                results[(kind, i)] = lowrank_from_coeffs(s.G, parts[0].clone(), parts[1].clone())  # type: ignore[arg-type]
-                continue
-            results[(kind, i)] = Eigen(parts[0].to(device).clone(), parts[1].to(device).clone(), 0.0)
+                device = s.A.sum.device if kind == "A" else s.G.sum.device
+                results[(kind, i)] = Eigen(parts[0].to(device), parts[1].to(device), 0.0)
     return {
         name: decompose_layer(name, sums[name], cfg, shared_A=results[("A", shared[i])], shared_G=results[("G", i)])
         for i, name in enumerate(names)
