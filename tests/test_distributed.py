@@ -133,7 +133,8 @@ def fit_worker(rank: int, world_size: int) -> dict[str, Any]:
 
     model = make_model(MODELS[world_size])
     batches = _shard(world_size, rank)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"main": kd.is_main_process(), "distributed": kd.is_distributed()}
+    kd.barrier()
     with _EighCounter() as counter:
         fisher = kf.fit(model, batches, _cfg(ekfac=True))
     out["plain"] = _summary(fisher, model)
@@ -209,7 +210,9 @@ def test_distributed_fit_equals_one_process_on_union(world_size: int, tmp_path: 
     assert ref["corrected"] and ref["corrected_tail"], "the oracle must exercise EK-FAC on a low-rank layer"
     assert ref["U"].shape[1] == ref_fisher.report.tokens > 0
 
+    assert [res["main"] for res in results] == [True] + [False] * (world_size - 1)  # only rank 0 writes files
     for rank, res in enumerate(results):
+        assert res["distributed"]
         _compare(res["plain"], ref, f"rank {rank} plain")
         _compare(res["ddp"], ref, f"rank {rank} DDP")
         # Every rank holds bit-identical blocks (decompositions broadcast by their owner).
@@ -266,3 +269,12 @@ def test_single_process_helpers_are_noops() -> None:
     model = make_model("gpt2")
     wrapped = torch.nn.DataParallel(model)
     assert kd.unwrap_model(wrapped) is model and kd.unwrap_model(model) is model
+    # Round-robin shards: disjoint, cover the data, counts differ by at most one, re-iterable (two EK-FAC passes).
+    data = list(range(11))
+    shards = [kd.Shard(data, r, 3) for r in range(3)]
+    assert sorted(x for sh in shards for x in sh) == data
+    assert [len(sh) for sh in shards] == [len(list(sh)) for sh in shards] == [4, 4, 3]
+    assert list(shards[1]) == list(shards[1]) == [1, 4, 7, 10]
+    assert list(kd.Shard(data)) == data  # no process group: every batch
+    with pytest.raises(kf.ConfigError):
+        kd.Shard(data, 3, 3)

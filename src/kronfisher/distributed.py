@@ -17,8 +17,23 @@ The result equals one process over the union of the data up to summation order (
 (the threshold :meth:`~kronfisher.accumulate.LowRankSum.add` uses); past it both paths compress at different
 points and only the trace and the counts stay exact.
 
-Files: only rank 0 writes. Writers do ``if is_main_process(): write(...)`` followed by ``barrier()`` on every rank
-before anyone reads the file.
+Files: only rank 0 writes. A writer is called on every rank and does ``if is_main_process(): write(...)`` then
+``barrier()``, so no rank goes on (and reads the file) before it is complete; a writer must not be wrapped in a
+second ``is_main_process()`` test by its caller, or rank 0 would wait in a barrier the others never reach.
+
+Usage (``torchrun --nproc_per_node=2 script.py``)::
+
+    import torch.distributed as dist
+    import kronfisher as kf
+    from kronfisher.distributed import Shard
+
+    dist.init_process_group("gloo")  # or "nccl"
+    fisher = kf.fit(model, Shard(batches), cfg)  # each rank: every world_size-th batch; result: all batches
+    fisher.save("factors.safetensors")  # on every rank: rank 0 writes, the others wait for it
+
+A model wrapped in ``DistributedDataParallel`` may be passed as is. A rank that raises during a pass leaves the
+others waiting at the end-of-pass collective until ``torchrun`` stops the job (its default on a worker failure)
+or the process-group timeout expires.
 
 Every collective function here must be called by all ranks (``fit``, ``collect``, ``capture(...).finalize()`` and
 the EK-FAC pass call them at the same point on every rank).
@@ -26,15 +41,16 @@ the EK-FAC pass call them at the same point on every rank).
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .accumulate import CollectionReport, DenseSum, LayerSums, LowRankSum
-from .errors import DecompositionError
+from .errors import ConfigError, DecompositionError
 from .linalg import Eigen
 from .lowrank import LowRankEigen
 
@@ -93,6 +109,30 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     return model
+
+
+class Shard:
+    """A rank's share of a batch iterable: every ``world_size``-th batch from ``rank`` on (round-robin).
+
+    Re-iterable whenever ``batches`` is (a list, a DataLoader), so the two passes of EK-FAC see the same batches.
+    Batch counts differ by at most one between ranks, and the shards of all ranks are disjoint and cover the data,
+    so ``fit`` on the shards equals one process on all batches (SPEC §8). Without a process group it is every batch.
+    For large datasets a ``DistributedSampler`` avoids loading the other ranks' batches; this is the simple path.
+    """
+
+    def __init__(self, batches: Iterable[Any], rank: int | None = None, world_size: int | None = None) -> None:
+        self.batches = batches
+        self.rank = get_rank() if rank is None else int(rank)
+        self.world_size = get_world_size() if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"Invalid shard: rank {self.rank} of world size {self.world_size}.")
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.batches), self.rank, None, self.world_size)
+
+    def __len__(self) -> int:
+        n = len(self.batches)  # type: ignore[arg-type]
+        return max(0, (n - self.rank + self.world_size - 1) // self.world_size)
 
 
 def _comm_device(device: torch.device) -> torch.device:
