@@ -55,6 +55,8 @@ def free_port() -> int:
 
 def _run_rank(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, kwargs: dict) -> None:
     """Body of one rank: process group, ``fn``, result file; a traceback file on error (exit code 1)."""
+    import torch.distributed as dist
+
     code = 0
     try:
         torch.set_num_threads(1)
@@ -66,18 +68,16 @@ def _run_rank(fn: Callable[..., Any], rank: int, world_size: int, port: int, out
             WORLD_SIZE=str(world_size),
             LOCAL_WORLD_SIZE=str(world_size),
         )
-        import torch.distributed as dist
-
         dist.init_process_group("gloo", timeout=timedelta(minutes=10))
-        try:
-            result = fn(rank, world_size, **kwargs)
-            torch.save(result, Path(out) / f"rank{rank}.pt")
-        finally:
-            dist.destroy_process_group()
+        result = fn(rank, world_size, **kwargs)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
     except BaseException:
+        # Written before the process group goes down, so the root cause is on disk before its peers fail.
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         code = 1
     finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # a forked child must not run the parent's (pytest's) exit handlers
@@ -123,11 +123,15 @@ def distributed_test(
             codes = [p.exitcode for p in procs]
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                errors = "\n".join(
-                    f"--- rank {r} ---\n{(out / f'rank{r}.err').read_text() if (out / f'rank{r}.err').exists() else ''}"
-                    for r in failed
-                )
-                raise DistributedTestError(f"rank(s) {failed} failed with exit codes {codes}.\n{errors}")
+                # The first rank to die is often a victim (its peer closed the connection): give the others a
+                # moment to finish writing their tracebacks, then report every rank that left one.
+                grace = time.monotonic() + 3.0
+                while time.monotonic() < grace and any(p.exitcode is None for p in procs):
+                    time.sleep(0.02)
+                codes = [p.exitcode for p in procs]
+                errs = [(r, out / f"rank{r}.err") for r in range(world_size)]
+                errors = "\n".join(f"--- rank {r} ---\n{path.read_text()}" for r, path in errs if path.exists())
+                raise DistributedTestError(f"rank(s) failed; exit codes {codes}.\n{errors}")
             if all(c == 0 for c in codes):
                 break
             if time.monotonic() > deadline:
