@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, NonFiniteError, ShapeError
 from .layers import LayerInfo
+from .linalg import all_finite
 
 logger = logging.getLogger("kronfisher")
 
@@ -215,7 +216,7 @@ class Capture:
         if not staged:
             return True
         dev = staged[0][2].device  # staged tensors may sit on CPU and on the accelerator (SPEC §6 placement)
-        flags = torch.stack([torch.isfinite(t).all().to(dev) for (_, _, t, _) in staged])
+        flags = torch.stack([all_finite(t).to(dev) for (_, _, t, _) in staged])
         if bool(flags.all()):
             self.processor.commit(staged)
             return True

@@ -61,22 +61,28 @@ class EigenCorrector:
         thin = not block.G.full
         dtype = self.cfg.accumulate_torch_dtype
         staged: Staged = []
+        # Layers reading the same input with the same A eigenbasis (q/k/v, gate/up) share the rotated inputs
+        # a Q_A (and their squares): computed once per forward, like A itself in the K-FAC pass.
+        key = ("ekfac_y", self.cfg.ekfac_granularity, id(x), id(block.A.vectors), info.has_bias, dev, work)
+        hit = cache.get(key)
         if self.cfg.ekfac_granularity == "token":
-            a = _augment(ctx.select(x, info, "input"), info.has_bias).to(dev, work)  # [T, a]
+            if hit is None:
+                y = _augment(ctx.select(x, info, "input"), info.has_bias).to(dev, work) @ q  # [T, a]
+                hit = cache[key] = (y, y.square())
+            y, y2 = hit
             gr = ctx.select(g, info, "output gradient").to(dev, work) * ctx.grad_scale  # [T, out]
-            y = a @ q
             z = block.G.rows_project(gr)  # [T, r]: ĝ_tᵀ P (implicit P for low-rank G)
-            y2 = y.square()
             staged.append((name, "span", (z.square().t() @ y2).to(dtype), ctx.num_terms))
             if thin:
                 resid = (gr.square().sum(1) - z.square().sum(1)).clamp_min(0.0)  # ‖(I − PPᵀ) ĝ_t‖²
                 tail = (resid @ y2) / max(block.G.dim - block.G.rank, 1)
                 staged.append((name, "tail", tail.to(dtype), 0.0))
         else:
-            mask = ctx.mask
-            a = _augment(ctx.masked(x, info, "input"), info.has_bias, mask).to(dev, work)  # [B, S, a]
+            if hit is None:
+                a = _augment(ctx.masked(x, info, "input"), info.has_bias, ctx.mask).to(dev, work)  # [B, S, a]
+                hit = cache[key] = a @ q  # [B, S, a]
+            y = hit
             gr = ctx.masked(g, info, "output gradient").to(dev, work) * ctx.grad_scale  # [B, S, out]
-            y = a @ q  # [B, S, a]
             z = block.G.rows_project(gr)  # [B, S, r]
             m = z.transpose(1, 2) @ y  # [B, r, a]: Pᵀ ∇_s Q_A per sequence
             staged.append((name, "span", m.square().sum(0).to(dtype), ctx.num_terms))
