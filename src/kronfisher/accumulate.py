@@ -147,11 +147,14 @@ class LowRankSum:
         if rows.dim() != 2 or rows.shape[1] != self.dim:
             raise ShapeError(f"Low-rank rows must be [n, out={self.dim}], got {list(rows.shape)}.")
         if rows.shape[0]:
-            rows = rows.to(self.device, self.storage_dtype)
-            if self.chunks and self.chunks[-1].shape[0] < self.min_chunk_rows:
-                self.chunks[-1] = torch.cat([self.chunks[-1], rows])  # a new tensor: older ones stay untouched
-            else:
-                self.chunks.append(rows.contiguous())
+            self.chunks.append(rows.to(self.device, self.storage_dtype).contiguous())
+            # Small batches: once a trailing run of small chunks reaches min_chunk_rows rows, it becomes one chunk
+            # (a new tensor; each row is copied at most once and chunks already handed out stay untouched).
+            run = 0
+            while run < len(self.chunks) and self.chunks[-1 - run].shape[0] < self.min_chunk_rows:
+                run += 1
+            if run > 1 and sum(int(c.shape[0]) for c in self.chunks[-run:]) >= self.min_chunk_rows:
+                self.chunks[-run:] = [torch.cat(self.chunks[-run:])]
         self.count += float(count)
         if self.max_rank is not None and self.num_columns > 2 * self.max_rank:
             self.compress()

@@ -17,7 +17,7 @@ from .accumulate import DenseSum, LayerSums, LowRankSum, compute_dtype, gram
 from .capture import BatchContext, Staged
 from .config import KFACConfig
 from .layers import LayerInfo
-from .placement import Placement, move_sum_to_cpu
+from .placement import Placement, move_sum_to_cpu, sum_device
 
 
 def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:
@@ -30,12 +30,12 @@ def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:
 def new_layer_sums(info: LayerInfo, cfg: KFACConfig, device: torch.device | str = "cpu") -> LayerSums:
     """Empty sums for one layer, with the representation the config selects."""
     dtype = cfg.accumulate_torch_dtype
-    a = DenseSum(info.a_dim, dtype, device)
+    a = DenseSum(info.a_dim, dtype, sum_device("A", False, device))
     g: DenseSum | LowRankSum
-    if is_lowrank(info, cfg):
-        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, device="cpu")
+    if is_lowrank(info, cfg):  # SPEC §6: the G side of huge layers lives on CPU
+        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, sum_device("G", True, device))
     else:
-        g = DenseSum(info.out_features, dtype, device)
+        g = DenseSum(info.out_features, dtype, sum_device("G", False, device))
     return LayerSums(A=a, G=g)
 
 
