@@ -1,0 +1,128 @@
+"""The gradient the report preconditions: the mean-loss gradient over the analysed data, per tracked layer.
+
+``∇_V L̄ = (1/N) Σ_t ĝ_t a_tᵀ`` with ``ĝ_t`` the output gradient of the *summed* loss and ``a_t = [x_t; 1]``
+(SPEC §1–2): the data targets are used whatever the Fisher type, padded positions contribute nothing. It is built
+from the layer's own input and output gradient, like the factors, so for a tied lm_head it is the gradient of the
+output-layer use, which is the use the curvature describes (SPEC §6). The pass is one forward and one backward
+per batch with the same hooks as collection (parameters stay frozen: no weight gradient is computed by autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import BatchContext, Capture, Staged
+from ..config import KFACConfig
+from ..fit import _to_device, activation_only_backward, eval_mode, model_device
+from ..layers import LayerInfo, discover_layers, split
+from ..lossterms import lm_terms, summed_ce
+
+
+class GradientProcessor:
+    """Stages ``Σ_t ĝ_t a_tᵀ`` (``[out, a_dim]``) per layer and batch; commits into float64 sums."""
+
+    def __init__(self, infos: dict[str, LayerInfo]) -> None:
+        self.infos = infos
+        self.sums: dict[str, Tensor] = {}
+
+    def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
+        """The summed-loss gradient of ``V`` from this layer call."""
+        info = self.infos[name]
+        work = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)
+        a = ctx.select(x.detach(), info, "input").to(work)
+        gr = ctx.select(g.detach(), info, "output gradient").to(work) * ctx.grad_scale
+        gw = gr.t() @ a  # [out, in]
+        if info.has_bias:
+            gw = torch.cat([gw, gr.sum(0, keepdim=True).t()], dim=1)
+        return [(name, "grad", gw, 0.0)]
+
+    def commit(self, staged: Staged) -> None:
+        """Add checked contributions (float64 sums)."""
+        for name, _, tensor, _ in staged:
+            t = tensor.to(torch.float64)
+            if name in self.sums:
+                self.sums[name].add_(t)
+            else:
+                self.sums[name] = t.clone()
+
+
+@dataclass
+class MeanGradient:
+    """Result of :func:`mean_gradient`.
+
+    Attributes:
+        combined: ``∇_V L̄`` (``[out, a_dim]``, float64) by layer name.
+        params: the same split into parameter-shaped tensors, by parameter name (weight and bias).
+        loss: mean loss ``L_sum / N`` over the data.
+        loss_terms: ``N``.
+        tokens: attended positions ``T``.
+
+    """
+
+    combined: dict[str, Tensor]
+    params: dict[str, Tensor]
+    loss: float
+    loss_terms: int
+    tokens: int
+
+
+def mean_gradient(
+    model: nn.Module,
+    batches: Iterable[Any],
+    cfg: KFACConfig,
+    *,
+    on_batch: Callable[[int, dict[str, Tensor]], None] | None = None,
+) -> MeanGradient:
+    """Mean-loss gradient of every tracked layer over causal-LM ``batches`` (empirical targets).
+
+    Args:
+        model: causal LM.
+        batches: mappings with ``input_ids`` and optional ``attention_mask`` / ``labels``.
+        cfg: supplies ``include`` / ``exclude`` and ``ignore_index``.
+        on_batch: called after each batch with ``(index, batch)`` (progress bars).
+
+    """
+    discovery = discover_layers(model, cfg.include, cfg.exclude)
+    proc = GradientProcessor(discovery.infos)
+    cap = Capture(discovery.modules, discovery.infos, proc, "raise")
+    total_loss = 0.0
+    n_terms = 0
+    n_tokens = 0
+    device = model_device(model)
+    with eval_mode(model), activation_only_backward(model), cap:
+        for i, batch in enumerate(batches):
+            b = _to_device(batch, device)
+            fwd = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids") if k in b}
+            logits = model(**fwd).logits
+            terms = lm_terms(logits, b, cfg.ignore_index)
+            if terms.num_terms == 0 or terms.num_tokens == 0:
+                cap.discard()
+            else:
+                loss = summed_ce(terms.logits, terms.targets)
+                cap.backward(
+                    loss,
+                    batch=i,
+                    grad_scale=1.0,
+                    num_terms=terms.num_terms,
+                    attention_mask=terms.attention_mask,
+                )
+                cap.commit(i)
+                total_loss += float(loss.detach())
+                n_terms += terms.num_terms
+                n_tokens += terms.num_tokens
+            if on_batch is not None:
+                on_batch(i, batch)
+    combined = {name: s / max(n_terms, 1) for name, s in proc.sums.items()}
+    params: dict[str, Tensor] = {}
+    for name, v in combined.items():
+        info = discovery.infos[name]
+        w, b = split(info, v)
+        params[info.weight_name] = w
+        if b is not None and info.bias_name:
+            params[info.bias_name] = b
+    return MeanGradient(combined, params, total_loss / max(n_terms, 1), n_terms, n_tokens)

