@@ -64,7 +64,7 @@ def test_ekfac_lowrank_restricted_to_span_plus_complement_trace_on_other_data():
     torch.testing.assert_close(bl.corrected_tail * (out - r), complement, rtol=1e-7, atol=1e-14)
 
 
-def test_tied_lm_head_detected_warned_once_and_named(recwarn):
+def test_tied_lm_head_detected_warned_once_and_named(recwarn, tmp_path):
     model = make_model("qwen2", tie=True)
     warnings.simplefilter("always")
     fisher = kf.fit(model, BATCHES, kf.KFACConfig(**F64, lowrank_layers=("lm_head",), ekfac=True))
@@ -88,6 +88,10 @@ def test_tied_lm_head_detected_warned_once_and_named(recwarn):
     assert set(by_alias) == {"lm_head.weight"}
     assert torch.equal(ng["lm_head.weight"], explicit["lm_head.weight"])
     assert torch.equal(by_alias["lm_head.weight"], explicit["lm_head.weight"])
+    loaded = kf.load(fisher.save(tmp_path / "tied.safetensors"))  # the tie survives a file round trip
+    assert loaded.report.tied == fisher.report.tied
+    again = loaded.natural_gradient({"model.embed_tokens.weight": shared})
+    torch.testing.assert_close(again["lm_head.weight"], explicit["lm_head.weight"], rtol=1e-12, atol=0)
 
     untied = make_model("qwen2", tie=False)
     recwarn.clear()
