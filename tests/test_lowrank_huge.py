@@ -72,7 +72,11 @@ def test_vocab_200k_end_to_end_without_out_squared():
     b = fisher.block("lm_head")
     assert b.representation == "lowrank" and b.is_ekfac and b.G.dim == VOCAB
     assert b.G.rank <= 2 * 2 * 6  # at most T columns
-    assert budget.block("lm_head").G.rank == 5 and budget.block("lm_head").G.tail > 0
+    gb = budget.block("lm_head").G
+    assert gb.rank == 5 and gb.tail > 0
+    # The discarded mass is reported and is exactly the tail's trace (the trace itself is kept).
+    assert budget.summary()["lm_head"]["discarded_G"] == pytest.approx(gb.tail * (VOCAB - 5), rel=1e-12)
+    assert gb.trace() == pytest.approx(plain.block("lm_head").G.trace(), rel=1e-10)
     # Woodbury and the eigenform are the same (G + δ_G)^{-1} ⊗ (A + δ_A)^{-1} (float64).
     torch.testing.assert_close(ng_wood, ng_eig, rtol=1e-9, atol=1e-12 * float(ng_eig.abs().max()))
     # (F + δ)^{-1/2} applied twice is (F + δ)^{-1}: the powers are consistent on the huge layer.
