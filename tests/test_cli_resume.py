@@ -82,6 +82,11 @@ def test_killed_run_resumes_to_the_uninterrupted_factors(tmp_path: Path) -> None
         assert torch.equal(a.block(layer).A.values, b.block(layer).A.values)
     assert json.loads((part / "report.json").read_text())["models"][0]["layers"] == report["models"][0]["layers"]
 
+    # --resume on a finished run reuses the complete factor file: no collection, same numbers.
+    assert main([*args, "--output-dir", str(whole), "--resume"]) == 0
+    again = json.loads((whole / "report.json").read_text())["models"][0]
+    assert "collect" not in again["timings_s"] and again["layers"] == report["models"][0]["layers"]
+
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     save_model(build_model("llama", seed=2, tie=True), tmp_path / "m")

@@ -86,15 +86,19 @@ def kron_spectrum(block: KronBlock, damping: Damping | None = None, name: str = 
     return make_spectrum(parts)
 
 
+def _largest(spec: Spectrum, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries (each has multiplicity ≥ 1, so they hold the ``k`` largest eigenvalues), descending."""
+    k = min(k, int(spec.values.numel()))
+    vals, idx = torch.topk(spec.values, k, sorted=True)
+    return vals, spec.mult[idx]
+
+
 def top_values(spec: Spectrum, k: int = 5) -> list[float]:
     """The ``k`` largest eigenvalues (repeated by multiplicity)."""
-    if not spec.values.numel():
-        return []
-    order = torch.argsort(spec.values, descending=True)
     out: list[float] = []
-    for i in order.tolist():
-        reps = min(int(spec.mult[i]), k - len(out))
-        out.extend([float(spec.values[i])] * reps)
+    vals, mult = _largest(spec, k)
+    for v, m in zip(vals.tolist(), mult.tolist()):
+        out.extend([v] * min(int(m), k - len(out)))
         if len(out) >= k:
             break
     return out
@@ -106,8 +110,7 @@ def effective_rank(spec: Spectrum) -> float:
     if tr <= 0:
         return 0.0
     p = spec.values / tr
-    live = p > 0
-    h = -float((spec.mult[live] * p[live] * torch.log(p[live])).sum())
+    h = -float((spec.mult * torch.special.xlogy(p, p)).sum())  # 0 log 0 = 0
     return math.exp(h)
 
 
@@ -127,10 +130,9 @@ def top_share(spec: Spectrum, fraction: float = 0.01) -> float:
     if tr <= 0 or not spec.values.numel():
         return 0.0
     k = max(1, math.ceil(fraction * spec.dim))
-    order = torch.argsort(spec.values, descending=True)
-    vals, mult = spec.values[order], spec.mult[order]
+    vals, mult = _largest(spec, k)
     cum = torch.cumsum(mult, 0)
-    full = int((cum <= k).sum())  # groups taken whole
+    full = int((cum <= k).sum())  # entries taken with their whole multiplicity
     mass = float((vals[:full] * mult[:full]).sum())
     taken = float(cum[full - 1]) if full else 0.0
     if full < vals.numel() and taken < k:

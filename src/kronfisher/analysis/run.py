@@ -32,7 +32,7 @@ from ..ekfac import correct
 from ..errors import InputError
 from ..factors import decompose_all
 from ..fit import CollectState, collect
-from ..io import load, load_sums, model_fingerprint, read_metadata, save, save_sums
+from ..io import SUM_FIELDS, load, load_sums, model_fingerprint, read_metadata, save, save_sums
 from ..layers import combine
 from ..models import LoadedModel, embedded_text_path, load_model
 from ..operator import KFAC
@@ -86,7 +86,13 @@ class Console:
         from tqdm.auto import tqdm
 
         return tqdm(
-            total=total, desc=desc, unit=unit, unit_scale=True, initial=initial, dynamic_ncols=True, file=sys.stderr
+            total=total,
+            desc=desc,
+            unit=unit,
+            unit_scale=unit == "tok",
+            initial=initial,
+            dynamic_ncols=True,
+            file=sys.stderr,
         )
 
 
@@ -118,17 +124,19 @@ def weights_digest(model: nn.Module) -> str:
 def run_identity(lm: LoadedModel, tb: TextBatches, cfg: KFACConfig) -> dict[str, Any]:
     """What a checkpoint or factor file must match to be resumed from (model, weights, data, config)."""
     fp = json.dumps(model_fingerprint(lm.model), sort_keys=True)
+    full = cfg.to_dict()
     return {
         "model": lm.source.spec,
         "fingerprint_sha256": hashlib.sha256(fp.encode()).hexdigest(),
         "weights_sha256": weights_digest(lm.model),
         "data_sha256": tb.fingerprint,
-        "config": cfg.to_dict(),
+        "sums_config": {k: full[k] for k in (*SUM_FIELDS, "seed", "on_nonfinite")},
+        "config": full,
     }
 
 
-def _mismatch(saved: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    return [k for k in want if saved.get(k) != want[k]]
+def _mismatch(saved: dict[str, Any], want: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    return [k for k in want if k not in ignore and saved.get(k) != want[k]]
 
 
 @dataclass
@@ -167,7 +175,7 @@ def _collect_with_checkpoints(
     if opts.resume and ckpt.exists():
         sf = load_sums(ckpt)
         extra = sf.meta.get("extra", {})
-        bad = _mismatch(extra.get("identity", {}), identity)
+        bad = _mismatch(extra.get("identity", {}), identity, ignore=("config",))  # damping etc. may change
         if bad:
             raise InputError(
                 f"Checkpoint {ckpt} was written for a different run: {', '.join(bad)} differ.",
@@ -275,6 +283,8 @@ def analyze_model(
             extra_meta={"identity": identity, "data": tb.sources},
         )
         ckpt.unlink(missing_ok=True)
+        if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
+            ckpt.parent.rmdir()
         timings["save"] = time.monotonic() - t
     fisher.sums = None  # saved; the raw sums are not needed for the analysis
     t = time.monotonic()
@@ -369,6 +379,17 @@ def _notes(opts: AnalyzeOptions, results: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def _silence_transformers() -> None:
+    """No progress bars or info logs from transformers / huggingface_hub (``--quiet``)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is needed to load models anyway
+        pass
+
+
 def describe_fisher(cfg: KFACConfig) -> str:
     """One sentence describing the curvature that was computed."""
     kind = "EK-FAC (eigenvalue-corrected, George et al. 2018)" if cfg.ekfac else "K-FAC (Martens & Grosse 2015)"
@@ -398,6 +419,8 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
 
     """
     console = console or Console(opts.quiet)
+    if opts.quiet:
+        _silence_transformers()
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.cfg.seed)
