@@ -340,3 +340,23 @@ def compare_layer(
         row["overlap_A"] = subspace_overlap(ba.A, bo.A, k)
         row["overlap_G"] = subspace_overlap(ba.G, bo.G, k)
     return row
+
+
+HIGHLIGHTS: tuple[tuple[str, str, bool], ...] = (
+    ("trace_F", "largest tr F (most curved)", True),
+    ("condition_number_damped", "largest condition number of F + damping", True),
+    ("natgrad_norm", "largest natural-gradient norm", True),
+    ("cosine_grad_natgrad", "smallest cosine(g, (F+δ)⁻¹g) (preconditioning changes the direction most)", False),
+)
+
+
+def highlights(rows: dict[str, dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` most extreme layers for a few metrics: ``[{"metric", "title", "layers": [[name, value], ...]}]``."""
+    out = []
+    for key, title, largest in HIGHLIGHTS:
+        vals = [(name, r[key]) for name, r in rows.items() if isinstance(r.get(key), (int, float))]
+        vals = [(name, v) for name, v in vals if math.isfinite(v)]
+        if vals:
+            vals.sort(key=lambda x: x[1], reverse=largest)
+            out.append({"metric": key, "title": title, "layers": [[name, v] for name, v in vals[:n]]})
+    return out

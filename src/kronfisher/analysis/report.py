@@ -151,6 +151,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"- timings (s): {', '.join(f'{k} {v:.1f}' for k, v in m['timings_s'].items())}",
             "",
         ]
+        for h in m.get("highlights", []):
+            lines.append(f"- {h['title']}: " + ", ".join(f"`{n}` ({fmt(v)})" for n, v in h["layers"]))
+        lines.append("")
         for p in plots_by_section.get(f"model:{i}", []):
             lines.append(f"![{p['title']}]({p['file']})")
         lines += ["", "<details><summary>Per-layer metrics</summary>", ""]
@@ -197,10 +200,10 @@ def _h(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{_h(h)}</th>" for h in header)
+def _html_table(header: Sequence[str] | None, rows: Sequence[Sequence[str]]) -> str:
+    head = "" if header is None else "<thead><tr>" + "".join(f"<th>{_h(h)}</th>" for h in header) + "</tr></thead>"
     body = "".join("<tr>" + "".join(f"<td>{_h(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _figures(plots: Sequence[Mapping[str, Any]], images: Mapping[str, bytes]) -> str:
@@ -253,7 +256,15 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
             ["tr F (sum over layers)", fmt(t["trace_F"])],
             ["timings (s)", ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items())],
         ]
-        parts.append(_html_table(["", ""], summary))
+        parts.append(_html_table(None, summary))
+        if m.get("highlights"):
+            items = "".join(
+                f"<li>{_h(h['title'])}: "
+                + ", ".join(f"<code>{_h(n)}</code> ({_h(fmt(v))})" for n, v in h["layers"])
+                + "</li>"
+                for h in m["highlights"]
+            )
+            parts.append(f"<ul>{items}</ul>")
         parts.append(_figures(by_section.get(f"model:{i}", []), images))
         header = ["layer"] + [h for _, h in LAYER_COLUMNS]
         rows = [[name] + [_layer_cell(r, k) for k, _ in LAYER_COLUMNS] for name, r in m["layers"].items()]

@@ -37,7 +37,7 @@ from ..layers import combine
 from ..models import LoadedModel, embedded_text_path, load_model
 from ..operator import KFAC
 from .gradient import mean_gradient
-from .metrics import compare_layer, layer_metrics, natural_gradients, totals
+from .metrics import compare_layer, highlights, layer_metrics, natural_gradients, totals
 from .plots import Plot, comparison_plots, model_plots
 from .report import write_report
 
@@ -327,6 +327,7 @@ def analyze_model(
         },
         "collection": fisher.report.to_dict(),
         "totals": totals(rows),
+        "highlights": highlights(rows),
         "timings_s": timings,
         "layers": rows,
     }
@@ -439,7 +440,7 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
                 "max_tokens": opts.max_tokens,
             }
         if opts.plots:
-            plots += model_plots(i, res.label, res.entry["layers"], res.spectra)
+            plots += model_plots(i, f"model {i}", res.entry["layers"], res.spectra)
         if base is None:
             base = res
         else:
@@ -447,7 +448,7 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
             comp = compare_models(base, res, opts.overlap_k)
             comparisons.append(comp)
             if opts.plots:
-                plots += comparison_plots(len(comparisons) - 1, f"{res.label} vs base", comp["layers"])
+                plots += comparison_plots(len(comparisons) - 1, f"model {i} vs model 0", comp["layers"])
             res.fisher = None  # type: ignore[assignment]  # free the other model's factors
             res.params = {}
         results.append(res)
