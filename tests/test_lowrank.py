@@ -230,3 +230,18 @@ def test_no_budget_lowrank_sum_is_exact_and_u_is_out_by_t():
     assert u.shape == (OUT, 20)  # U = [ĝ_1 … ĝ_T] / √N is [out, T]
     torch.testing.assert_close(u @ u.t(), _dense_g(g, 20), rtol=1e-12, atol=0)
     assert s.tail() == 0.0 and s.eigen(dtype=torch.float64).discarded == 0.0
+
+
+def test_blockwise_gram_and_products_match_dense_algebra():
+    # m = 2500 > the 1024-row tiles (upper tiles mirrored) and out = 70000 > one block of rows; several chunks.
+    from kronfisher.lowrank import ColumnStore
+
+    gen = torch.Generator().manual_seed(11)
+    chunks = [torch.randn(n, 70, generator=gen, dtype=torch.float64) for n in (1000, 1, 1499)]
+    store = ColumnStore(chunks, 70)
+    w = torch.cat(chunks).t()  # [out, m]
+    torch.testing.assert_close(store.gram(), w.t() @ w, rtol=1e-12, atol=1e-12)  # float64, summation order only
+    wide = ColumnStore([torch.randn(3, 70000, generator=gen, dtype=torch.float64)], 70000)
+    x = torch.randn(5, 70000, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(wide.rows_matmul(x), x @ wide.chunks[0].t(), rtol=1e-12, atol=1e-12)
+    assert wide.square_sum() == pytest.approx(float(wide.chunks[0].square().sum()), rel=1e-13)

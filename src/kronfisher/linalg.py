@@ -169,13 +169,16 @@ def kron_apply(v: Tensor, g: Eigen, a: Eigen, span: Tensor, tail: Tensor | None)
     return out @ q.t()
 
 
-def woodbury_factor(gram: Tensor, delta: float, eps: float | None = None, *, name: str = "?") -> Any:
+def woodbury_factor(
+    gram: Tensor, delta: float, eps: float | None = None, *, name: str = "?", overwrite: bool = False
+) -> Any:
     """Factorise ``S = I_T + K / δ`` for Woodbury, ``K = Uᵀ U`` (``[T, T]``, SPEC §6); returns ``z ↦ S^{-1} z``.
 
-    ``S`` is factorised in float64 by Cholesky; on failure, jitter ``ε, 10ε, 100ε`` is added to its diagonal
-    (``ε = eps``, default ``T · eps₆₄ · max diag S``); if all fail, a symmetric eigendecomposition of ``S`` is used
-    with a :class:`~kronfisher.errors.NumericalWarning` (its eigenvalues are clamped at 1, since ``S ⪰ I``).
-    Never a silent ``inv``.
+    ``S`` is factorised in float64 by Cholesky (which reads its lower triangle); on failure, jitter ``ε, 10ε, 100ε``
+    is added to its diagonal (``ε = eps``, default ``T · eps₆₄ · max diag S``); if all fail, a symmetric
+    eigendecomposition of ``S`` is used with a :class:`~kronfisher.errors.NumericalWarning` (its eigenvalues are
+    clamped at 1, since ``S ⪰ I``). Never a silent ``inv``. With ``overwrite=True`` a float64 ``gram`` becomes ``S``
+    in place (no second ``T × T`` matrix).
 
     Raises:
         DecompositionError: ``δ ≤ 0``, a non-square or non-finite ``K``.
@@ -185,18 +188,21 @@ def woodbury_factor(gram: Tensor, delta: float, eps: float | None = None, *, nam
         raise DecompositionError(f"Woodbury for layer {name!r} needs damping δ_G > 0, got {delta}.")
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise DecompositionError(f"Woodbury for layer {name!r}: Uᵀ U must be [T, T], got {list(gram.shape)}.")
-    s = gram.to(torch.float64) / delta
-    s = (s + s.t()) / 2
+    s = gram.to(torch.float64, copy=not overwrite).div_(delta)
     s.diagonal().add_(1.0)
     if not bool(torch.isfinite(s).all()):
         raise DecompositionError(f"Woodbury for layer {name!r}: S = I + UᵀU/δ ({list(s.shape)}) is not finite.")
     t = s.shape[0]
     base = eps if eps is not None else t * torch.finfo(torch.float64).eps * float(s.diagonal().max()) if t else 0.0
+    added = 0.0
     for jitter in (0.0, base, 10 * base, 100 * base):
-        s_try = s if jitter == 0.0 else s + jitter * torch.eye(t, dtype=s.dtype, device=s.device)
-        chol, info = torch.linalg.cholesky_ex(s_try)
+        s.diagonal().add_(jitter - added)  # in place: ε, then 10ε, then 100ε in total
+        added = jitter
+        chol, info = torch.linalg.cholesky_ex(s)
         if int(info) == 0:
+            del s
             return lambda z: torch.cholesky_solve(z.to(chol.dtype), chol)
+    s.diagonal().sub_(added)
     import warnings
 
     from .errors import NumericalWarning

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, KronfisherError, ShapeError
 from .linalg import Eigen, safe_eigh, woodbury_factor
 
-BLOCK_BYTES = 32 * 2**20  # size of one upcast block of W (or of V) in the blockwise products
+BLOCK_BYTES = 16 * 2**20  # size of one upcast block of W (or of V) in the blockwise products
 
 
 def _row_blocks(rows: int, width: int, itemsize: int) -> Iterator[tuple[int, int]]:
@@ -100,9 +100,9 @@ class ColumnStore:
                 continue
             for i in range(0, m, tile):
                 out[i : i + tile, i:].addmm_(blk[i : i + tile], blk[i:].t())
-        if m > tile:
-            upper = out.triu()
-            out = upper + upper.triu(1).t()
+        for i in range(0, m, tile):  # mirror the upper tiles into the lower ones, tile by tile (no m² temporary)
+            for j in range(i + tile, m, tile):
+                out[j : j + tile, i : i + tile].copy_(out[i : i + tile, j : j + tile].t())
         return out
 
     def rows_matmul(self, x: Tensor) -> Tensor:
@@ -227,7 +227,7 @@ def eigen_from_columns(
         tail = tail_mass / n / d if n > 0 else 0.0
         empty = torch.zeros(0, dtype=dtype, device=columns.device)
         return LowRankEigen(columns, empty.reshape(m, 0), empty, tail, tail * d)
-    gram = columns.gram() / n  # K = Uᵀ U
+    gram = columns.gram().div_(n)  # K = Uᵀ U
     vals, vecs = safe_eigh(gram, name=name, factor="G (Gram of U)", dtype=torch.float64)
     vals, order = torch.sort(vals, descending=True)
     vecs = vecs[:, order]
@@ -310,23 +310,30 @@ def _two_pass(
     dev = store.device
     d, a_dim = v.shape
     q = q.to(dev, work)
-    acc = torch.zeros(store.m, a_dim, dtype=work, device=dev)
     itemsize = torch.empty((), dtype=work).element_size()
     ranges = list(_row_blocks(d, max(store.m, a_dim), itemsize))
+    step = max(stop - start for start, stop in ranges) if ranges else 0
+    vq = torch.empty(step, a_dim, dtype=work, device=dev)  # V[b] Q, reused by every block
+    acc = torch.zeros(store.m, a_dim, dtype=work, device=dev)
     for start, stop in ranges:
-        acc.addmm_(store.block(start, stop, work), v[start:stop].to(dev, work) @ q)
-    c = None if coeffs is None else coeffs.to(dev, work)
-    z = middle(acc if c is None else c.t() @ acc)
-    if c is not None:
-        z = c @ z
+        n = stop - start
+        torch.mm(v[start:stop].to(dev, work), q, out=vq[:n])
+        acc.addmm_(store.block(start, stop, work), vq[:n])
+    y = middle(acc if coeffs is None else coeffs.to(dev, work).t() @ acc)
+    del acc
+    z = y if coeffs is None else coeffs.to(dev, work) @ y
+    del y
     out = torch.empty(d, a_dim, dtype=work, device=dev)
+    rows = torch.empty(step, a_dim, dtype=work, device=dev)
     for start, stop in ranges:
-        rows = store.block(start, stop, work).t() @ z
+        n = stop - start
+        torch.mm(store.block(start, stop, work).t(), z, out=rows[:n])
         if diag is not None:
-            rows.add_((v[start:stop].to(dev, work) @ q) * diag)
+            torch.mm(v[start:stop].to(dev, work), q, out=vq[:n])
+            rows[:n].addcmul_(vq[:n], diag)
         if right is not None:
-            rows.mul_(right)
-        out[start:stop] = rows @ q.t()
+            rows[:n].mul_(right)
+        torch.mm(rows[:n], q.t(), out=out[start:stop])
     return out
 
 
@@ -341,7 +348,7 @@ def thin_kron_apply(v: Tensor, g: Any, a: Eigen, span: Tensor, tail: Tensor | No
     span = span.to(store.device, work)
     tail_v = None if tail is None else tail.to(store.device, work)
     lam = span if tail_v is None else span - tail_v
-    return _two_pass(v, store, coeffs, a.vectors, lambda y: y * lam, None, tail_v, work)
+    return _two_pass(v, store, coeffs, a.vectors, lambda y: y.mul_(lam), None, tail_v, work)
 
 
 # Woodbury ---------------------------------------------------------------------------------------------------
@@ -407,7 +414,7 @@ def woodbury_power(block: Any, v: Tensor, damping: Any, name: str) -> Tensor:
     key = ("woodbury", float(d_g))
     solve = block.cache.get(key)
     if solve is None:
-        solve = woodbury_factor(store.gram() / count, d_g, name=name)
+        solve = woodbury_factor(store.gram().div_(count), d_g, name=name, overwrite=True)
         block.cache[key] = solve
     work = torch.promote_types(v.dtype, block.A.vectors.dtype)
     res = woodbury_kron_apply(v.to(work), store, count, block.A, d_g, a_shift.reciprocal(), solve)
