@@ -227,9 +227,9 @@ def test_user_errors_are_one_message_with_a_hint(
     rc, err = _run_cli([*base, "--model", str(workdir / "qwen"), "--data", str(tmp_path / "none.txt")], capsys)
     assert rc == 2 and "none.txt" in err and "hint:" in err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     rc, err = _run_cli([*base, "--model", "kronfisher-tests/no-such-model", "--data", str(workdir / "a.txt")], capsys)
     assert rc == 2 and "offline" in err and "kronfisher-tests/no-such-model" in err and "hint:" in err
+    assert "config.json" in err and "not in the cache" in err  # names the missing file (SPEC §9a)
     assert "Traceback" not in err
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "abc def"}\n{"body": "x"}\n')

@@ -130,12 +130,27 @@ def resolve_source(spec: str | None) -> ModelSource:
     return ModelSource(spec, "hub", spec, None, spec)
 
 
+def _missing_in_cache(repo_id: str, what: str) -> str:
+    """Which file of a hub model the local cache lacks (SPEC §9a: offline failures name the missing file)."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cache = constants.HF_HUB_CACHE
+        for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
+            hit = try_to_load_from_cache(repo_id, name)
+            if not isinstance(hit, str):
+                return f"{name} (needed for its {what}) is not in the cache {cache}"
+        return f"its {what} files are incomplete in the cache {cache}"
+    except Exception:  # pragma: no cover - huggingface_hub ships with transformers
+        return f"no cached copy of its {what}"
+
+
 def _load_error(source: ModelSource, what: str, err: Exception) -> ModelLoadError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if source.kind == "hub" and hub_offline():
         return ModelLoadError(
             f"Model {source.location!r} is not a local folder or file, and the Hugging Face hub is offline "
-            f"(HF_HUB_OFFLINE=1) with no cached copy of its {what}: {first}",
+            f"(HF_HUB_OFFLINE=1): {_missing_in_cache(source.location, what)}",
             hint=f"Download it while online (hf download {source.location}), unset HF_HUB_OFFLINE, or pass a "
             "local folder.",
         )
