@@ -231,6 +231,10 @@ def test_user_errors_are_one_message_with_a_hint(
     assert rc == 2 and "offline" in err and "kronfisher-tests/no-such-model" in err and "hint:" in err
     assert "config.json" in err and "not in the cache" in err  # names the missing file (SPEC §9a)
     assert "Traceback" not in err
+    rc, err = _run_cli(
+        [*base, "--model", str(workdir / "qwen"), "--data", str(workdir / "a.txt"), "--include", "zz"], capsys
+    )
+    assert rc == 2 and "No layer" in err and "15 linear layers" in err and len(err) < 800  # short, not a dump
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "abc def"}\n{"body": "x"}\n')
     rc, err = _run_cli([*base, "--model", str(workdir / "qwen"), "--data", str(jsonl)], capsys)

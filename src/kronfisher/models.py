@@ -14,7 +14,9 @@ raises :class:`~kronfisher.errors.ModelLoadError` with a hint instead of a trace
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -184,6 +186,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "auto",
     trust_remote_code: bool = False,
+    quiet: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer (see the module docstring).
 
@@ -192,6 +195,7 @@ def load_model(
         dtype: model dtype: ``float32``, ``float64``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         trust_remote_code: allow model code from the hub (SPEC §9a; off by default).
+        quiet: hide the loaders' own progress bars (transformers' GGUF conversion prints one to stderr).
 
     Raises:
         ModelLoadError: anything the user can fix (missing files, offline hub id, missing packages).
@@ -212,12 +216,16 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
     if source.kind == "hub" and hub_offline():
         kwargs["local_files_only"] = True
+    hush = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        with hush:
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as err:
         raise _load_error(source, "tokenizer", err) from err
+    hush = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=_DTYPES[dtype], **kwargs)
+        with hush:
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=_DTYPES[dtype], **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as err:
         raise _load_error(source, "model", err) from err
     model.to(dev)

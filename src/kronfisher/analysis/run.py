@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..factors import decompose_all
 from ..fit import CollectState, collect
 from ..io import SUM_FIELDS, load, load_sums, model_fingerprint, read_metadata, save, save_sums
-from ..layers import combine
+from ..layers import combine, discover_layers
 from ..models import LoadedModel, embedded_text_path, load_model
 from ..operator import KFAC
 from .gradient import mean_gradient
@@ -220,6 +220,21 @@ def _collect_with_checkpoints(
     return discovery, collector, report
 
 
+def _check_selection(lm: LoadedModel, cfg: KFACConfig) -> None:
+    """A short, actionable error when ``--include`` / ``--exclude`` leave no layer to track (SPEC §1)."""
+    found = discover_layers(lm.model, cfg.include, cfg.exclude)
+    if found.infos:
+        return
+    names = list(found.skipped)
+    examples = ", ".join(names[:3] + ([names[-1]] if len(names) > 3 else []))
+    raise InputError(
+        f"No layer of {lm.source.name} is tracked with --include {list(cfg.include)} --exclude "
+        f"{list(cfg.exclude)}: {len(names)} linear layers were all left out (for example {examples}).",
+        hint="The patterns are Python regexes searched in the full layer names, e.g. --include 'layers\\.0\\.' "
+        "or --include 'mlp' --exclude 'lm_head'.",
+    )
+
+
 def analyze_model(
     index: int, spec: str | None, opts: AnalyzeOptions, console: Console, out: Path
 ) -> tuple[LoadedModel, ModelResult]:
@@ -228,8 +243,11 @@ def analyze_model(
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     console.info(f"[{index}] loading model {spec or 'default (SmolLM2-135M-Instruct)'}")
-    lm = load_model(spec, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code)
+    lm = load_model(
+        spec, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code, quiet=opts.quiet
+    )
     timings["load"] = time.monotonic() - t0
+    _check_selection(lm, cfg)
     label = f"{index}: {lm.source.name}"
     data_paths = opts.data or [str(embedded_text_path())]
     t = time.monotonic()
