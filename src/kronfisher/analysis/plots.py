@@ -178,10 +178,13 @@ COMPARISON_HEATMAPS: tuple[tuple[str, str, bool, float | None], ...] = (
 )
 
 
-def _usable(rows: Mapping[str, Mapping[str, Any]], key: str, log: bool) -> bool:
+def _scale(rows: Mapping[str, Mapping[str, Any]], key: str, log: bool) -> bool | None:
+    """None when nothing is plottable; else whether to use a log scale (linear when no value is positive)."""
     vals = [r.get(key) for r in rows.values()]
     vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-    return bool(vals) and (not log or any(v > 0 for v in vals))
+    if not vals:
+        return None
+    return log and any(v > 0 for v in vals)
 
 
 def model_plots(
@@ -191,8 +194,9 @@ def model_plots(
     plots = []
     section = f"model:{index}"
     for key, title, log, vmin in HEATMAPS:
-        if _usable(rows, key, log):
-            png = heatmap(rows, key, f"{label}: {title}", log=log, vmin=vmin)
+        scale = _scale(rows, key, log)
+        if scale is not None:
+            png = heatmap(rows, key, f"{label}: {title}", log=scale, vmin=vmin)
             plots.append(Plot(f"m{index}-{key}", f"{title}", section, png))
     for factor in ("A", "G"):
         series = {n: s[factor] for n, s in spectra_data.items() if factor in s}
@@ -207,7 +211,8 @@ def comparison_plots(index: int, label: str, rows: Mapping[str, Mapping[str, Any
     plots = []
     section = f"comparison:{index}"
     for key, title, log, vmin in COMPARISON_HEATMAPS:
-        if _usable(rows, key, log):
-            png = heatmap(rows, key, f"{label}: {title}", log=log, vmin=vmin)
+        scale = _scale(rows, key, log)
+        if scale is not None:
+            png = heatmap(rows, key, f"{label}: {title}", log=scale, vmin=vmin)
             plots.append(Plot(f"c{index}-{key}", title, section, png))
     return plots
