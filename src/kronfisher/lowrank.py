@@ -241,24 +241,6 @@ def eigen_from_columns(
     return LowRankEigen(columns, coeffs.to(dtype), vals[:r].to(dtype), tau, tail_trace)
 
 
-def lowrank_from_coeffs(sums: Any, coeffs: Tensor, values: Tensor) -> LowRankEigen:
-    """The eigenform another process computed from the same columns (SPEC §8 spread decomposition): ``P = W C``.
-
-    Args:
-        sums: the :class:`~kronfisher.accumulate.LowRankSum` (identical ``W`` on every rank after the gather).
-        coeffs: ``C`` (``[m, r]``) as computed by the owner.
-        values: eigenvalues (``[r]``).
-
-    """
-    store = sums.columns()
-    if coeffs.dim() != 2 or coeffs.shape[0] != store.m or coeffs.shape[1] != values.shape[0]:
-        raise ShapeError(
-            f"Low-rank coefficients {list(coeffs.shape)} / values {list(values.shape)} do not fit m={store.m} columns."
-        )
-    tau = float(sums.tail())
-    return LowRankEigen(store, coeffs.to(store.device), values.to(store.device), tau, tau * (store.dim - len(values)))
-
-
 def compress_columns(columns: ColumnStore, k: int, storage: torch.dtype) -> tuple[Tensor, float]:
     """Top-``k`` eigen-columns ``P diag(√s)`` of ``W Wᵀ`` and the discarded mass (SPEC §6 token budget).
 
