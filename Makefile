@@ -31,7 +31,7 @@ $(HFSTAMP): $(STAMP)
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests
 
 analyze: $(HFSTAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/kronfisher analyze --output-dir results/default

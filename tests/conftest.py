@@ -13,6 +13,10 @@ from torch import nn
 
 VOCAB = 40
 
+# Tiny matrices: one thread is 10-100x faster than two on a shared 2-core machine (LAPACK eigh and OpenMP spinning
+# under oversubscription); tests measure numbers, not speed.
+torch.set_num_threads(1)
+
 
 def tiny_qwen2(attn: str = "eager", tie: bool = False, vocab: int = VOCAB) -> nn.Module:
     """Qwen2 (q/k/v have biases), 2 layers, GQA."""

@@ -278,3 +278,33 @@ def test_single_process_helpers_are_noops() -> None:
     assert list(kd.Shard(data)) == data  # no process group: every batch
     with pytest.raises(kf.ConfigError):
         kd.Shard(data, 3, 3)
+
+
+def save_worker(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
+    """Every rank calls save; only rank 0 writes, and after the barrier every rank reads the complete file."""
+    import os
+
+    from kronfisher import io_format
+
+    writes = []
+    original = io_format._atomic_write_local
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        writes.append(rank)
+        return original(*args, **kwargs)
+
+    io_format._atomic_write_local = spy
+    model = make_model("llama", seed=3)
+    fisher = kf.fit(model, [{"input_ids": random_ids(2, 5, seed=rank)}], kf.KFACConfig(accumulate_dtype="float64"))
+    path = os.path.join(out_dir, "f.safetensors")
+    fisher.save(path)
+    loaded = kf.load(path)  # right after save: the barrier guarantees the file is complete
+    name = loaded.layer_names[0]
+    return {"writes": torch.tensor(len(writes)), "trace": torch.tensor(loaded.block(name).A.trace())}
+
+
+def test_only_rank_zero_writes_and_others_wait(tmp_path: Any) -> None:
+    results = distributed_test(2, save_worker, tmp_path, timeout=120, out_dir=str(tmp_path))
+    assert [int(r["writes"]) for r in results] == [1, 0]
+    # Both ranks read the same (merged) file: identical traces.
+    assert float(results[0]["trace"]) == float(results[1]["trace"])

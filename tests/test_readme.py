@@ -21,8 +21,9 @@ def test_readme_snippets_run_and_their_assertions_hold() -> None:
     fisher = namespace["fisher"]
     # The capture snippet rebuilt `fisher` from the user loop: same data, so same factors as kf.fit's (rtol 1e-5,
     # float32 accumulation of the same sums in a different order).
-    import kronfisher as kf
     import torch
+
+    import kronfisher as kf
 
     ref = kf.fit(namespace["model"], namespace["batches"], namespace["cfg"].replace(ekfac=False))
     for name in ref.layer_names:

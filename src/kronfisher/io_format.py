@@ -159,9 +159,21 @@ def atomic_write(path: str | os.PathLike[str], tensors: dict[str, Tensor], meta:
         The destination path.
 
     """
+    from .distributed import barrier, is_main_process
+
     path = Path(path)
     if path.is_dir():
         raise FileFormatError(f"Cannot write factors to {path}: it is a directory.")
+    if not is_main_process():  # SPEC §8: only rank 0 writes; the others wait until the file is complete
+        barrier()
+        return path
+    try:
+        return _atomic_write_local(path, tensors, meta)
+    finally:
+        barrier()
+
+
+def _atomic_write_local(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta)  # insertion order kept: layers stay in model order
     header_meta = {META_KEY: text, META_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
