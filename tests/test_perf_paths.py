@@ -1,0 +1,60 @@
+"""The fast paths of the benchmark issue give the same answers as the plain formulas they replace.
+
+* :func:`kronfisher.linalg.all_finite` (one ``aminmax`` pass) against ``torch.isfinite(t).all()`` (SPEC §3.3).
+* :func:`kronfisher.accumulate.symmetric_gram` (upper block triangle on CPU) against a float64 ``XᵀX`` for sizes that
+  cross the tile boundary (the tiny test models never do), with and without the bias augmentation (SPEC §3.1).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from kronfisher.linalg import all_finite
+
+accumulate = importlib.import_module("kronfisher.accumulate")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("pos", [0, 4097, -1])
+def test_all_finite_flags_every_non_finite_value(dtype: torch.dtype, bad: float, pos: int) -> None:
+    t = torch.randn(97, 61, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert bool(all_finite(t)) and bool(torch.isfinite(t).all())
+    t.view(-1)[pos] = bad
+    assert bool(all_finite(t)) == bool(torch.isfinite(t).all()) is False
+
+
+def test_all_finite_edge_cases() -> None:
+    assert bool(all_finite(torch.empty(0, 5)))
+    assert bool(all_finite(torch.arange(6).reshape(2, 3)))  # integer tensors are finite
+    big = torch.full((3, 3), torch.finfo(torch.float32).max)
+    assert bool(all_finite(big))  # the largest finite value is finite: no overflow in the check
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("rows", [0, 1, 300])
+def test_symmetric_gram_matches_full_product(dtype: torch.dtype, augment: bool, rows: int) -> None:
+    d = 2 * accumulate.GRAM_TILE + 17  # two full tiles and a partial one
+    x = torch.randn(rows, d, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    g = accumulate.gram(x, augment, torch.float64)
+    xa = torch.cat([x, torch.ones(rows, 1, dtype=dtype)], 1) if augment else x
+    ref = xa.double().t() @ xa.double()
+    # Tolerance: float32 GEMM rounding over ≤ 300 terms (relative to the largest entry); float64 the same at 1e-16.
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    scale = max(float(ref.abs().max()), 1.0)
+    assert float((g - ref).abs().max()) <= tol * scale
+    assert torch.equal(g, g.t())  # mirrored, so exactly symmetric
+
+
+def test_symmetric_gram_of_strided_rows_writes_into_a_view() -> None:
+    d = accumulate.GRAM_TILE + 5
+    x = torch.randn(d, 64, generator=torch.Generator().manual_seed(2)).t()  # [64, d], not contiguous
+    out = torch.full((d + 3, d + 3), 7.0)
+    accumulate.symmetric_gram(x, out=out[:d, :d])
+    ref = x.double().t() @ x.double()
+    assert float((out[:d, :d].double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert bool((out[d:, :] == 7.0).all()) and bool((out[:, d:] == 7.0).all())  # nothing written outside the view
