@@ -3,18 +3,23 @@
 * :func:`kronfisher.linalg.all_finite` (one ``aminmax`` pass) against ``torch.isfinite(t).all()`` (SPEC §3.3).
 * :func:`kronfisher.accumulate.symmetric_gram` (upper block triangle on CPU) against a float64 ``XᵀX`` for sizes that
   cross the tile boundary (the tiny test models never do), with and without the bias augmentation (SPEC §3.1).
+* :func:`kronfisher.factors.decompose_all` with concurrent eighs (torch threads > 1; the suite runs with one) against
+  the sequential path: same factors, shared ``A`` kept, errors in layer order, thread count restored (SPEC §4).
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
 
+import kronfisher as kf
 from kronfisher.linalg import all_finite
 
 accumulate = importlib.import_module("kronfisher.accumulate")
+factors = importlib.import_module("kronfisher.factors")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -58,3 +63,50 @@ def test_symmetric_gram_of_strided_rows_writes_into_a_view() -> None:
     ref = x.double().t() @ x.double()
     assert float((out[:d, :d].double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     assert bool((out[d:, :] == 7.0).all()) and bool((out[:, d:] == 7.0).all())  # nothing written outside the view
+
+
+def _sums_of_tiny_qwen() -> tuple[dict, kf.KFACConfig]:
+    from conftest import make_model, random_ids
+
+    cfg = kf.KFACConfig(accumulate_dtype="float64")
+    model = make_model("qwen2")
+    _, collector, _ = kf.collect(model, [{"input_ids": random_ids(3, 12)}], cfg)
+    return collector.sums, cfg
+
+
+def test_concurrent_decomposition_equals_sequential_and_restores_threads() -> None:
+    """``decompose_all`` runs dense eighs concurrently when torch has > 1 thread (the suite runs with 1)."""
+    sums, cfg = _sums_of_tiny_qwen()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        seq = factors.decompose_all(sums, cfg)
+        torch.set_num_threads(2)
+        par = factors.decompose_all(sums, cfg)
+        assert torch.get_num_threads() == 2  # restored after the pool
+    finally:
+        torch.set_num_threads(before)
+    assert list(par) == list(seq)
+    for name in seq:
+        for side in ("A", "G"):
+            a, b = getattr(seq[name], side), getattr(par[name], side)
+            # Same float64 matrices through the same eigh: the factors agree to round-off (1e-12 relative).
+            ref = a.to_dense()
+            assert float((b.to_dense() - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    assert par[q].A is par[k].A  # identical A sums are still decomposed once and shared
+
+
+def test_concurrent_decomposition_raises_for_the_first_bad_layer_in_order() -> None:
+    sums, cfg = _sums_of_tiny_qwen()
+    names = list(sums)
+    for bad in (names[5], names[2]):  # two poisoned layers; the error names the first in model order
+        sums[bad].A.sum[0, 0] = float("nan")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(kf.DecompositionError, match=re.escape(repr(names[2]))):
+            factors.decompose_all(sums, cfg)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
