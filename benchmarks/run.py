@@ -738,6 +738,11 @@ def markdown(doc: dict[str, Any]) -> str:
         report = lm.get("extra", {}).get("lmhead") if lm.get("ok") else None
         if report is None:
             lines.append(f"Not run: {lm.get('error')}.")
+        elif doc["settings"].get("lmhead_section"):
+            lines.append(
+                "Run by this runner through `bench_lmhead.run`; its table is in the *Huge output layers* section of "
+                "this file (rewritten by this run)."
+            )
         else:
             try:
                 import bench_lmhead  # type: ignore[import-not-found]
@@ -868,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": [],
         }
         doc["workloads"][wname] = entry
+        if args.json:  # partial results survive a later failure
+            args.json.write_text(json.dumps(doc, indent=1, default=str))
     doc["load"]["after"] = list(os.getloadavg())
     doc["total_minutes"] = (time.perf_counter() - t_start) / 60
     text = json.dumps(doc, indent=1, default=str)
@@ -875,14 +882,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(text)
     if not args.no_results:
-        write_results(markdown(doc), args.results)
-        log(f"wrote {args.results}")
         lm = doc["workloads"].get("lmhead", {})
-        if lm.get("ok") and args.results == RESULTS_MD:  # refresh the lm_head engineer's own section too
+        if lm.get("ok") and args.results == RESULTS_MD:  # refresh the lm_head benchmark's own section
             import bench_lmhead  # type: ignore[import-not-found]
 
             if hasattr(bench_lmhead, "write_results"):
                 bench_lmhead.write_results(lm["extra"]["lmhead"])
+                doc["settings"]["lmhead_section"] = True
+        write_results(markdown(doc), args.results)
+        log(f"wrote {args.results}")
     return 0
 
 
