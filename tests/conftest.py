@@ -6,6 +6,7 @@ Test cases are data: ``TINY_MODELS`` maps a name to a constructor; tests cross t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -18,90 +19,48 @@ VOCAB = 40
 torch.set_num_threads(1)
 
 
-def tiny_qwen2(attn: str = "eager", tie: bool = False, vocab: int = VOCAB) -> nn.Module:
-    """Qwen2 (q/k/v have biases), 2 layers, GQA."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_config(
+    arch: str,
+    *,
+    attn: str | None = "eager",
+    tie: bool = False,
+    vocab: int = VOCAB,
+    hidden: int = 16,
+    special_id: int = 0,
+) -> Any:
+    """Config of a 2-layer model: 'qwen2' (q/k/v biases, GQA), 'llama' (no biases, GQA), 'gpt2' (Conv1D layers,
+    weight stored [in, out]) or 'neox' (fused query_key_value). ``attn=None`` keeps the library's default."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        attn_implementation=attn,
-    )
-    return Qwen2ForCausalLM(cfg)
-
-
-def tiny_llama(attn: str = "eager", tie: bool = False, vocab: int = VOCAB) -> nn.Module:
-    """Llama without biases, 2 layers, GQA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(cfg)
+    common: dict[str, Any] = {"vocab_size": vocab, "tie_word_embeddings": tie}
+    if attn is not None:
+        common["attn_implementation"] = attn
+    if arch == "gpt2":
+        drop = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        ids = {"bos_token_id": special_id, "eos_token_id": special_id}
+        return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=64, **drop, **ids, **common)
+    shape = {"hidden_size": hidden, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4}
+    shape["max_position_embeddings"] = 64
+    if arch == "neox":
+        ids = {"bos_token_id": special_id, "eos_token_id": special_id}
+        return GPTNeoXConfig(hidden_dropout=0.0, attention_dropout=0.0, **ids, **shape, **common)
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
+    return cls(num_key_value_heads=2, **shape, **common)
 
 
-def tiny_gpt2(attn: str = "eager", tie: bool = False, vocab: int = VOCAB) -> nn.Module:
-    """GPT-2 (Conv1D layers, weight stored [in, out]), 2 layers."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _constructor(arch: str) -> Callable[..., nn.Module]:
+    def build(attn: str = "eager", tie: bool = False, vocab: int = VOCAB) -> nn.Module:
+        from transformers import AutoModelForCausalLM
 
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_embd=16,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=tie,
-        attn_implementation=attn,
-    )
-    return GPT2LMHeadModel(cfg)
+        return AutoModelForCausalLM.from_config(tiny_config(arch, attn=attn, tie=tie, vocab=vocab))
 
-
-def tiny_neox(attn: str = "eager", tie: bool = False, vocab: int = VOCAB) -> nn.Module:
-    """GPT-NeoX (fused query_key_value), 2 layers."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    cfg = GPTNeoXConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        attn_implementation=attn,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPTNeoXForCausalLM(cfg)
+    return build
 
 
 TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "qwen2": tiny_qwen2,
-    "llama": tiny_llama,
-    "gpt2": tiny_gpt2,
-    "neox": tiny_neox,
+    arch: _constructor(arch) for arch in ("qwen2", "llama", "gpt2", "neox")
 }
+tiny_qwen2, tiny_llama, tiny_gpt2, tiny_neox = (TINY_MODELS[a] for a in ("qwen2", "llama", "gpt2", "neox"))
 
 
 def make_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float64, **kw) -> nn.Module:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from conftest import tiny_config as conftest_tiny_config
+
 VOCAB = 128  # > the char tokenizer's 103 entries
 
 
@@ -26,34 +28,8 @@ def char_tokenizer():
 
 
 def tiny_config(arch: str, tie: bool = True, hidden: int = 16):
-    """Config of a 2-layer model of ``arch`` ('qwen2': biases on q/k/v, 'gpt2': Conv1D, 'llama')."""
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
-
-    if arch == "gpt2":
-        return GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=hidden,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=1,
-            eos_token_id=1,
-            tie_word_embeddings=tie,
-        )
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
-    return cls(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
+    """Config of a 2-layer model of ``arch`` (the shared conftest builder; char-tokenizer vocab, EOS id 1)."""
+    return conftest_tiny_config(arch, attn=None, tie=tie, vocab=VOCAB, hidden=hidden, special_id=1)
 
 
 def build_model(arch: str, seed: int = 0, tie: bool = True, hidden: int = 16) -> nn.Module:
