@@ -169,3 +169,41 @@ def test_never_fired_layer_reported_by_name() -> None:
     missing = {f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
     assert set(fitted.report.never_fired) == missing
     assert not missing & set(fitted.layer_names)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_report_counts_and_mean_loss_match_a_hand_computed_loss(fisher: str) -> None:
+    """``report.loss_sum / report.loss_terms`` is the mean data loss, whatever the Fisher type (MC draws count
+    the data loss once per draw, like ``loss_terms``); ``tokens`` is the attended count. Reference: the shifted
+    cross-entropy computed by hand from the logits (float64, rel 1e-12), and the mask sums."""
+    model = make_model("llama")
+    data = batches()
+    cfg = kf.KFACConfig(accumulate_dtype="float64", fisher=fisher, mc_samples=2 if fisher == "mc" else 1)
+    _, _, report = kf.collect(model, data, cfg)
+    total, n = 0.0, 0
+    with torch.no_grad():  # by hand in float64 (HF's own loss upcasts logits to float32 only)
+        for b in data:
+            logits = model(**b).logits[:, :-1]
+            total += float(F.cross_entropy(logits.flatten(0, 1), labels_of(b)[:, 1:].flatten(), reduction="sum"))
+            n += num_terms(b)
+    draws = cfg.mc_samples if fisher == "mc" else 1
+    assert report.loss_terms == n * draws
+    assert report.loss_sum / report.loss_terms == pytest.approx(total / n, rel=1e-12)
+    assert report.tokens == sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in data)
+
+
+def test_capture_report_counts_tokens_and_loss() -> None:
+    """Capture mode reports T from the given masks and the summed loss (``reduction='mean'`` rescaled by N)."""
+    model = make_model("llama")
+    data = batches()
+    with kf.capture(model, CFG) as cap:
+        losses = []
+        for b in data:
+            out = model(**b, labels=labels_of(b))
+            mask = b.get("attention_mask", torch.ones_like(b["input_ids"]))
+            cap.backward(out.loss, num_terms=num_terms(b), reduction="mean", attention_mask=mask)
+            losses.append(float(out.loss) * num_terms(b))  # the loss the user passed, times N
+    model.zero_grad(set_to_none=True)
+    report = cap.report
+    assert report.tokens == sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in data)
+    assert report.loss_sum == pytest.approx(sum(losses), rel=1e-12)

@@ -54,6 +54,18 @@ def _shard(world_size: int, rank: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def _mc_batches() -> list[dict[str, torch.Tensor]]:
+    """Five batches of 2 × 16 tokens, then one without attended tokens (global index 5).
+
+    160 tokens: more than any factor's dimension (64), so no factor is rank-deficient; in a degenerate null space
+    the eigenbasis, and EK-FAC's corrected values in it, would depend on round-off (ill-posed, not comparable).
+    """
+    batches = [right_pad(list(random_ids(2, 16, seed=40 + i))) for i in range(5)]
+    empty = dict(batches[0])
+    empty["attention_mask"] = torch.zeros_like(empty["attention_mask"])
+    return [*batches, empty]
+
+
 def _union(world_size: int) -> list[dict[str, torch.Tensor]]:
     return [b for r in range(world_size) for b in _shard(world_size, r)]
 
@@ -170,6 +182,12 @@ def fit_worker(rank: int, world_size: int) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
     out["capture"] = {n: list(fisher_cap.factors(n)) for n in fisher_cap.layer_names}
 
+    # MC Fisher on a round-robin Shard of all batches plus an empty one: targets are seeded per global batch
+    # index, so the ranks draw what one process draws; the empty batch is reported by its global index (5).
+    mc = kf.fit(model, kd.Shard(_mc_batches()), _cfg(fisher="mc", mc_samples=2, ekfac=True))
+    out["mc"] = _summary(mc, model)
+    out["mc_empty"] = list(mc.report.empty_batches)
+
     # Token budget: every rank compresses locally (basis columns), the merge must keep them. bfloat16 storage
     # also exercises the gather of a 2-byte dtype.
     budget = kf.fit(model, batches, _cfg(lowrank_max_rank=2, lowrank_dtype="bfloat16"))
@@ -226,6 +244,36 @@ def test_distributed_fit_equals_one_process_on_union(world_size: int, tmp_path: 
             _close(a, ref["A"][name], f"rank {rank} capture A[{name}]")
             _close(g, ref["G"][name], f"rank {rank} capture G[{name}]")
         assert sorted(res["capture"]) == sorted(ref["A"])
+
+    # MC: same draws per global batch index as one process (U compared as U Uᵀ: Shard's round-robin order puts
+    # the columns in another order than one process).
+    ref_mc = kf.fit(model, _mc_batches(), _cfg(fisher="mc", mc_samples=2, ekfac=True))
+    mc = _summary(ref_mc, model)
+    assert ref_mc.report.empty_batches == [5]
+    for rank, res in enumerate(results):
+        got = res["mc"]
+        for key in ("A", "G", "corrected", "corrected_tail", "nat"):
+            assert sorted(got[key]) == sorted(mc[key])
+            for name in mc[key]:
+                want, have = mc[key][name], got[key][name]
+                if key == "corrected":
+                    # The one round-off null direction of A (GPT-2's LayerNorm outputs sum to zero: λ ~ 1e-17 of
+                    # the largest) carries summation-order noise, and the Shard's round-robin order is not the
+                    # union's: that column is compared with atol 1e-6 · max; the rest at the oracle's rtol 1e-10.
+                    a_vals = ref_mc.block(name).A.values
+                    null = a_vals < 1e-12 * float(a_vals.max())
+                    assert int(null.sum()) <= 1, name
+                    torch.testing.assert_close(have[:, null], want[:, null], rtol=0, atol=1e-6 * float(want.max()))
+                    have, want = have[:, ~null], want[:, ~null]
+                if key == "corrected_tail":
+                    # Here (160 tokens > out = 40) the complement of U's span is the round-off null direction of
+                    # G (softmax gradients sum to zero): values ~1e-16, compared on the layer's scale.
+                    scale = float(mc["corrected"][name].max())
+                    torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-10 * scale)
+                    continue
+                _close(have, want, f"rank {rank} MC {key}[{name}]")
+        _close(got["U"] @ got["U"].t(), mc["U"] @ mc["U"].t(), f"rank {rank} MC U Uᵀ")
+        assert got["report"] == mc["report"] and res["mc_empty"] == [5], rank
 
     # The decompositions are spread: together the ranks do exactly the single-process work, none does all of it.
     per_rank = [res["eigh_calls"] for res in results]

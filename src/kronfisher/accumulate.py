@@ -298,6 +298,9 @@ class CollectionReport:
         empty_batches: indices of batches with ``T = 0`` or ``N = 0``.
         nonfinite_batches: ``(batch, layers)`` for batches dropped by ``on_nonfinite="skip"``.
         tokens: attended positions seen (``T``), loss terms seen (``N``), batches committed.
+        loss_sum: summed loss with the *data* targets, counted like ``loss_terms`` (with the MC Fisher, whose
+            backward uses sampled targets, once per draw), so ``loss_sum / loss_terms`` is the mean data loss of
+            the batches the factors describe.
         warnings: other messages (tied weights, placement).
         tied: tracked layers whose weight is also another parameter, ``{layer: [other names]}`` (SPEC §6).
 
@@ -310,6 +313,7 @@ class CollectionReport:
     tokens: int = 0
     loss_terms: int = 0
     batches: int = 0
+    loss_sum: float = 0.0
     warnings: list[str] = field(default_factory=list)
     tied: dict[str, list[str]] = field(default_factory=dict)
 
@@ -323,6 +327,7 @@ class CollectionReport:
             "tokens": self.tokens,
             "loss_terms": self.loss_terms,
             "batches": self.batches,
+            "loss_sum": self.loss_sum,
             "warnings": list(self.warnings),
             "tied": {k: list(v) for k, v in self.tied.items()},
         }

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -133,6 +133,24 @@ class Shard:
     def __len__(self) -> int:
         n = len(self.batches)  # type: ignore[arg-type]
         return max(0, (n - self.rank + self.world_size - 1) // self.world_size)
+
+    def global_index(self, local: int) -> int:
+        """Index in the whole data of this rank's ``local``-th batch (MC seeds and reports use it, SPEC §8)."""
+        return self.rank + int(local) * self.world_size
+
+
+def global_indices(batches: Iterable[Any]) -> Callable[[int], int]:
+    """Map a local batch position to its index in the whole data.
+
+    A :class:`Shard` (or any iterable with a ``global_index(local)`` method, for a custom split) knows it; for other
+    iterables the position is the index. The MC targets of a batch are seeded by this index, so one process and
+    ``torchrun`` ranks draw the same targets for the same batch only when the batches come through a ``Shard``
+    (pass it directly, not wrapped in another generator).
+    """
+    index_of = getattr(batches, "global_index", None)
+    if callable(index_of):
+        return lambda k: int(index_of(k))
+    return lambda k: k
 
 
 def _comm_device(device: torch.device) -> torch.device:
@@ -264,7 +282,8 @@ def reduce_collection(
 
     Args:
         sums: the layer sums of this rank (same layer names and representations on every rank).
-        report: this rank's report; ``tokens``, ``loss_terms`` and ``batches`` become totals (lists stay local).
+        report: this rank's report; ``tokens``, ``loss_terms``, ``loss_sum`` and ``batches`` become totals, and the
+            empty and non-finite batch lists the sorted union over ranks (batch indices are global with a Shard).
         fired: names of the layers whose hooks fired on this rank.
         bucket_bytes: cap on one all-reduce buffer.
 
@@ -283,7 +302,7 @@ def reduce_collection(
     lr_base = per_layer * len(names)
     rank_base = lr_base + 2 * len(lowrank)
     report_base = rank_base + world * len(lowrank)
-    scalars = torch.zeros(report_base + 3, dtype=torch.float64)
+    scalars = torch.zeros(report_base + 4, dtype=torch.float64)
     for i, n in enumerate(names):
         s = sums[n]
         scalars[per_layer * i : per_layer * (i + 1)] = torch.tensor(
@@ -295,7 +314,9 @@ def reduce_collection(
         scalars[lr_base + 2 * j + 1] = g.discarded_mass  # type: ignore[union-attr]
         scalars[rank_base + rank * len(lowrank) + j] = rows[n].shape[0]  # own slot: all-reduce = all-gather
     if report is not None:
-        scalars[report_base:] = torch.tensor([report.tokens, report.loss_terms, report.batches], dtype=torch.float64)
+        scalars[report_base:] = torch.tensor(
+            [report.tokens, report.loss_terms, report.batches, report.loss_sum], dtype=torch.float64
+        )
     dense = [sums[n].A.sum for n in names] + [sums[n].G.sum for n in names if isinstance(sums[n].G, DenseSum)]
     all_reduce_tensors([*dense, scalars], bucket_bytes)
     values = scalars.tolist()
@@ -313,8 +334,23 @@ def reduce_collection(
         items.append((g, rows[n], counts))
     _gather_lowrank(items)  # type: ignore[arg-type]
     if report is not None:
-        report.tokens, report.loss_terms, report.batches = (int(v) for v in values[report_base:])
+        report.tokens, report.loss_terms, report.batches = (int(v) for v in values[report_base : report_base + 3])
+        report.loss_sum = values[report_base + 3]
+        merge_report_lists(report)
     return merged | (fired - set(names))
+
+
+def merge_report_lists(report: CollectionReport) -> None:
+    """Replace the empty / non-finite batch lists of ``report`` by their sorted union over ranks (collective)."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return
+    mine = (list(report.empty_batches), [(int(b), list(ls)) for b, ls in report.nonfinite_batches])
+    everyone: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(everyone, mine)
+    report.empty_batches = sorted({b for empty, _ in everyone for b in empty})
+    report.nonfinite_batches = sorted((b, ls) for _, bad in everyone for b, ls in bad)
 
 
 # EK-FAC pass -----------------------------------------------------------------------------------------------

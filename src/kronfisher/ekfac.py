@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from .accumulate import CollectionReport, compute_dtype
 from .capture import BatchContext, Capture, Staged
 from .config import KFACConfig
-from .distributed import reduce_corrector, unwrap_model
+from .distributed import global_indices, reduce_corrector, unwrap_model
 from .factors import KronBlock
 from .layers import LayerInfo
+from .lossterms import PASS_EKFAC
 from .operator import KFAC
 
 
@@ -134,10 +135,10 @@ def correct(
     corrector = EigenCorrector(infos, blocks, cfg)
     cap = Capture({n: modules[n] for n in blocks}, infos, corrector, cfg.on_nonfinite)
     report = CollectionReport()
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    index_of = global_indices(batches)  # MC targets seeded by (seed, pass, global batch index): SPEC §8
     with eval_mode(model), activation_only_backward(model), cap:
-        for i, batch in enumerate(_progress(batches, progress, "EK-FAC eigenvalues")):
-            run_batch(model, batch, cap, cfg, i, report, generator, loss_fn)
+        for k, batch in enumerate(_progress(batches, progress, "EK-FAC eigenvalues")):
+            run_batch(model, batch, cap, cfg, index_of(k), report, loss_fn, pass_id=PASS_EKFAC)
     reduce_corrector(corrector)  # SPEC §8: the ranks' sums and counts, once per pass; no-op on one process
     fisher.set_blocks(corrector.blocks_out())
     fisher.report.warnings.extend(report.warnings)

@@ -22,10 +22,10 @@ from .accumulate import CollectionReport, DenseSum, LayerSums
 from .capture import Capture
 from .collect import FactorCollector
 from .config import KFACConfig
-from .distributed import is_main_process, reduce_collection, unwrap_model
+from .distributed import global_indices, is_main_process, reduce_collection, unwrap_model
 from .errors import ConfigError
 from .layers import Discovery, discover_layers
-from .lossterms import lm_terms, sample_targets, summed_ce
+from .lossterms import PASS_KFAC, lm_terms, mc_generator, sample_targets, summed_ce
 from .lowrank import find_tied, note_tied
 from .operator import KFAC
 
@@ -108,10 +108,23 @@ def run_batch(
     cfg: KFACConfig,
     index: int,
     report: CollectionReport,
-    generator: torch.Generator,
     loss_fn: LossFn | None = None,
+    *,
+    pass_id: int = PASS_KFAC,
 ) -> bool:
-    """One forward and the backward(s) of one batch, then the checked commit. Returns False if skipped."""
+    """One forward and the backward(s) of one batch, then the checked commit. Returns False if skipped.
+
+    Args:
+        model: the model (unwrapped).
+        batch: a causal-LM mapping, or anything ``loss_fn`` accepts.
+        cap: the armed capture.
+        cfg: configuration (Fisher type, MC draws, ignore index, seed).
+        index: global index of the batch (reports, errors and the MC seed, :func:`~kronfisher.lossterms.mc_generator`).
+        report: updated with this batch's counts and summed data loss.
+        loss_fn: optional user loss (empirical Fisher only).
+        pass_id: which pass this is, for the MC seed (K-FAC or EK-FAC).
+
+    """
     batch = _to_device(batch, model_device(model))
     if loss_fn is not None:
         if cfg.fisher != "empirical":
@@ -130,6 +143,7 @@ def run_batch(
         ok = cap.commit(index)
         if ok:
             report.loss_terms += n
+            report.loss_sum += float(loss.detach()) * scale
             report.tokens += t if mask is not None else 0
             report.batches += 1
         return ok
@@ -144,9 +158,15 @@ def run_batch(
         cap.discard()
         return False
     draws = cfg.mc_samples if cfg.fisher == "mc" else 1
+    generator = mc_generator(cfg.seed, pass_id, index, terms.logits.device) if cfg.fisher == "mc" else None
+    data_loss = None
     for d in range(draws):
-        targets = sample_targets(terms.logits, generator) if cfg.fisher == "mc" else terms.targets
+        if generator is not None:
+            targets = sample_targets(terms.logits, generator)
+        else:
+            targets = terms.targets
         loss = summed_ce(terms.logits, targets)
+        data_loss = loss.detach() if generator is None else data_loss
         cap.backward(
             loss,
             batch=index,
@@ -155,9 +175,13 @@ def run_batch(
             attention_mask=terms.attention_mask,
             retain_graph=d < draws - 1,
         )
+    if data_loss is None:  # MC: the loss of the data targets, for the report only (no graph)
+        with torch.no_grad():
+            data_loss = summed_ce(terms.logits.detach(), terms.targets)
     ok = cap.commit(index)
     if ok:
         report.loss_terms += terms.num_terms * draws
+        report.loss_sum += float(data_loss) * draws
         report.tokens += terms.num_tokens
         report.batches += 1
     return ok
@@ -194,23 +218,24 @@ def _progress(batches: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]
 
 @dataclass
 class CollectState:
-    """Where an interrupted K-FAC pass stopped (SPEC §9 resume): sums, report, batches consumed, MC generator.
+    """Where an interrupted K-FAC pass stopped (SPEC §9 resume): sums, report and batches consumed.
+
+    MC targets are seeded per batch (:func:`~kronfisher.lossterms.mc_generator`), so no generator state is needed
+    to draw, after the resume, what the uninterrupted run would have drawn.
 
     Attributes:
         sums: :class:`~kronfisher.accumulate.LayerSums` by layer, e.g. ``kf.load_sums(path).sums``.
         report: the collection report so far.
-        batches_done: number of leading batches already in ``sums``.
-        generator_state: ``torch.Generator.get_state()`` of the MC-target generator after those batches, or None.
+        batches_done: number of leading batches (of this process's iterable) already in ``sums``.
 
     """
 
     sums: dict[str, LayerSums]
     report: CollectionReport
     batches_done: int
-    generator_state: Tensor | None = None
 
-    def install(self, collector: FactorCollector, generator: torch.Generator) -> int:
-        """Put the saved sums into ``collector`` (same layers required) and restore the generator."""
+    def install(self, collector: FactorCollector) -> int:
+        """Put the saved sums into ``collector`` (same layers required); returns the batches to skip."""
         if set(self.sums) != set(collector.sums):
             raise ConfigError(
                 "Cannot resume: the saved sums cover layers "
@@ -223,9 +248,10 @@ class CollectState:
                 if isinstance(mine, DenseSum) and isinstance(theirs, DenseSum):
                     theirs.sum = theirs.sum.to(mine.sum.device)
             collector.sums[name] = saved
-        if self.generator_state is not None:
-            generator.set_state(self.generator_state)
         return int(self.batches_done)
+
+
+BatchEnd = Callable[[int, int, FactorCollector, CollectionReport], None]
 
 
 def collect(
@@ -236,20 +262,24 @@ def collect(
     loss_fn: LossFn | None = None,
     progress: bool = False,
     resume: CollectState | None = None,
-    on_batch_end: Callable[[int, FactorCollector, CollectionReport, torch.Generator], None] | None = None,
+    on_batch_end: BatchEnd | None = None,
 ) -> tuple[Discovery, FactorCollector, CollectionReport]:
     """The K-FAC pass: sums and counts for every tracked layer (no decomposition).
 
     Args:
         model: the model (see :func:`fit`).
-        batches: an iterable of batches.
+        batches: an iterable of batches; under ``torchrun`` this rank's
+            :class:`~kronfisher.distributed.Shard` (batch indices in reports and MC seeds are then global).
         cfg: configuration.
         loss_fn: optional user loss (empirical Fisher only).
         progress: show a progress bar.
-        resume: continue an interrupted pass (SPEC §9): start from these sums, report and MC generator state and
-            skip the first ``resume.batches_done`` batches (they are already in the sums). Single process only.
-        on_batch_end: called after every processed batch with ``(index, collector, report, generator)``, for
-            example to checkpoint the sums with :func:`kronfisher.save_sums`.
+        resume: continue an interrupted pass (SPEC §9): start from these sums and report and skip the first
+            ``resume.batches_done`` batches of ``batches`` (they are already in the sums). Under ``torchrun`` each
+            rank resumes from its own state, before the end-of-pass reduction.
+        on_batch_end: called after every processed batch with ``(batches_done, index, collector, report)``:
+            the number of this process's batches consumed so far, the global index of the batch just processed,
+            and the (local, unreduced) sums and report, for example to checkpoint them with
+            :func:`kronfisher.save_sums` (``local=True`` under ``torchrun``).
 
     """
     model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks (SPEC §8)
@@ -258,19 +288,20 @@ def collect(
         raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
     collector = FactorCollector(discovery.infos, cfg, device=model_device(model))
     report = CollectionReport()
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     start = 0
     if resume is not None:
-        start = resume.install(collector, generator)
+        start = resume.install(collector)
         report = resume.report
+    index_of = global_indices(batches)
     cap = Capture(discovery.modules, discovery.infos, collector, cfg.on_nonfinite)
     with eval_mode(model), activation_only_backward(model), cap:
-        for i, batch in enumerate(_progress(batches, progress, "K-FAC factors")):
-            if i < start:
+        for k, batch in enumerate(_progress(batches, progress, "K-FAC factors")):
+            if k < start:
                 continue
-            run_batch(model, batch, cap, cfg, i, report, generator, loss_fn)
+            i = index_of(k)
+            run_batch(model, batch, cap, cfg, i, report, loss_fn)
             if on_batch_end is not None:
-                on_batch_end(i, collector, report, generator)
+                on_batch_end(k + 1, i, collector, report)
     fired = reduce_collection(collector.sums, report, cap.fired)  # SPEC §8: once per pass; no-op on one process
     _finish_report(report, discovery, fired, cap, model=model, collector=collector)
     return discovery, collector, report
@@ -383,6 +414,8 @@ class CaptureSession:
         ok = self._cap.commit(index)
         if ok:
             self.report.loss_terms += int(num_terms)
+            self.report.loss_sum += float(loss.detach()) * scale
+            self.report.tokens += t if t is not None else 0
             self.report.batches += 1
         return ok
 

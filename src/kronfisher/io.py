@@ -397,6 +397,7 @@ def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Modu
         report.tokens += f.report.tokens
         report.loss_terms += f.report.loss_terms
         report.batches += f.report.batches
+        report.loss_sum += f.report.loss_sum
         report.warnings.extend(f.report.warnings)
     never = {n for _, f in files for n in f.report.never_fired}
     report.never_fired = sorted(n for n in never if not (n in sums and sums[n].A.count > 0))

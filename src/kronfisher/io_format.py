@@ -17,6 +17,7 @@ directory; on any failure the temporary file is removed and an existing destinat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -149,11 +150,20 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any], *, local: bool = False
+) -> Path:
     """Write ``tensors`` and the JSON ``meta`` to ``path`` atomically (SPEC §9).
 
     The file is written to a temporary name in the same directory, flushed to disk, and renamed over ``path``.
     On any failure the temporary file is removed, so nothing partial is ever left under either name.
+
+    Args:
+        path: destination.
+        tensors: named tensors.
+        meta: JSON metadata.
+        local: this process writes its own file (a per-rank checkpoint): no rank-0 rule, no barrier. Otherwise,
+            under ``torchrun``, only rank 0 writes and every rank waits for the file (SPEC §8).
 
     Returns:
         The destination path.
@@ -164,6 +174,8 @@ def atomic_write(path: str | os.PathLike[str], tensors: dict[str, Tensor], meta:
     path = Path(path)
     if path.is_dir():
         raise FileFormatError(f"Cannot write factors to {path}: it is a directory.")
+    if local:
+        return _atomic_write_local(path, tensors, meta)
     if not is_main_process():  # SPEC §8: only rank 0 writes; the others wait until the file is complete
         barrier()
         return path
@@ -191,6 +203,24 @@ def _atomic_write_local(path: Path, tensors: dict[str, Tensor], meta: dict[str, 
             pass
         raise
     _fsync_path(path.parent, directory=True)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary name and a rename (reports, plots): never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 

@@ -145,13 +145,16 @@ def report_from_dict(d: Mapping[str, Any]) -> CollectionReport:
     return CollectionReport(**kwargs)
 
 
-def write_file(path: PathLike, payload: Payload, meta: dict[str, Any]) -> Path:
-    """Record per-tensor checksums and the payload checksum in ``meta``, then write atomically."""
+def write_file(path: PathLike, payload: Payload, meta: dict[str, Any], *, local: bool = False) -> Path:
+    """Record per-tensor checksums and the payload checksum in ``meta``, then write atomically.
+
+    ``local``: see :func:`~kronfisher.io_format.atomic_write`.
+    """
     tensors, entries = payload.prepared()
     meta["tensors"] = entries
     meta["payload_sha256"] = payload_digest(entries)
     try:
-        return atomic_write(path, tensors, meta)
+        return atomic_write(path, tensors, meta, local=local)
     except TypeError as err:  # json.dumps of a user extra_meta
         raise ConfigError(f"Metadata for {path} is not JSON-serialisable: {err}") from err
 
@@ -254,6 +257,7 @@ def save_sums(
     report: CollectionReport | None = None,
     model: nn.Module | None = None,
     extra_meta: Mapping[str, Any] | None = None,
+    local: bool = False,
 ) -> Path:
     """Write raw sums and counts atomically, to resume collection or merge later (SPEC §3.3, §9).
 
@@ -265,6 +269,8 @@ def save_sums(
         report: the collection report so far.
         model: when given, checked against the layer shapes and described in the metadata (weights never stored).
         extra_meta: JSON-serialisable data for the caller (for example how many batches were consumed).
+        local: write this process's own sums, without the rank-0 rule and barrier of ``torchrun`` runs: a per-rank
+            checkpoint inside a pass (a barrier there would hang ranks with different batch counts, SPEC §8).
 
     Returns:
         The written path.
@@ -278,7 +284,7 @@ def save_sums(
     payload = Payload()
     meta["sums"] = sums_meta(payload, sums)
     meta["layers"] = _sums_rows(infos, meta["sums"])
-    return write_file(path, payload, meta)
+    return write_file(path, payload, meta, local=local)
 
 
 def _tensor_state(header: Header, part: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:

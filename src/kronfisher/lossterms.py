@@ -2,11 +2,14 @@
 
 The loss is computed here from the logits, in the logits' dtype (float64 stays float64, SPEC §11), as the
 *summed* loss ``L_sum`` over loss terms, so captured gradients need no rescaling. ``empirical`` uses the data
-targets; ``mc`` samples targets from the model's predictive distribution with a seeded generator.
+targets; ``mc`` samples targets from the model's predictive distribution with a generator seeded from the
+configured seed, the pass and the *global* index of the batch (:func:`mc_generator`), so the draws of a batch do not
+depend on how the data is split over ranks, on batches before it, or on an interruption and resume (SPEC §2, §8, §9).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -73,6 +76,28 @@ def summed_ce(logits: Tensor, targets: Tensor) -> Tensor:
     """``Σ_n ℓ_n`` for cross-entropy, computed in the logits' dtype (at least float32)."""
     work = torch.promote_types(logits.dtype, torch.float32)
     return F.cross_entropy(logits.to(work), targets, reduction="sum")
+
+
+PASS_KFAC = 0
+PASS_EKFAC = 1
+
+
+def mc_generator(seed: int, pass_id: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the MC targets of one batch: a function of ``(seed, pass, global batch index)`` alone.
+
+    One process over all batches and ``torchrun`` ranks over their shards draw the same targets for the same batch
+    (SPEC §8), and a resumed run draws what the uninterrupted run would have (SPEC §9). The stream is the device's
+    own (CPU and CUDA generators differ), so no logits are copied to the CPU to sample.
+
+    Args:
+        seed: ``KFACConfig.seed``.
+        pass_id: :data:`PASS_KFAC` for the factor pass, :data:`PASS_EKFAC` for the eigenvalue-correction pass.
+        index: index of the batch in the whole (unsharded) data.
+        device: device of the logits.
+
+    """
+    digest = hashlib.sha256(f"kronfisher-mc:{int(seed)}:{int(pass_id)}:{int(index)}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def sample_targets(logits: Tensor, generator: torch.Generator) -> Tensor:

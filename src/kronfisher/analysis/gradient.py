@@ -9,6 +9,7 @@ per batch with the same hooks as collection (parameters stay frozen: no weight g
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..accumulate import CollectionReport
 from ..capture import BatchContext, Capture, Staged
 from ..config import KFACConfig
-from ..fit import _to_device, activation_only_backward, eval_mode, model_device
+from ..distributed import all_reduce_tensors, global_indices, is_distributed, unwrap_model
+from ..fit import activation_only_backward, eval_mode, model_device, run_batch
 from ..layers import LayerInfo, discover_layers, split
-from ..lossterms import lm_terms, summed_ce
 
 
 class GradientProcessor:
@@ -80,6 +82,10 @@ def mean_gradient(
 ) -> MeanGradient:
     """Mean-loss gradient of every tracked layer over causal-LM ``batches`` (empirical targets).
 
+    The same forward/backward as the K-FAC pass (:func:`~kronfisher.fit.run_batch`) with a gradient processor in
+    place of the factor collector. Under ``torchrun`` pass this rank's :class:`~kronfisher.distributed.Shard`:
+    the sums and counts of every rank are added at the end, so every rank returns the gradient over all the data.
+
     Args:
         model: causal LM.
         batches: mappings with ``input_ids`` and optional ``attention_mask`` / ``labels``.
@@ -87,37 +93,21 @@ def mean_gradient(
         on_batch: called after each batch with ``(index, batch)`` (progress bars).
 
     """
+    model = unwrap_model(model)
     discovery = discover_layers(model, cfg.include, cfg.exclude)
     proc = GradientProcessor(discovery.infos)
     cap = Capture(discovery.modules, discovery.infos, proc, "raise")
-    total_loss = 0.0
-    n_terms = 0
-    n_tokens = 0
-    device = model_device(model)
+    report = CollectionReport()
+    data_targets = dataclasses.replace(cfg, fisher="empirical", mc_samples=1)  # the gradient of the data loss
+    index_of = global_indices(batches)
     with eval_mode(model), activation_only_backward(model), cap:
-        for i, batch in enumerate(batches):
-            b = _to_device(batch, device)
-            fwd = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids") if k in b}
-            logits = model(**fwd).logits
-            terms = lm_terms(logits, b, cfg.ignore_index)
-            if terms.num_terms == 0 or terms.num_tokens == 0:
-                cap.discard()
-            else:
-                loss = summed_ce(terms.logits, terms.targets)
-                cap.backward(
-                    loss,
-                    batch=i,
-                    grad_scale=1.0,
-                    num_terms=terms.num_terms,
-                    attention_mask=terms.attention_mask,
-                )
-                cap.commit(i)
-                total_loss += float(loss.detach())
-                n_terms += terms.num_terms
-                n_tokens += terms.num_tokens
+        for k, batch in enumerate(batches):
+            run_batch(model, batch, cap, data_targets, index_of(k), report)
             if on_batch is not None:
-                on_batch(i, batch)
-    combined = {name: s / max(n_terms, 1) for name, s in proc.sums.items()}
+                on_batch(k, batch)
+    _reduce(proc, discovery.infos, report, model_device(model))
+    n_terms = report.loss_terms
+    combined = {name: proc.sums[name] / max(n_terms, 1) for name in discovery.infos if name in proc.sums}
     params: dict[str, Tensor] = {}
     for name, v in combined.items():
         info = discovery.infos[name]
@@ -125,4 +115,17 @@ def mean_gradient(
         params[info.weight_name] = w
         if b is not None and info.bias_name:
             params[info.bias_name] = b
-    return MeanGradient(combined, params, total_loss / max(n_terms, 1), n_terms, n_tokens)
+    return MeanGradient(combined, params, report.loss_sum / max(n_terms, 1), n_terms, report.tokens)
+
+
+def _reduce(proc: GradientProcessor, infos: dict[str, LayerInfo], report: CollectionReport, device: Any) -> None:
+    """Sum the gradient sums and the counts of every rank, in place (SPEC §8; no-op on one process)."""
+    if not is_distributed():
+        return
+    for name, info in infos.items():  # a rank on which a layer never fired contributes zeros
+        if name not in proc.sums:
+            proc.sums[name] = torch.zeros(info.v_shape, dtype=torch.float64, device=device)
+    scalars = torch.tensor([report.loss_sum, report.loss_terms, report.tokens], dtype=torch.float64)
+    all_reduce_tensors([*(proc.sums[n] for n in infos), scalars])
+    report.loss_sum = float(scalars[0])
+    report.loss_terms, report.tokens = int(scalars[1]), int(scalars[2])

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io_format import atomic_write_bytes
 from .plots import Plot
 
 METRIC_HELP: dict[str, str] = {
@@ -108,8 +109,7 @@ def _layer_cell(row: Mapping[str, Any], key: str) -> str:
 
 def write_json(report: Mapping[str, Any], path: Path) -> Path:
     """Strict JSON (no NaN / Infinity)."""
-    path.write_text(json.dumps(_clean(report), indent=1, allow_nan=False), encoding="utf-8")
-    return path
+    return atomic_write_bytes(path, json.dumps(_clean(report), indent=1, allow_nan=False).encode("utf-8"))
 
 
 # Markdown -------------------------------------------------------------------------------------------------------
@@ -296,13 +296,13 @@ def write_report(report: dict[str, Any], plots: Sequence[Plot], out_dir: Path) -
     if plots:
         (out_dir / "plots").mkdir(exist_ok=True)
         for p in plots:
-            (out_dir / p.file).write_bytes(p.png)
+            atomic_write_bytes(out_dir / p.file, p.png)
     paths = {
         "json": write_json(report, out_dir / "report.json"),
         "md": out_dir / "report.md",
         "html": out_dir / "report.html",
     }
     clean = _clean(report)
-    paths["md"].write_text(render_markdown(clean), encoding="utf-8")
-    paths["html"].write_text(render_html(clean, images), encoding="utf-8")
+    atomic_write_bytes(paths["md"], render_markdown(clean).encode("utf-8"))
+    atomic_write_bytes(paths["html"], render_html(clean, images).encode("utf-8"))
     return paths

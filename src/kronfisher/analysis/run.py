@@ -4,18 +4,19 @@ For each model, in order: load it and its tokenizer, tokenise the data, run the 
 sums every few batches so that ``--resume`` continues after a kill, SPEC §9), decompose, optionally run the EK-FAC
 pass, save the factor file, compute the mean-loss gradient and its natural gradient, and the per-layer metrics.
 Every model after the first is compared with the first (the base). Finally the report is written.
+
+Under ``torchrun --nproc_per_node=N`` every pass runs on each rank's shard of the batches and is merged at its end
+(SPEC §8): the factor file and the report equal those of one process, and rank 0 alone writes them.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
+import dataclasses
 import math
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,23 +26,22 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..accumulate import CollectionReport
 from ..config import KFACConfig
-from ..data import TextBatches, build_batches
+from ..data import build_batches
+from ..distributed import Shard, barrier, get_world_size, is_main_process
 from ..ekfac import correct
 from ..errors import InputError
 from ..factors import decompose_all
-from ..fit import CollectState, collect
-from ..io import SUM_FIELDS, load, load_sums, model_fingerprint, read_metadata, save, save_sums
+from ..io import load, read_metadata, save
 from ..layers import combine, discover_layers
 from ..models import LoadedModel, embedded_text_path, load_model
 from ..operator import KFAC
+from .checkpoint import checkpoint_path, collect_with_checkpoints, mismatch, run_identity
 from .gradient import mean_gradient
+from .launch import process_group
 from .metrics import compare_layer, highlights, layer_metrics, natural_gradients, totals
 from .plots import Plot, comparison_plots, model_plots
 from .report import write_report
-
-CHECKPOINT_SECONDS = 300.0  # default checkpoint interval when --checkpoint-every is not given
 
 
 @dataclass
@@ -104,39 +104,21 @@ class _NoBar:
         pass
 
 
-def _tracked(batches: Iterable[dict[str, Tensor]], bar: Any) -> Iterator[dict[str, Tensor]]:
-    """Yield batches, advancing ``bar`` by each batch's attended tokens once it has been processed."""
-    for b in batches:
-        yield b
-        bar.update(int(b["attention_mask"].sum()))
+class _Tracked:
+    """The batches of this rank, advancing ``bar`` by each batch's attended tokens once it has been processed.
 
+    Keeps the shard's global batch indices visible (``global_index``), on which MC seeds depend (SPEC §8).
+    """
 
-def weights_digest(model: nn.Module) -> str:
-    """A cheap identity of the weights: sha256 of every parameter's name, shape, sum and sum of squares."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            t = p.detach().to(torch.float64)
-            h.update(f"{name}:{list(p.shape)}:{float(t.sum())!r}:{float(t.square().sum())!r};".encode())
-    return h.hexdigest()
+    def __init__(self, shard: Shard, bar: Any) -> None:
+        self.shard = shard
+        self.bar = bar
+        self.global_index = shard.global_index
 
-
-def run_identity(lm: LoadedModel, tb: TextBatches, cfg: KFACConfig) -> dict[str, Any]:
-    """What a checkpoint or factor file must match to be resumed from (model, weights, data, config)."""
-    fp = json.dumps(model_fingerprint(lm.model), sort_keys=True)
-    full = cfg.to_dict()
-    return {
-        "model": lm.source.spec,
-        "fingerprint_sha256": hashlib.sha256(fp.encode()).hexdigest(),
-        "weights_sha256": weights_digest(lm.model),
-        "data_sha256": tb.fingerprint,
-        "sums_config": {k: full[k] for k in (*SUM_FIELDS, "seed", "on_nonfinite")},
-        "config": full,
-    }
-
-
-def _mismatch(saved: dict[str, Any], want: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    return [k for k in want if k not in ignore and saved.get(k) != want[k]]
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        for b in self.shard:
+            yield b
+            self.bar.update(int(b["attention_mask"].sum()))
 
 
 @dataclass
@@ -159,65 +141,6 @@ def layer_params(model: nn.Module, fisher: KFAC) -> dict[str, Tensor]:
         bias = module.bias.detach() if info.has_bias else None
         out[name] = combine(info, module.weight.detach(), bias).to("cpu").clone()
     return out
-
-
-def _collect_with_checkpoints(
-    lm: LoadedModel,
-    tb: TextBatches,
-    opts: AnalyzeOptions,
-    identity: dict[str, Any],
-    ckpt: Path,
-    console: Console,
-) -> tuple[Any, Any, CollectionReport]:
-    cfg = opts.cfg
-    resume_state = None
-    done_tokens = 0
-    if opts.resume and ckpt.exists():
-        sf = load_sums(ckpt)
-        extra = sf.meta.get("extra", {})
-        bad = _mismatch(extra.get("identity", {}), identity, ignore=("config",))  # damping etc. may change
-        if bad:
-            raise InputError(
-                f"Checkpoint {ckpt} was written for a different run: {', '.join(bad)} differ.",
-                hint="Run without --resume to start over (the checkpoint is then replaced), or restore the same "
-                "model, data and options.",
-            )
-        gen = extra.get("generator_state")
-        state = torch.frombuffer(bytearray(base64.b64decode(gen)), dtype=torch.uint8) if gen else None
-        done = int(extra["batches_done"])
-        resume_state = CollectState(sf.sums, sf.report, done, state)
-        done_tokens = sum(tb.batch_tokens()[:done])
-        console.info(f"  resuming from {ckpt}: {done} of {len(tb.batches)} batches already collected")
-    elif opts.resume:
-        console.info(f"  no checkpoint at {ckpt}: starting from the beginning")
-    every = opts.checkpoint_every
-    last = time.monotonic()
-    bar = console.bar(tb.tokens, "  K-FAC factors", initial=done_tokens)
-    sizes = tb.batch_tokens()
-
-    def on_batch_end(i: int, collector: Any, report: CollectionReport, generator: torch.Generator) -> None:
-        nonlocal last
-        bar.update(sizes[i])
-        due = (every is not None and every > 0 and (i + 1) % every == 0) or (
-            every is None and time.monotonic() - last > CHECKPOINT_SECONDS
-        )
-        if due and i + 1 < len(tb.batches):
-            extra = {
-                "identity": identity,
-                "batches_done": i + 1,
-                "generator_state": base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii"),
-            }
-            save_sums(ckpt, collector.infos, collector.sums, cfg, report=report, model=lm.model, extra_meta=extra)
-            last = time.monotonic()
-
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        discovery, collector, report = collect(
-            lm.model, tb.batches, cfg, resume=resume_state, on_batch_end=on_batch_end
-        )
-    finally:
-        bar.close()
-    return discovery, collector, report
 
 
 def _check_selection(lm: LoadedModel, cfg: KFACConfig) -> None:
@@ -262,23 +185,39 @@ def analyze_model(
     timings["tokenize"] = time.monotonic() - t
     console.info(f"  data: {tb.tokens} tokens, {tb.num_sequences} sequences, {len(tb.batches)} batches")
     identity = run_identity(lm, tb, cfg)
+    shard = Shard(tb.batches)  # under torchrun: every world_size-th batch; else all of them
     slug = f"{index}-{lm.source.slug}"
     factor_path = out / "factors" / f"{slug}.safetensors"
-    ckpt = out / "checkpoints" / f"{slug}.sums.safetensors"
+    ckpt = checkpoint_path(out / "checkpoints", slug)
     fisher = None
     if opts.resume and factor_path.exists():
         extra = read_metadata(factor_path).get("extra", {})
-        if not _mismatch(extra.get("identity", {}), identity):
+        if not mismatch(extra.get("identity", {}), identity):
             console.info(f"  factors already complete in {factor_path}: reusing them")
             fisher = load(factor_path, model=lm.model)
     if fisher is None:
         t = time.monotonic()
-        discovery, collector, report = _collect_with_checkpoints(lm, tb, opts, identity, ckpt, console)
+        bar = console.bar(tb.tokens, "  K-FAC factors")
+        try:
+            discovery, collector, report = collect_with_checkpoints(
+                lm,
+                shard,
+                tb.batch_tokens(),
+                cfg,
+                identity,
+                ckpt,
+                resume=opts.resume,
+                every=opts.checkpoint_every,
+                info=console.info,
+                bar=bar,
+            )
+        finally:
+            bar.close()
         timings["collect"] = time.monotonic() - t
         t = time.monotonic()
         live = {n: s for n, s in collector.sums.items() if s.A.count > 0 and s.G.count > 0}
         bar = console.bar(len(live), "  decompose", unit="layer")
-        blocks = decompose_all(live, cfg, on_layer=lambda _: bar.update(1))
+        blocks = decompose_all(live, cfg, spread=True, on_layer=lambda _: bar.update(1))  # spread: SPEC §8
         bar.close()
         fisher = KFAC({n: discovery.infos[n] for n in live}, blocks, cfg, sums=collector.sums, report=report)
         fisher.attach_model(lm.model)
@@ -287,28 +226,29 @@ def analyze_model(
             t = time.monotonic()
             bar = console.bar(tb.tokens, "  EK-FAC eigenvalues")
             try:
-                correct(fisher, lm.model, _tracked(tb.batches, bar))
+                correct(fisher, lm.model, _Tracked(shard, bar))
             finally:
                 bar.close()
             timings["ekfac"] = time.monotonic() - t
         t = time.monotonic()
         factor_path.parent.mkdir(parents=True, exist_ok=True)
-        save(
+        save(  # on every rank: rank 0 writes, the others wait for the complete file (SPEC §8)
             fisher,
             factor_path,
             model=lm.model,
             include_sums=opts.save_sums,
             extra_meta={"identity": identity, "data": tb.sources},
         )
-        ckpt.unlink(missing_ok=True)
-        if ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
+        ckpt.unlink(missing_ok=True)  # each rank its own checkpoint
+        barrier()
+        if is_main_process() and ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
             ckpt.parent.rmdir()
         timings["save"] = time.monotonic() - t
     fisher.sums = None  # saved; the raw sums are not needed for the analysis
     t = time.monotonic()
     bar = console.bar(tb.tokens, "  gradient")
     try:
-        grad = mean_gradient(lm.model, _tracked(tb.batches, bar), cfg)
+        grad = mean_gradient(lm.model, _Tracked(shard, bar), cfg)  # all-reduced over ranks
     finally:
         bar.close()
     timings["gradient"] = time.monotonic() - t
@@ -437,8 +377,15 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
         InputError: a model or data source the user can fix; kronfisher errors for the rest.
 
     """
-    console = console or Console(opts.quiet)
-    if opts.quiet:
+    with process_group(opts.device) as device:  # torchrun: join the group; each rank its own GPU (SPEC §8)
+        opts = dataclasses.replace(opts, device=device)
+        if not is_main_process():  # one progress display and one set of files, from rank 0
+            console = Console(True)
+        return _analyze(opts, console or Console(opts.quiet))
+
+
+def _analyze(opts: AnalyzeOptions, console: Console) -> dict[str, Any]:
+    if opts.quiet or console.quiet:
         _silence_transformers()
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -457,7 +404,7 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
                 "batch_size": opts.batch_size,
                 "max_tokens": opts.max_tokens,
             }
-        if opts.plots:
+        if opts.plots and is_main_process():
             plots += model_plots(i, f"model {i}", res.entry["layers"], res.spectra)
         if base is None:
             base = res
@@ -465,7 +412,7 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
             console.info(f"  comparing with the base model {base.entry['name']}")
             comp = compare_models(base, res, opts.overlap_k)
             comparisons.append(comp)
-            if opts.plots:
+            if opts.plots and is_main_process():
                 plots += comparison_plots(len(comparisons) - 1, f"model {i} vs model 0", comp["layers"])
             res.fisher = None  # type: ignore[assignment]  # free the other model's factors
             res.params = {}
@@ -484,6 +431,7 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
             "overlap_k": opts.overlap_k,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "processes": get_world_size(),
         },
         "fisher": {"description": describe_fisher(opts.cfg), "config": opts.cfg.to_dict()},
         "gradient": GRADIENT_TEXT,
@@ -492,8 +440,10 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
         "models": [r.entry for r in results],
         "comparisons": comparisons,
     }
-    paths = write_report(report, plots, out)
-    console.info(f"wrote {paths['html']}, {paths['md']}, {paths['json']}")
+    if is_main_process():
+        paths = write_report(report, plots, out)
+        console.info(f"wrote {paths['html']}, {paths['md']}, {paths['json']}")
+    barrier()  # no rank returns (and reads the report) before it is written
     return report
 
 

@@ -1,0 +1,146 @@
+"""Resumable K-FAC pass of ``kronfisher analyze``: run identity, checkpoints, ``--resume`` (SPEC §9).
+
+The raw sums are checkpointed every few batches (atomic writes). Under ``torchrun`` each rank checkpoints its own
+shard's sums to its own file (``<model>.rank<r>-of-<w>.sums.safetensors``) without any collective, so ranks with
+different batch counts never wait on each other mid-pass; ``--resume`` then restarts every rank from its own file
+and the end-of-pass reduction merges them as usual (SPEC §8). MC targets are seeded per global batch index, so a
+resumed run draws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..accumulate import CollectionReport
+from ..config import KFACConfig
+from ..data import TextBatches
+from ..distributed import Shard, get_rank, get_world_size
+from ..errors import InputError
+from ..fit import CollectState, collect
+from ..io import SUM_FIELDS, load_sums, model_fingerprint, save_sums
+from ..models import LoadedModel
+
+CHECKPOINT_SECONDS = 300.0  # default checkpoint interval when --checkpoint-every is not given
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A cheap identity of the weights: sha256 of every parameter's name, shape, sum and sum of squares."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = p.detach().to(torch.float64)
+            h.update(f"{name}:{list(p.shape)}:{float(t.sum())!r}:{float(t.square().sum())!r};".encode())
+    return h.hexdigest()
+
+
+def run_identity(lm: LoadedModel, tb: TextBatches, cfg: KFACConfig) -> dict[str, Any]:
+    """What a checkpoint or factor file must match to be resumed from (model, weights, data, config)."""
+    fp = json.dumps(model_fingerprint(lm.model), sort_keys=True)
+    full = cfg.to_dict()
+    return {
+        "model": lm.source.spec,
+        "fingerprint_sha256": hashlib.sha256(fp.encode()).hexdigest(),
+        "weights_sha256": weights_digest(lm.model),
+        "data_sha256": tb.fingerprint,
+        "sums_config": {k: full[k] for k in (*SUM_FIELDS, "seed", "on_nonfinite")},
+        "config": full,
+    }
+
+
+def mismatch(saved: dict[str, Any], want: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys of ``want`` whose values differ in ``saved`` (except ``ignore``)."""
+    return [k for k in want if k not in ignore and saved.get(k) != want[k]]
+
+
+def checkpoint_path(folder: Path, slug: str) -> Path:
+    """The checkpoint file of this rank: one per rank under ``torchrun``, so no rank waits for another."""
+    world = get_world_size()
+    if world == 1:
+        return folder / f"{slug}.sums.safetensors"
+    return folder / f"{slug}.rank{get_rank()}-of-{world}.sums.safetensors"
+
+
+def _resume_state(
+    ckpt: Path, identity: dict[str, Any], shard: Shard, info: Callable[[str], None]
+) -> CollectState | None:
+    sf = load_sums(ckpt)
+    extra = sf.meta.get("extra", {})
+    bad = mismatch(extra.get("identity", {}), identity, ignore=("config",))  # damping etc. may change
+    saved_world = extra.get("world_size", 1)
+    if saved_world != shard.world_size:
+        bad.append(f"world size ({saved_world} then, {shard.world_size} now)")
+    if bad:
+        raise InputError(
+            f"Checkpoint {ckpt} was written for a different run: {', '.join(bad)} differ.",
+            hint="Run without --resume to start over (the checkpoint is then replaced), or restore the same "
+            "model, data, options and number of processes.",
+        )
+    done = int(extra["batches_done"])
+    info(f"  resuming from {ckpt}: {done} of {len(shard)} batches already collected")
+    return CollectState(sf.sums, sf.report, done)
+
+
+def collect_with_checkpoints(
+    lm: LoadedModel,
+    shard: Shard,
+    sizes: list[int],
+    cfg: KFACConfig,
+    identity: dict[str, Any],
+    ckpt: Path,
+    *,
+    resume: bool,
+    every: int | None,
+    info: Callable[[str], None],
+    bar: Any,
+) -> tuple[Any, Any, CollectionReport]:
+    """The K-FAC pass over this rank's ``shard`` with checkpoints every ``every`` batches (or 5 minutes).
+
+    Args:
+        lm: the loaded model.
+        shard: this rank's batches (all batches on one process).
+        sizes: attended tokens of every batch of the whole data (global index), for the progress bar.
+        cfg: configuration.
+        identity: :func:`run_identity` of this run.
+        ckpt: this rank's checkpoint file (:func:`checkpoint_path`).
+        resume: continue from ``ckpt`` if it exists.
+        every: checkpoint every N batches of this rank (None: every :data:`CHECKPOINT_SECONDS`).
+        info: status-line printer.
+        bar: progress bar with ``update(tokens)``.
+
+    Returns:
+        ``(discovery, collector, report)`` of :func:`~kronfisher.fit.collect`, reduced over ranks.
+
+    """
+    state = None
+    if resume and ckpt.exists():
+        state = _resume_state(ckpt, identity, shard, info)
+        bar.update(sum(sizes[shard.global_index(k)] for k in range(state.batches_done)))
+    elif resume:
+        info(f"  no checkpoint at {ckpt}: starting from the beginning")
+    last = time.monotonic()
+    local_batches = len(shard)
+
+    def on_batch_end(done: int, index: int, collector: Any, report: CollectionReport) -> None:
+        nonlocal last
+        bar.update(sizes[index])
+        if every is not None:
+            due = done % every == 0
+        else:
+            due = time.monotonic() - last > CHECKPOINT_SECONDS
+        if due and done < local_batches:
+            extra = {"identity": identity, "batches_done": done, "world_size": shard.world_size}
+            save_sums(
+                ckpt, collector.infos, collector.sums, cfg, report=report, model=lm.model, extra_meta=extra, local=True
+            )
+            last = time.monotonic()
+
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    return collect(lm.model, shard, cfg, resume=state, on_batch_end=on_batch_end)
