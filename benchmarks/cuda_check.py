@@ -1,0 +1,405 @@
+"""CUDA checks and GPU timings, for a machine with a GPU (no test of the suite needs one).
+
+Run from the repository root: ``PYTHONPATH=src python benchmarks/cuda_check.py --out DIR`` (``--device cpu --quick``
+is a dry run of the same code on CPU). Writes ``DIR/cuda_check.json`` and prints a table. Sections, each
+independent (a failure is recorded with its traceback and the next section runs):
+
+* ``equal``: ``kf.fit`` (EK-FAC, empirical, float64, tiny Qwen2 with a low-rank lm_head) on the GPU equals the CPU
+  fit: max relative error of every layer's dense EK-FAC matrix and of the damped natural gradient; where each sum
+  lives (``A`` and dense ``G`` on the GPU, low-rank ``G`` on CPU, SPEC §6).
+* ``mc``: the MC Fisher on the GPU is reproducible (two fits, bitwise equal) and samples on the GPU.
+* ``cli``: ``kronfisher analyze --device cuda`` against ``--device cpu`` on a saved tiny model (float64): max
+  relative difference of every number of the report's layer table (undamped condition numbers excluded).
+* ``oom``: a real ``torch.OutOfMemoryError`` (memory capped with ``set_per_process_memory_fraction``) during
+  collection moves that factor's work to CPU with a ``PlacementWarning``; factors equal an uncapped run.
+* ``perf``: medium Qwen2 (8×256 tokens) and a SmolLM2-135M-shaped Llama (random weights, 4×256): plain
+  forward+backward, K-FAC collection, decomposition, EK-FAC pass, natural gradient; medians of 3 after a warm-up,
+  ratios to forward+backward, peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import kronfisher as kf  # noqa: E402
+from kronfisher.errors import PlacementWarning  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _tiny_qwen2(vocab: int = 300, hidden: int = 32, layers: int = 2) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _batches(vocab: int, n: int, b: int, s: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (b, s), generator=g)
+        mask = torch.ones(b, s, dtype=torch.long)
+        mask[0, s - 3 :] = 0  # some right padding
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def check_equal(device: str) -> dict[str, Any]:
+    """GPU fit equals CPU fit (float64)."""
+    data = _batches(300, 3, 3, 24)
+    cfg = kf.KFACConfig(ekfac=True, accumulate_dtype="float64", lowrank_threshold=64, lowrank_dtype="float64")
+    fits = {}
+    for dev in ("cpu", device):
+        model = _tiny_qwen2().to(torch.float64).to(dev)
+        fits[dev] = (kf.fit(model, data, cfg), model)
+    (ref, ref_model), (got, _) = fits["cpu"], fits[device]
+    out: dict[str, Any] = {"layers": len(ref.layer_names)}
+    out["max_rel_dense_ekfac"] = max(_rel(got.to_dense(n), ref.to_dense(n)) for n in ref.layer_names)
+    gen = torch.Generator().manual_seed(3)
+    probe = {
+        n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in ref_model.named_parameters() if p.ndim
+    }
+    nat_ref = ref.natural_gradient(probe)
+    nat_got = got.natural_gradient({k: v.to(device) for k, v in probe.items()})
+    out["max_rel_natgrad"] = max(_rel(nat_got[k], nat_ref[k]) for k in nat_ref)
+    sums = got.sums or {}
+    out["sum_devices"] = {
+        "A(model.layers.0.self_attn.q_proj)": str(sums["model.layers.0.self_attn.q_proj"].A.sum.device),
+        "G(model.layers.0.mlp.down_proj)": str(sums["model.layers.0.mlp.down_proj"].G.sum.device),
+        "G(lm_head) low-rank": str(sums["lm_head"].G.factor_U(torch.float64).device),
+    }
+    out["lm_head_representation"] = got.block("lm_head").representation
+    out["ok"] = out["max_rel_dense_ekfac"] < 1e-8 and out["max_rel_natgrad"] < 1e-8
+    return out
+
+
+def check_mc(device: str) -> dict[str, Any]:
+    """MC Fisher on the GPU: reproducible, targets drawn on the logits' device."""
+    data = _batches(300, 2, 2, 16)
+    cfg = kf.KFACConfig(fisher="mc", mc_samples=2, accumulate_dtype="float64", lowrank_threshold=64)
+    model = _tiny_qwen2().to(torch.float64).to(device)
+    import kronfisher.lossterms as lt
+
+    seen: list[str] = []
+    original = lt.sample_targets
+
+    def spy(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        seen.append(f"{logits.device}/{generator.device}")
+        return original(logits, generator)
+
+    import importlib
+
+    kfit = importlib.import_module("kronfisher.fit")  # the module (kronfisher.fit the attribute is the function)
+    kfit.sample_targets = spy
+    try:
+        a, b = kf.fit(model, data, cfg), kf.fit(model, data, cfg)
+    finally:
+        kfit.sample_targets = original
+    same = all(torch.equal(a.to_dense(n), b.to_dense(n)) for n in a.layer_names)
+    devices = sorted(set(seen))
+    return {"bitwise_reproducible": same, "logits/generator devices": devices, "ok": same and len(devices) == 1}
+
+
+def _char_tokenizer() -> Any:
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2}
+    for c in sorted(set(string.printable)):
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+
+
+def _numbers(x: Any, path: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(x, dict):
+        for k, v in x.items():
+            out.update(_numbers(v, f"{path}/{k}"))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            out.update(_numbers(v, f"{path}/{i}"))
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        out[path] = float(x)
+    return out
+
+
+def check_cli(device: str) -> dict[str, Any]:
+    """``kronfisher analyze --device cuda`` equals ``--device cpu`` (float64, empirical, EK-FAC)."""
+    tmp = Path(tempfile.mkdtemp(prefix="kf-cuda-cli-"))
+    model = _tiny_qwen2(vocab=128)
+    model.save_pretrained(tmp / "m")
+    _char_tokenizer().save_pretrained(tmp / "m")
+    text = (ROOT / "src" / "kronfisher" / "data" / "pride_and_prejudice.txt").read_text()[:6000]
+    (tmp / "t.txt").write_text(text)
+    reports = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    times = {}
+    for dev in ("cpu", device):
+        args = ["analyze", "--model", str(tmp / "m"), "--data", str(tmp / "t.txt"), "--dtype", "float64"]
+        args += ["--accumulate-dtype", "float64", "--ekfac", "--lowrank-threshold", "64", "--seq-len", "64"]
+        args += ["--max-tokens", "1024", "--no-plots", "--quiet", "--device", dev, "--output-dir", str(tmp / dev)]
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "kronfisher.cli", *args], env=env, capture_output=True, text=True)
+        times[dev] = time.perf_counter() - t0
+        if proc.returncode != 0:
+            return {"ok": False, "device": dev, "stderr": proc.stderr[-3000:]}
+        reports[dev] = json.loads((tmp / dev / "report.json").read_text())["models"][0]
+    a, b = _numbers(reports[device]["layers"]), _numbers(reports["cpu"]["layers"])
+    worst = max(
+        (abs(a[k] - v) / max(abs(v), 1e-12), k)
+        for k, v in b.items()
+        if not k.endswith("condition_number_raw") and k in a
+    )
+    return {
+        "ok": worst[0] < 1e-6 and a.keys() == b.keys(),
+        "max_rel_report_number": worst[0],
+        "worst_key": worst[1],
+        "report_device": reports[device]["device"],
+        "wall_s": times,
+    }
+
+
+def check_oom(device: str) -> dict[str, Any]:
+    """A real OOM during collection: the factor moves to CPU with a PlacementWarning; same factors."""
+    if not device.startswith("cuda"):
+        return {"skipped": "needs CUDA"}
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.up = nn.Linear(64, 6144)
+            self.down = nn.Linear(6144, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.tanh(self.up(x)))
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        y = model(batch["x"])
+        return torch.nn.functional.cross_entropy(y, batch["y"], reduction="sum"), {
+            "num_terms": batch["y"].numel(),
+            "reduction": "sum",
+        }
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(2048, 64, generator=g), "y": torch.randint(0, 8, (2048,), generator=g)} for _ in range(2)]
+    cfg = kf.KFACConfig(accumulate_dtype="float32")
+    ref = kf.fit(Wide().to(device), data, cfg, loss_fn=loss_fn)
+    ref_a = {n: ref.factors(n)[0].cpu() for n in ref.layer_names}
+    del ref
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = 300 * 2**20  # 6144² float32 (151 MiB) for A of down, plus its Gram work, cannot both fit
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = kf.fit(Wide().to(device), data, cfg, loss_fn=loss_fn)
+        got_a = {n: got.factors(n)[0].cpu() for n in got.layer_names}
+    except torch.OutOfMemoryError as err:
+        return {"ok": False, "unhandled_oom": str(err).splitlines()[0]}
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    placement = [str(w.message) for w in caught if issubclass(w.category, PlacementWarning)]
+    err = max(_rel(got_a[n], ref_a[n]) for n in ref_a)
+    return {
+        "ok": bool(placement) and err < 1e-5,
+        "placement_warnings": placement,
+        "max_rel_A": err,
+        "report_warnings": [w for w in got.report.warnings if "memory" in w.lower()],
+    }
+
+
+def _time(fn: Callable[[], Any], device: str, repeats: int) -> float:
+    fn()  # warm-up (kernels, allocator)
+    _sync(device)
+    walls = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls)
+
+
+def _perf_model(name: str, quick: bool) -> tuple[nn.Module, list[dict[str, torch.Tensor]], int]:
+    if name == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        layers, seqs, nb = (2, 64, 2) if quick else (6, 256, 8)
+        cfg = Qwen2Config(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(0)
+        model, vocab, b = Qwen2ForCausalLM(cfg), 32000, 8
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        layers, seqs, nb = (2, 64, 1) if quick else (30, 256, 1)
+        cfg = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=layers,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(0)
+        model, vocab, b = LlamaForCausalLM(cfg), 49152, 4
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, vocab, (b, seqs), generator=g)} for _ in range(nb)]
+    return model.eval(), batches, b * seqs * nb
+
+
+def _perf_one(name: str, device: str, quick: bool, repeats: int) -> dict[str, Any]:
+    model, batches, tokens = _perf_model(name, quick)
+    model = model.to(device)
+    on_dev = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    cfg = kf.KFACConfig()
+    state: dict[str, Any] = {}
+
+    def fwd_bwd() -> None:
+        for b in on_dev:
+            logits = model(**b, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["input_ids"][:, 1:].flatten())
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def collect() -> None:
+        state["c"] = kf.collect(model, on_dev, cfg)
+
+    def decompose() -> None:
+        disc, col, rep = state["c"]
+        state["f"] = kf.KFAC.from_sums(disc.infos, col.sums, cfg, report=rep, model=model)
+
+    def ekfac() -> None:
+        from kronfisher.ekfac import correct
+
+        state["e"] = correct(state["f"], model, on_dev)
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    row: dict[str, Any] = {"tokens": tokens, "fwd_bwd_s": _time(fwd_bwd, device, repeats)}
+    row["collect_s"] = _time(collect, device, repeats)
+    row["decompose_s"] = _time(decompose, device, repeats)
+    row["ekfac_pass_s"] = _time(ekfac, device, repeats)
+    fisher = state["f"]
+    gen = torch.Generator().manual_seed(1)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied lm_head keeps its name
+    probe = {
+        info.weight_name: torch.randn(params[info.weight_name].shape, generator=gen).to(device)
+        for info in fisher.infos.values()
+    }
+    row["natural_gradient_s"] = _time(lambda: fisher.natural_gradient(probe), device, repeats)
+    row["collect/fwd_bwd"] = row["collect_s"] / row["fwd_bwd_s"]
+    pipeline = row["collect_s"] + row["decompose_s"] + row["ekfac_pass_s"]
+    row["ekfac_pipeline/fwd_bwd"] = pipeline / row["fwd_bwd_s"]
+    if device.startswith("cuda"):
+        row["peak_gpu_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def perf(device: str, quick: bool, repeats: int) -> dict[str, Any]:
+    """Figures of the benchmark issue on this device (float32 model, default config)."""
+    out: dict[str, Any] = {}
+    for name in ("qwen2", "smollm2"):
+        out[name] = _perf_one(name, device, quick, repeats)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=["equal", "mc", "cli", "oom", "perf"])
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    results: dict[str, Any] = {"info": info}
+    sections = {
+        "equal": lambda: check_equal(args.device),
+        "mc": lambda: check_mc(args.device),
+        "cli": lambda: check_cli(args.device),
+        "oom": lambda: check_oom(args.device),
+        "perf": lambda: perf(args.device, args.quick, args.repeats),
+    }
+    for name in args.only:
+        t0 = time.perf_counter()
+        try:
+            results[name] = sections[name]()
+        except Exception:  # record and go on: one section must not hide the others
+            results[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
+        results[name]["section_wall_s"] = time.perf_counter() - t0
+        print(name, json.dumps(results[name], indent=1, default=str), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "cuda_check.json").write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
