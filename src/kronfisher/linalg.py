@@ -100,10 +100,22 @@ def all_finite(t: Tensor) -> Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
-def safe_eigh(matrix: Tensor, *, name: str, factor: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def safe_eigh(
+    matrix: Tensor, *, name: str, factor: str, dtype: torch.dtype, symmetric: bool = False
+) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD factor with a NaN/Inf guard (SPEC §4).
 
     The matrix is symmetrised, decomposed in ``dtype``, and negative eigenvalues (round-off) are clamped to 0.
+
+    Args:
+        matrix: ``[d, d]`` factor.
+        name: layer name (for messages).
+        factor: which factor (for messages).
+        dtype: dtype of the eigendecomposition.
+        symmetric: the caller guarantees that ``matrix`` is *exactly* symmetric (e.g. the ``(S + Sᵀ) / 2c`` of
+            :func:`kronfisher.factors.symmetric_mean` or a mirrored Gram); the symmetrisation, a transposed
+            ``d × d`` pass worth about 3 % of a float64 eigh at d = 1,536, is then skipped. Same bits: ``(m + mᵀ) / 2``
+            of an exactly symmetric ``m`` is ``m``.
 
     Raises:
         DecompositionError: the factor has non-finite entries or eigh fails; the message names layer and factor.
@@ -112,7 +124,8 @@ def safe_eigh(matrix: Tensor, *, name: str, factor: str, dtype: torch.dtype) -> 
     m = matrix.to(dtype)
     if not bool(all_finite(m)):
         raise DecompositionError(f"Factor {factor} of layer {name!r} ({list(m.shape)}) has non-finite entries.")
-    m = (m + m.t()).div_(2)  # in place on the fresh sum: one temporary, same bits
+    if not symmetric:
+        m = (m + m.t()).div_(2)  # in place on the fresh sum: one temporary, same bits
     try:
         values, vectors = torch.linalg.eigh(m)
     except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError

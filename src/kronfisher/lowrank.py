@@ -209,6 +209,7 @@ def eigen_from_columns(
     max_rank: int | None = None,
     dtype: torch.dtype = torch.float32,
     name: str = "?",
+    gram: Tensor | None = None,
 ) -> LowRankEigen:
     """Thin eigendecomposition of ``G = W Wᵀ / N`` (+ tail) from the float64 Gram of ``W`` (SPEC §6).
 
@@ -219,6 +220,9 @@ def eigen_from_columns(
         max_rank: token budget ``k``; further eigenpairs move into the tail (trace kept).
         dtype: arithmetic dtype of ``C`` and the eigenvalues.
         name: layer name for messages.
+        gram: ``columns.gram()`` when the caller already computed it (the GEMM-bound part, run with every thread
+            before the eighs run concurrently, :func:`kronfisher.factors.decompose_all`); it is consumed (scaled in
+            place). None: computed here.
 
     """
     n = float(count)
@@ -227,7 +231,7 @@ def eigen_from_columns(
         tail = tail_mass / n / d if n > 0 else 0.0
         empty = torch.zeros(0, dtype=dtype, device=columns.device)
         return LowRankEigen(columns, empty.reshape(m, 0), empty, tail, tail * d)
-    gram = columns.gram().div_(n)  # K = Uᵀ U
+    gram = (columns.gram() if gram is None else gram).div_(n)  # K = Uᵀ U
     vals, vecs = safe_eigh(gram, name=name, factor="G (Gram of U)", dtype=torch.float64)
     vals, order = torch.sort(vals, descending=True)
     vecs = vecs[:, order]

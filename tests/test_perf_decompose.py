@@ -1,0 +1,111 @@
+"""The decomposition fast paths of the benchmark issue (issue 6) give the answers of the plain formulas (SPEC §4, §6).
+
+* :func:`kronfisher.factors.symmetric_mean` is bit for bit ``DenseSum.mean(torch.float64)``, also for a sum that is
+  not symmetric, and :func:`kronfisher.linalg.safe_eigh` with ``symmetric=True`` is bit for bit the default on an
+  exactly symmetric matrix (the skipped symmetrisation is the identity there).
+* :func:`kronfisher.factors.shared_A_owners` (bucketed by the diagonal) equals the all-pairs ``torch.equal`` plan,
+  including sums that agree on the diagonal but not elsewhere.
+* :func:`kronfisher.factors.decompose_all` with a low-rank ``G`` whose Gram is computed before the concurrent eighs
+  equals the sequential path, and the low-rank eigenform equals the dense eigendecomposition of ``U Uᵀ`` (float64).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+import kronfisher as kf
+from kronfisher.accumulate import DenseSum, LowRankSum
+
+factors = importlib.import_module("kronfisher.factors")
+linalg = importlib.import_module("kronfisher.linalg")
+
+
+def _all_pairs_owners(sums: dict) -> dict[str, str]:
+    """The reference plan: each layer's first earlier layer with an identical ``A`` sum (shape, count, values)."""
+    owner: dict[str, str] = {}
+    firsts: list[tuple[str, DenseSum]] = []
+    for name, layer in sums.items():
+        owner[name] = name
+        for first, a in firsts:
+            b = layer.A
+            if a.sum.shape == b.sum.shape and a.count == b.count and torch.equal(a.sum, b.sum):
+                owner[name] = first
+                break
+        else:
+            firsts.append((name, layer.A))
+    return owner
+
+
+def _tiny_sums(cfg: kf.KFACConfig) -> dict:
+    from conftest import make_model, random_ids
+
+    _, collector, _ = kf.collect(make_model("qwen2"), [{"input_ids": random_ids(3, 12)}], cfg)
+    return collector.sums
+
+
+def test_symmetric_mean_is_bitwise_the_dense_mean() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        s = DenseSum(37, dtype)
+        s.add(torch.randn(37, 37, generator=gen, dtype=dtype), 5.0)  # deliberately not symmetric
+        got, ref = factors.symmetric_mean(s), s.mean(torch.float64)
+        assert got.dtype == torch.float64 and torch.equal(got, ref)  # bitwise: addition commutes
+        assert torch.equal(got, got.t())
+        assert s.sum.dtype == dtype and not torch.equal(s.sum, s.sum.t())  # the sum itself is untouched
+    empty = DenseSum(4, torch.float32)
+    assert torch.equal(factors.symmetric_mean(empty), torch.zeros(4, 4, dtype=torch.float64))
+
+
+def test_safe_eigh_skipping_symmetrisation_is_bitwise_identical_on_symmetric_input() -> None:
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    m = (x.t() @ x + (x.t() @ x).t()) / 2  # exactly symmetric
+    v0, q0 = linalg.safe_eigh(m, name="l", factor="A", dtype=torch.float64)
+    v1, q1 = linalg.safe_eigh(m, name="l", factor="A", dtype=torch.float64, symmetric=True)
+    assert torch.equal(v0, v1) and torch.equal(q0, q1)
+
+
+def test_shared_A_owners_equals_the_all_pairs_plan() -> None:
+    sums = _tiny_sums(kf.KFACConfig(accumulate_dtype="float64"))
+    names = list(sums)
+    # A decoy: the same diagonal as the q/k/v input sum but one different off-diagonal entry (same bucket).
+    q = "model.layers.0.self_attn.q_proj"
+    decoy = names[-1]
+    sums[decoy].A.sum = sums[q].A.sum.clone()
+    sums[decoy].A.count = sums[q].A.count
+    sums[decoy].A.sum[0, 1] += 1.0
+    got, ref = factors.shared_A_owners(sums), _all_pairs_owners(sums)
+    assert got == ref
+    assert got["model.layers.0.self_attn.k_proj"] == q and got[decoy] == decoy
+    assert sum(v != k for k, v in got.items()) >= 4  # q/k/v and gate/up share in both layers
+
+
+def test_concurrent_decomposition_with_lowrank_gram_equals_sequential_and_dense() -> None:
+    cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_threshold=30)  # lm_head (out = vocab) is low-rank
+    sums = _tiny_sums(cfg)
+    low = [n for n, s in sums.items() if isinstance(s.G, LowRankSum)]
+    assert low, "the tiny model must have a low-rank G for this test"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        seq = factors.decompose_all(sums, cfg)
+        torch.set_num_threads(2)  # the Gram path: Grams first, then every eigh concurrently
+        par = factors.decompose_all(sums, cfg)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert list(par) == list(seq)
+    for name in seq:
+        for side in ("A", "G"):
+            a, b = getattr(seq[name], side), getattr(par[name], side)
+            assert a.rank == b.rank
+            # Same float64 matrices through the same eigh: equal to round-off (1e-12 relative).
+            ref = a.to_dense()
+            assert float((b.to_dense() - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+    for name in low:
+        u = sums[name].G.factor_U(torch.float64)  # [out, T]
+        dense = u @ u.t()  # the exact G = U Uᵀ
+        got = par[name].G.to_dense()
+        # Low-rank eigenform from the Gram against the exact dense G: float64 round-off (1e-10 relative).
+        assert float((got - dense).abs().max()) <= 1e-10 * float(dense.abs().max())
