@@ -109,3 +109,20 @@ def test_concurrent_decomposition_with_lowrank_gram_equals_sequential_and_dense(
         got = par[name].G.to_dense()
         # Low-rank eigenform from the Gram against the exact dense G: float64 round-off (1e-10 relative).
         assert float((got - dense).abs().max()) <= 1e-10 * float(dense.abs().max())
+
+
+def test_ekfac_sequence_span_equals_the_batched_formula() -> None:
+    """``EigenCorrector._span_sequence`` (per-sequence products into a reused scratch) is ``Σ_b (z_bᵀ y_b)²``."""
+    from kronfisher.ekfac import EigenCorrector
+
+    corrector = EigenCorrector({}, {}, kf.KFACConfig())
+    gen = torch.Generator().manual_seed(2)
+    for b, s, r, a in ((1, 5, 4, 3), (3, 7, 6, 5), (4, 2, 9, 8), (2, 7, 6, 5)):  # the last reuses a larger scratch
+        z = torch.randn(b, s, r, generator=gen, dtype=torch.float64)
+        y = torch.randn(b, s, a, generator=gen, dtype=torch.float64)
+        ref = torch.einsum("bsr,bsa->bra", z, y).square().sum(0)
+        got = corrector._span_sequence(z, y)
+        # float64 products summed in another order: 1e-13 relative.
+        assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+    empty = corrector._span_sequence(torch.zeros(0, 3, 4), torch.zeros(0, 3, 2))
+    assert torch.equal(empty, torch.zeros(4, 2))
