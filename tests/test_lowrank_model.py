@@ -179,6 +179,49 @@ def test_a_factor_oom_falls_back_too(monkeypatch):
         assert all(torch.equal(x, y) for x, y in zip(got.factors(name), ref.factors(name))), name
 
 
+@pytest.mark.parametrize("factor", ["A", "G"])
+def test_decomposition_oom_reruns_that_factor_on_cpu(monkeypatch, factor):
+    """A real OOM in the eigendecomposition of one dense factor (its float64 copy and the solver's workspace) reruns
+    that decomposition on CPU with a PlacementWarning naming layer, factor and size; every block is identical.
+    The accelerator is simulated (no GPU here); the injected error is the first eigh of that factor."""
+    import kronfisher.factors as factors
+
+    model = make_model("llama")
+    cfg = kf.KFACConfig(**F64)
+    ref = kf.fit(model, BATCHES, cfg)
+    monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
+    real, calls = factors.safe_eigh, []
+
+    def eigh(mean, *, name, factor, **kw):
+        if name == "model.layers.1.mlp.down_proj" and factor == factor_name:
+            calls.append(factor)
+            if len(calls) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB (injected)")
+        return real(mean, name=name, factor=factor, **kw)
+
+    factor_name = factor
+    monkeypatch.setattr(factors, "safe_eigh", eigh)
+    dim = 24 if factor == "A" else 16
+    match = rf"eigendecomposition of factor {factor} of layer 'model.layers.1.mlp.down_proj' \({dim} × {dim}\)"
+    with pytest.warns(PlacementWarning, match=match):
+        got = kf.fit(model, BATCHES, cfg)
+    assert calls == [factor, factor]  # the failed attempt, then the CPU rerun
+    for name in ref.layer_names:
+        b, r = got.block(name), ref.block(name)
+        assert torch.equal(b.A.vectors, r.A.vectors) and torch.equal(b.G.values, r.G.values), name
+
+
+def test_decomposition_oom_on_cpu_is_not_swallowed(monkeypatch):
+    import kronfisher.factors as factors
+
+    def eigh(mean, **kw):
+        raise torch.OutOfMemoryError("out of memory (injected)")
+
+    monkeypatch.setattr(factors, "safe_eigh", eigh)
+    with pytest.raises(torch.OutOfMemoryError):  # already on CPU: nothing to fall back to
+        kf.fit(make_model("llama"), BATCHES, kf.KFACConfig(**F64))
+
+
 def _fail_first(fn):
     calls = []
 

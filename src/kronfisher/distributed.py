@@ -452,7 +452,7 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
         DecompositionError: a decomposition failed on another rank (the owner raises its own error).
 
     """
-    from .factors import decompose_all, decompose_factor, decompose_G, decompose_layer
+    from .factors import decompose_all, decompose_dense, decompose_G, decompose_layer
 
     if not is_distributed():
         return decompose_all(sums, cfg)
@@ -474,7 +474,7 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
         name, s = names[i], sums[names[i]]
         try:
             if kind == "A":
-                eig = decompose_factor(s.A.mean(torch.float64), name=name, factor="A", cfg=cfg)
+                eig = decompose_dense(name, s.A, "A", cfg)  # type: ignore[arg-type]
             else:
                 eig = decompose_G(name, s, cfg)
         except Exception as err:  # re-raised below, after every rank has learnt of it

@@ -137,7 +137,10 @@ class KFAC:
         self._check_dense_size(name, d * d, "The dense block")
         span, tail = b.kron_eigenvalues()
         # contiguous: torch.kron fails on a transposed-stride operand (eigh returns column-major vectors)
-        p, q = b.G.vectors.contiguous(), b.A.vectors.contiguous()
+        p = b.G.vectors.contiguous()
+        q = b.A.vectors.to(p.device).contiguous()  # low-rank G lives on CPU, A on the model's device (SPEC §6)
+        span = span.to(p.device)
+        tail = None if tail is None else tail.to(p.device)
         basis = torch.kron(p, q)  # [d, r * a]
         out = (basis * span.reshape(-1)) @ basis.t()
         if not b.G.full and tail is not None:

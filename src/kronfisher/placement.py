@@ -92,6 +92,29 @@ class Placement:
             self._on_fallback(info.name, factor)
 
 
+def on_cpu_after_oom(run: Callable[[torch.device], R], device: torch.device, what: str) -> R:
+    """``run(device)``; after a real out-of-memory error on an accelerator, ``run(cpu)`` with a warning.
+
+    For work done once per factor after collection (the eigendecomposition of a dense factor: its float64 copy and
+    the solver's workspace need several times the factor's memory). ``what`` names the layer, factor and size.
+
+    Raises:
+        torch.OutOfMemoryError: out of memory on CPU, or on an accelerator during the CPU rerun's own allocations.
+
+    """
+    try:
+        return run(device)
+    except torch.OutOfMemoryError as err:
+        if not is_accelerator(device):
+            raise
+        _free_cached(device)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = f"Out of memory on {device} for {what}: computed on CPU instead (the same matrix). [{first}]"
+        logger.warning(msg)
+        warnings.warn(msg, PlacementWarning, stacklevel=3)
+    return run(torch.device("cpu"))
+
+
 def move_sum_to_cpu(sums: Any, factor: str) -> None:
     """Move a layer's dense ``factor`` sum to CPU (a low-rank ``G`` is there already)."""
     target = getattr(sums, factor)
