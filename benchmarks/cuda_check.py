@@ -193,6 +193,7 @@ def check_cli(device: str) -> dict[str, Any]:
     )
     return {
         "ok": worst[0] < 1e-6 and a.keys() == b.keys(),
+        "keys_only_on_one_side": sorted(set(a) ^ set(b))[:10],
         "max_rel_report_number": worst[0],
         "worst_key": worst[1],
         "report_device": reports[device]["device"],
@@ -224,32 +225,31 @@ def check_oom(device: str) -> dict[str, Any]:
 
     g = torch.Generator().manual_seed(0)
     data = [{"x": torch.randn(2048, 64, generator=g), "y": torch.randint(0, 8, (2048,), generator=g)} for _ in range(2)]
-    cfg = kf.KFACConfig(accumulate_dtype="float32")
-    ref = kf.fit(Wide().to(device), data, cfg, loss_fn=loss_fn)
-    ref_a = {n: ref.factors(n)[0].cpu() for n in ref.layer_names}
-    del ref
+    cfg = kf.KFACConfig(accumulate_dtype="float32", ekfac=True)
+    probe = {"up.weight": torch.randn(6144, 64, generator=g), "down.weight": torch.randn(8, 6144, generator=g)}
+
+    def summary(fisher: kf.KFAC) -> dict[str, torch.Tensor]:
+        nat = fisher.natural_gradient({k: v.to(device) for k, v in probe.items()})
+        return {k: v.detach().cpu() for k, v in nat.items()}
+
+    ref = summary(kf.fit(Wide().to(device), data, cfg, loss_fn=loss_fn))
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     total = torch.cuda.get_device_properties(0).total_memory
-    cap = 300 * 2**20  # 6144² float32 (151 MiB) for A of down, plus its Gram work, cannot both fit
+    # Sums: G(up) 6144² and A(down) 6145² float32 = 288 MiB; a 144 MiB Gram on top does not fit in 400 MiB
+    # (collection fallback), nor does a float64 copy for an eigh (decomposition fallback).
+    cap = 400 * 2**20
     torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            got = kf.fit(Wide().to(device), data, cfg, loss_fn=loss_fn)
-        got_a = {n: got.factors(n)[0].cpu() for n in got.layer_names}
-    except torch.OutOfMemoryError as err:
-        return {"ok": False, "unhandled_oom": str(err).splitlines()[0]}
+            got = summary(kf.fit(Wide().to(device), data, cfg, loss_fn=loss_fn))
+    except torch.OutOfMemoryError:
+        return {"ok": False, "unhandled_oom": traceback.format_exc()[-2500:]}
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     placement = [str(w.message) for w in caught if issubclass(w.category, PlacementWarning)]
-    err = max(_rel(got_a[n], ref_a[n]) for n in ref_a)
-    return {
-        "ok": bool(placement) and err < 1e-5,
-        "placement_warnings": placement,
-        "max_rel_A": err,
-        "report_warnings": [w for w in got.report.warnings if "memory" in w.lower()],
-    }
+    err = max(_rel(got[n], ref[n]) for n in ref)
+    return {"ok": bool(placement) and err < 1e-4, "placement_warnings": placement, "max_rel_natgrad_ekfac": err}
 
 
 def _time(fn: Callable[[], Any], device: str, repeats: int) -> float:
@@ -303,11 +303,11 @@ def _perf_model(name: str, quick: bool) -> tuple[nn.Module, list[dict[str, torch
     return model.eval(), batches, b * seqs * nb
 
 
-def _perf_one(name: str, device: str, quick: bool, repeats: int) -> dict[str, Any]:
+def _perf_one(name: str, device: str, quick: bool, repeats: int, head: bool) -> dict[str, Any]:
     model, batches, tokens = _perf_model(name, quick)
     model = model.to(device)
     on_dev = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    cfg = kf.KFACConfig()
+    cfg = kf.KFACConfig(exclude=() if head else ("lm_head",))
     state: dict[str, Any] = {}
 
     def fwd_bwd() -> None:
@@ -331,10 +331,11 @@ def _perf_one(name: str, device: str, quick: bool, repeats: int) -> dict[str, An
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    row: dict[str, Any] = {"tokens": tokens, "fwd_bwd_s": _time(fwd_bwd, device, repeats)}
-    row["collect_s"] = _time(collect, device, repeats)
-    row["decompose_s"] = _time(decompose, device, repeats)
-    row["ekfac_pass_s"] = _time(ekfac, device, repeats)
+    row: dict[str, Any] = {"tokens": tokens}
+    phases = (("fwd_bwd_s", fwd_bwd), ("collect_s", collect), ("decompose_s", decompose), ("ekfac_pass_s", ekfac))
+    for key, fn in phases:
+        row[key] = _time(fn, device, repeats)
+        print(f"  perf {name} {key} {row[key]:.3f}", flush=True)
     fisher = state["f"]
     gen = torch.Generator().manual_seed(1)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied lm_head keeps its name
@@ -351,11 +352,11 @@ def _perf_one(name: str, device: str, quick: bool, repeats: int) -> dict[str, An
     return row
 
 
-def perf(device: str, quick: bool, repeats: int) -> dict[str, Any]:
+def perf(device: str, quick: bool, repeats: int, models: list[str], head: bool) -> dict[str, Any]:
     """Figures of the benchmark issue on this device (float32 model, default config)."""
     out: dict[str, Any] = {}
-    for name in ("qwen2", "smollm2"):
-        out[name] = _perf_one(name, device, quick, repeats)
+    for name in models:
+        out[name] = _perf_one(name, device, quick, repeats, head)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return out
@@ -368,6 +369,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=["equal", "mc", "cli", "oom", "perf"])
     parser.add_argument("--out", default=".")
+    parser.add_argument("--perf-models", nargs="*", default=["qwen2", "smollm2"])
+    parser.add_argument("--no-head", action="store_true", help="perf without the lm_head (its G work is on CPU)")
     args = parser.parse_args()
     info = {
         "torch": torch.__version__,
@@ -386,7 +389,7 @@ def main() -> int:
         "mc": lambda: check_mc(args.device),
         "cli": lambda: check_cli(args.device),
         "oom": lambda: check_oom(args.device),
-        "perf": lambda: perf(args.device, args.quick, args.repeats),
+        "perf": lambda: perf(args.device, args.quick, args.repeats, args.perf_models, not args.no_head),
     }
     for name in args.only:
         t0 = time.perf_counter()

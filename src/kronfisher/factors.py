@@ -156,6 +156,10 @@ def decompose_layer(
     a_eig = shared_A or _decompose_A(name, sums, cfg)
     g_eig = shared_G or decompose_G(name, sums, cfg)
     rep = "lowrank" if isinstance(sums.G, LowRankSum) else "dense"
+    if rep == "dense" and a_eig.device != g_eig.device:  # one factor moved to CPU by an OOM: the layer's algebra too
+        cpu = torch.device("cpu")
+        a_eig = Eigen(a_eig.vectors.to(cpu), a_eig.values.to(cpu), a_eig.tail)
+        g_eig = Eigen(g_eig.vectors.to(cpu), g_eig.values.to(cpu), g_eig.tail)
     tokens = {"T": sums.A.count, "N": sums.G.count}
     return KronBlock(a_eig, g_eig, rep, tokens=tokens)
 
