@@ -126,3 +126,22 @@ def test_ekfac_sequence_span_equals_the_batched_formula() -> None:
         assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
     empty = corrector._span_sequence(torch.zeros(0, 3, 4), torch.zeros(0, 3, 2))
     assert torch.equal(empty, torch.zeros(4, 2))
+
+
+def test_gram_with_scale_equals_gram_of_scaled_rows() -> None:
+    """``accumulate.gram(rows, augment, dtype, scale=s)`` (``s²`` as the GEMM's alpha) is the Gram of ``s · rows``."""
+    from kronfisher.accumulate import gram
+
+    gen = torch.Generator().manual_seed(3)
+    for n, d in ((7, 5), (50, 400), (33, 800)):  # 400 and 800 cross the symmetric tile (384)
+        rows = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        for augment in (False, True):
+            for s in (1.0, 3.5, 1e-3):
+                ref = gram(rows * s, augment, torch.float64)
+                got = gram(rows, augment, torch.float64, scale=s)
+                # float64, a rounding of the scale moved into the product: 1e-13 relative.
+                assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+                if s == 1.0:
+                    assert torch.equal(got, got.t())  # mirrored strips: exactly symmetric
+                else:  # alpha = s² inside the GEMM: symmetric to rounding (1e-15 relative)
+                    assert float((got - got.t()).abs().max()) <= 1e-15 * float(got.abs().max())

@@ -89,11 +89,11 @@ class FactorCollector:
         if isinstance(lowrank, LowRankSum):
             rows = rows.to(lowrank.device)
         rows = rows.to(compute_dtype(rows.dtype))
-        if ctx.grad_scale != 1.0:
-            rows = rows * ctx.grad_scale
         if isinstance(lowrank, LowRankSum):
+            if ctx.grad_scale != 1.0:
+                rows = rows * ctx.grad_scale
             return rows.to(lowrank.storage_dtype)
-        return gram(rows, False, self.cfg.accumulate_torch_dtype)
+        return gram(rows, False, self.cfg.accumulate_torch_dtype, scale=ctx.grad_scale)  # no scaled copy of ĝ
 
     def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
         """Contributions of one layer call: ``A`` on the first backward of a forward, ``G`` on every one."""
