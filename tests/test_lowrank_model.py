@@ -211,6 +211,32 @@ def test_decomposition_oom_reruns_that_factor_on_cpu(monkeypatch, factor):
         assert torch.equal(b.A.vectors, r.A.vectors) and torch.equal(b.G.values, r.G.values), name
 
 
+def test_sum_allocation_oom_puts_that_sum_on_cpu(monkeypatch):
+    """The dense sum of one factor does not fit on the (simulated) accelerator at allocation: it is made on CPU,
+    that factor's work runs on CPU (PlacementWarning naming layer, in, out, factor) and the factors are identical."""
+    import importlib
+
+    collect = importlib.import_module("kronfisher.collect")  # the module (kronfisher.collect is the function)
+    model = make_model("llama")
+    cfg = kf.KFACConfig(**F64)
+    ref = kf.fit(model, BATCHES, cfg)
+    monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
+    real, seen = collect.DenseSum, []
+
+    def dense_sum(dim, dtype, device):
+        if dim == 24 and not seen:  # the first 24-dim sum: G of model.layers.0.mlp.gate_proj
+            seen.append(dim)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (injected)")
+        return real(dim, dtype, device)
+
+    monkeypatch.setattr(collect, "DenseSum", dense_sum)
+    with pytest.warns(PlacementWarning, match=r"factor G of layer 'model.layers.0.mlp.gate_proj' \(in=16, out=24\)"):
+        got = kf.fit(model, BATCHES, cfg)
+    assert seen == [24]
+    for name in ref.layer_names:
+        assert all(torch.equal(x, y) for x, y in zip(got.factors(name), ref.factors(name))), name
+
+
 def test_decomposition_oom_on_cpu_is_not_swallowed(monkeypatch):
     import kronfisher.factors as factors
 

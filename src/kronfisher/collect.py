@@ -27,15 +27,28 @@ def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:
     return any(re.search(p, info.name) for p in cfg.lowrank_layers)
 
 
-def new_layer_sums(info: LayerInfo, cfg: KFACConfig, device: torch.device | str = "cpu") -> LayerSums:
-    """Empty sums for one layer, with the representation the config selects."""
+def new_layer_sums(
+    info: LayerInfo, cfg: KFACConfig, device: torch.device | str = "cpu", placement: Placement | None = None
+) -> LayerSums:
+    """Empty sums for one layer, with the representation the config selects.
+
+    With ``placement``, a dense sum that does not fit on the accelerator (a real out-of-memory error) is allocated
+    on CPU and that factor's work runs on CPU from then on (SPEC §6).
+    """
     dtype = cfg.accumulate_torch_dtype
-    a = DenseSum(info.a_dim, dtype, sum_device("A", False, device))
+
+    def dense(factor: str, dim: int) -> DenseSum:
+        where = sum_device(factor, False, device)
+        if placement is None:
+            return DenseSum(dim, dtype, where)
+        return placement.allocate(info, factor, lambda d: DenseSum(dim, dtype, d), where)
+
+    a = dense("A", info.a_dim)
     g: DenseSum | LowRankSum
     if is_lowrank(info, cfg):  # SPEC §6: the G side of huge layers lives on CPU
         g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, sum_device("G", True, device))
     else:
-        g = DenseSum(info.out_features, dtype, sum_device("G", False, device))
+        g = dense("G", info.out_features)
     return LayerSums(A=a, G=g)
 
 
@@ -60,9 +73,15 @@ class FactorCollector:
     def __init__(self, infos: dict[str, LayerInfo], cfg: KFACConfig, device: torch.device | str = "cpu") -> None:
         self.infos = infos
         self.cfg = cfg
-        self.sums = {name: new_layer_sums(info, cfg, device) for name, info in infos.items()}
+        self.sums: dict[str, LayerSums] = {}
         # SPEC §6: a real OOM on the accelerator moves that factor's work (and its sum) to CPU, with a warning.
-        self.placement = Placement(on_fallback=lambda layer, factor: move_sum_to_cpu(self.sums[layer], factor))
+        self.placement = Placement(on_fallback=self._move_to_cpu)
+        for name, info in infos.items():
+            self.sums[name] = new_layer_sums(info, cfg, device, self.placement)
+
+    def _move_to_cpu(self, layer: str, factor: str) -> None:
+        if layer in self.sums:  # not yet when the sum's own allocation failed (it is then made on CPU)
+            move_sum_to_cpu(self.sums[layer], factor)
 
     def _stage_A(self, name: str, x: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> tuple[Tensor, float]:
         info = self.infos[name]

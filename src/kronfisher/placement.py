@@ -77,6 +77,16 @@ class Placement:
                 self._fall_back(info, factor, where, err)
         return fn(*(t.to("cpu") for t in tensors))
 
+    def allocate(self, info: LayerInfo, factor: str, make: Callable[[torch.device], R], device: torch.device) -> R:
+        """``make(device)``; after a real accelerator OOM, ``make(cpu)``, and the factor's work runs on CPU."""
+        try:
+            return make(device)
+        except torch.OutOfMemoryError as err:
+            if not is_accelerator(device):
+                raise
+            self._fall_back(info, factor, device, err)
+        return make(torch.device("cpu"))
+
     def _fall_back(self, info: LayerInfo, factor: str, where: torch.device, err: BaseException) -> None:
         _free_cached(where)
         self.on_cpu.add((info.name, factor))
