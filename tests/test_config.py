@@ -135,3 +135,27 @@ def test_bad_regex_and_no_layers() -> None:
         kf.fit(model, batch, kf.KFACConfig(include=("(",)))
     with pytest.raises(kf.ConfigError, match="No tracked layers"):
         kf.fit(model, batch, kf.KFACConfig(include=("no_such_layer",)))
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"damping_mode": "pi"}, "damping_mode='pi'"),
+        ({"damping_A": 0.1}, "damping_A"),
+        ({"damping_G": 0.1}, "damping_G"),
+    ],
+)
+def test_ekfac_warns_about_damping_settings_it_ignores(changes: dict, needle: str) -> None:
+    """EK-FAC damps the corrected eigenvalues additively (Λ* + δ); pi mode and per-factor δ would be silently
+    ignored, so they warn. The plain defaults (factored mode, one δ) and 'exact' do not."""
+    from kronfisher.errors import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match=re.escape(needle)):
+        kf.KFACConfig(ekfac=True, **changes)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kf.KFACConfig(ekfac=True)
+        kf.KFACConfig(ekfac=True, damping_mode="exact")
+        kf.KFACConfig(**changes)  # K-FAC uses them

@@ -170,9 +170,16 @@ def test_natural_gradient_exact_damping(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.
 
 @pytest.mark.parametrize("mode", ["factored", "pi"])
 def test_ekfac_damping_adds_delta_to_corrected_eigenvalues(ekfac: kf.KFAC, qwen: nn.Module, mode: str) -> None:
-    """SPEC §4: EK-FAC damping is ``Λ* + δ`` in the Kronecker eigenbasis, whatever the factored/pi mode says."""
+    """SPEC §4: EK-FAC damping is ``Λ* + δ`` in the Kronecker eigenbasis, whatever the factored/pi mode says
+    (pi mode warns that it has no effect)."""
+    from kronfisher.errors import ConfigWarning
+
     delta = 2e-3
-    fisher = with_cfg(ekfac, damping_mode=mode, damping=delta)
+    if mode == "pi":
+        with pytest.warns(ConfigWarning, match="no effect"):
+            fisher = with_cfg(ekfac, damping_mode=mode, damping=delta)
+    else:
+        fisher = with_cfg(ekfac, damping_mode=mode, damping=delta)
     dense = {n: ekfac.to_dense(n) + delta * eye_like(ekfac.to_dense(n)) for n in LAYERS}
     check_against(fisher, qwen, dense, -1, 1e-7)
 

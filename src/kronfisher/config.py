@@ -8,12 +8,13 @@ Every field carries help text in its metadata; the CLI and the docs read it from
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
 
 _DTYPES = {
     "float16": torch.float16,
@@ -118,6 +119,23 @@ class KFACConfig:
                 raise ConfigError(
                     f"Invalid lowrank_solver: 'woodbury' needs (G + δ_G) ⊗ (A + δ_A) with an uncompressed U; "
                     f"incompatible with {', '.join(clash)}. Use lowrank_solver='eigen'."
+                )
+        if self.ekfac:
+            ignored = [
+                what
+                for what, set_ in (
+                    (f"damping_mode={self.damping_mode!r}", self.damping_mode == "pi"),
+                    ("damping_A", self.damping_A is not None),
+                    ("damping_G", self.damping_G is not None),
+                )
+                if set_
+            ]
+            if ignored:  # SPEC §5: corrected eigenvalues are not a Kronecker product; δ is added to each
+                warnings.warn(
+                    f"With ekfac=True the corrected eigenvalues are damped additively (Λ* + damping); "
+                    f"{', '.join(ignored)} has no effect.",
+                    ConfigWarning,
+                    stacklevel=3,
                 )
         for name in ("lowrank_threshold", "eigh_max_dim", "max_dense_elements"):
             value = getattr(self, name)

@@ -63,6 +63,10 @@ class NumericalWarning(KronfisherWarning):
     """A numerical fallback was taken (e.g. Woodbury's Cholesky failed and eigh was used, SPEC §6)."""
 
 
+class ConfigWarning(KronfisherWarning):
+    """A valid configuration with a setting that has no effect (e.g. per-factor damping with EK-FAC)."""
+
+
 class PlacementWarning(KronfisherWarning):
     """A factor's work moved from the accelerator to CPU after a real out-of-memory error (SPEC §6)."""
 
