@@ -79,6 +79,14 @@ def test_stale_inverse_cache() -> None:
     assert rel(after[w], before[w]) > 1e-3
     assert rel(after[w], ref) < 1e-8  # float64 dense solve, condition <= ~1e4
 
+    # New sums on an EK-FAC operator: the corrected eigenvalues belong to the old bases, so they are dropped with a
+    # warning and the operator is plain K-FAC of the new sums (never EK-FAC values in a foreign basis).
+    with pytest.warns(kf.errors.KronfisherWarning, match="EK-FAC eigenvalues .* dropped"):
+        ek.update_sums(fisher.sums)
+    assert not ek.is_ekfac and all(ek.block(n).corrected is None for n in ek.layer_names)
+    for name in fisher.layer_names:  # the same sums decomposed the same way
+        assert torch.equal(ek.block(name).G.values, fisher.block(name).G.values), name
+
     # A different damping at use is never served from the cache of another damping.
     assert rel(fisher.power(g, -1.0, damping=0.5)[w], fisher.natural_gradient(g)[w]) > 1e-2
 

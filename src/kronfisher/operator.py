@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from .accumulate import CollectionReport, LayerSums
 from .config import KFACConfig
 from .damping import Damping, spectrum
-from .errors import ConfigError, KronfisherError
+from .errors import ConfigError, KronfisherError, KronfisherWarning
 from .factors import KronBlock, decompose_all
 from .layers import LayerInfo, combine, split
 from .linalg import kron_apply
@@ -78,10 +79,22 @@ class KFAC:
         return cls({n: infos[n] for n in live}, blocks, cfg, sums=sums, report=report, model=model)
 
     def update_sums(self, sums: dict[str, LayerSums]) -> None:
-        """Replace the factors by new sums; every block (and so every cached spectrum) is rebuilt (SPEC §4)."""
+        """Replace the factors by new sums; every block (and so every cached spectrum) is rebuilt (SPEC §4).
+
+        EK-FAC eigenvalues belong to the old eigenbases: an EK-FAC operator becomes plain K-FAC, with a warning,
+        until :func:`kronfisher.ekfac.correct` is run again (SPEC §5).
+        """
+        was_ekfac = any(b.is_ekfac for b in self._blocks.values())
         live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
         self._blocks = decompose_all(live, self.cfg)
         self.sums = sums
+        if was_ekfac:
+            warnings.warn(
+                "update_sums: the EK-FAC eigenvalues were computed in the old eigenbases and are dropped; the "
+                "operator is plain K-FAC until kronfisher.ekfac.correct(fisher, model, batches) runs again.",
+                KronfisherWarning,
+                stacklevel=2,
+            )
 
     def set_blocks(self, blocks: Mapping[str, KronBlock]) -> None:
         """Replace decomposed blocks (e.g. after the EK-FAC pass). Old caches go with the old blocks."""
