@@ -111,6 +111,20 @@ def test_left_padding_equals_unpadded(arch: str) -> None:
         assert max_factor_error(padded, ref) < 1e-11, (arch, approx)  # float64, summation order only
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_left_padding_without_position_ids_equals_unpadded(arch: str) -> None:
+    """A left-padded batch *without* position_ids: kronfisher numbers the attended tokens itself (as ``generate``
+    does), so GPT-2's absolute positions see each sequence as unpadded. float64, rel 1e-11 (summation order)."""
+    model = make_model(arch, attn="sdpa")
+    seqs = ragged(seed=4)
+    ref = kf.fit(model, unpadded(seqs), F64)
+    batch = left_pad(seqs)
+    del batch["position_ids"]
+    padded = kf.fit(model, [batch], F64)
+    assert padded.report.loss_terms == ref.report.loss_terms
+    assert max_factor_error(padded, ref) < 1e-11, arch
+
+
 def test_left_padding_eager_nonfinite_is_reported() -> None:
     """SPEC §3.3: the NaN that HF eager attention produces for left padding is caught, not accumulated."""
     model = make_model("llama", attn="eager")

@@ -10,6 +10,7 @@ only hooks in.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -101,6 +102,31 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The forward arguments of a causal-LM batch: ids, mask and ``position_ids``.
+
+    A left-padded batch without ``position_ids`` gets the ones ``generate`` would use (the count of attended tokens
+    before each position, SPEC §3.1), so that a model with absolute positions (GPT-2) sees each sequence exactly as
+    unpadded; otherwise stock HF models number the pads too. Right padding keeps the model's own numbering.
+    """
+    fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    mask = fwd.get("attention_mask")
+    if "position_ids" in fwd or mask is None or mask.dim() != 2 or mask.shape[1] < 2:
+        return fwd
+    left_padded = bool(((mask[:, :-1] == 0) & (mask[:, 1:] != 0)).any())
+    if left_padded and _accepts(model, "position_ids"):
+        fwd["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return fwd
+
+
 def run_batch(
     model: nn.Module,
     batch: Any,
@@ -149,7 +175,7 @@ def run_batch(
         return ok
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise ConfigError(f"Batch {index}: expected a mapping with 'input_ids' (or pass loss_fn).")
-    fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    fwd = model_inputs(model, batch)
     logits = model(**fwd).logits
     terms = lm_terms(logits, batch, cfg.ignore_index)
     if terms.num_terms == 0 or terms.num_tokens == 0:
