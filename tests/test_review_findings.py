@@ -1,4 +1,6 @@
-"""Review of the changes since 5974bb4: reproductions of the bugs found (each test fails on the reviewed code).
+"""Regression tests for three bugs a review found in the torchrun / resume / left-padding changes (each test failed
+before the fix: non-finite batches are now recorded in the report when they are dropped, and ``position_ids`` go
+only to a forward that names them or to a transformers model).
 
 1. ``reduce_collection`` merges ``report.nonfinite_batches`` over ranks (``merge_report_lists``), but ``collect``
    only copies the capture's non-finite batches into the report *after* the reduction (``_finish_report``): under

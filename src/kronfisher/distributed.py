@@ -89,6 +89,21 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (no-op without a process group).
+
+    One decision for all ranks, e.g. whether a file is reused, so that no rank takes a path whose collectives the
+    others never reach.
+    """
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op without a process group); put it after a rank-0 write, before any read."""
     if is_distributed():
@@ -394,21 +409,14 @@ def _shared_A_plan(sums: dict[str, LayerSums]) -> list[int]:
     """
     import torch.distributed as dist
 
+    from .factors import shared_A_owners
+
     names = list(sums)
     plan = torch.arange(len(names), dtype=torch.int64)
-    if is_main_process():
-        for i, n in enumerate(names):
-            a = sums[n].A
-            for j in range(i):
-                b = sums[names[j]].A
-                if (
-                    int(plan[j]) == j
-                    and b.count == a.count
-                    and b.sum.shape == a.sum.shape
-                    and torch.equal(b.sum, a.sum)
-                ):
-                    plan[i] = j
-                    break
+    if is_main_process():  # the single-process rule (bucketed, device-aware: a sum moved to CPU is never equal)
+        index = {n: i for i, n in enumerate(names)}
+        for n, owner in shared_A_owners(dict(sums)).items():
+            plan[index[n]] = index[owner]
     wire = plan.to(_comm_device(torch.device("cpu")))
     dist.broadcast(wire, src=0)
     return [int(p) for p in wire.cpu()]

@@ -103,11 +103,21 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes ``name``: explicitly, or through a transformers model's ``**kwargs``.
+
+    A custom model's ``**kwargs`` may not accept it, so it is not passed there.
+    """
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if name in params:
+        return True
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency of the hf extra
+        return False
+    return isinstance(model, PreTrainedModel) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,6 +135,17 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     if left_padded and _accepts(model, "position_ids"):
         fwd["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return fwd
+
+
+def _commit(cap: Capture, index: int, report: CollectionReport) -> bool:
+    """Commit the staged batch; a batch dropped for non-finite values goes into ``report`` at once.
+
+    So checkpoints and the end-of-pass merge over ranks see it (SPEC §8, §9).
+    """
+    ok = cap.commit(index)
+    if not ok and cap.nonfinite_batches and cap.nonfinite_batches[-1][0] == index:
+        report.nonfinite_batches.append(cap.nonfinite_batches[-1])
+    return ok
 
 
 def run_batch(
@@ -166,7 +187,7 @@ def run_batch(
         reduction = info.get("reduction", cfg.loss_reduction)
         scale = float(n) if reduction == "mean" else 1.0
         cap.backward(loss, batch=index, grad_scale=scale, num_terms=n, attention_mask=mask)
-        ok = cap.commit(index)
+        ok = _commit(cap, index, report)
         if ok:
             report.loss_terms += n
             report.loss_sum += float(loss.detach()) * scale
@@ -204,7 +225,7 @@ def run_batch(
     if data_loss is None:  # MC: the loss of the data targets, for the report only (no graph)
         with torch.no_grad():
             data_loss = summed_ce(terms.logits.detach(), terms.targets)
-    ok = cap.commit(index)
+    ok = _commit(cap, index, report)
     if ok:
         report.loss_terms += terms.num_terms * draws
         report.loss_sum += float(data_loss) * draws
@@ -227,7 +248,6 @@ def _finish_report(
     if model is not None:  # SPEC §6: tied lm_head / embedding, recorded in report.tied and warned once
         note_tied(report, find_tied(model, discovery.infos))
     report.skipped_layers.update(discovery.skipped)
-    report.nonfinite_batches.extend(cap.nonfinite_batches)
     missing = [n for n in discovery.infos if n not in fired]
     if missing:
         logger.warning("Tracked layers whose hooks never fired (no factors): %s", missing)
@@ -328,7 +348,8 @@ def collect(
             run_batch(model, batch, cap, cfg, i, report, loss_fn)
             if on_batch_end is not None:
                 on_batch_end(k + 1, i, collector, report)
-    fired = reduce_collection(collector.sums, report, cap.fired)  # SPEC §8: once per pass; no-op on one process
+    fired = cap.fired | {n for n, s in collector.sums.items() if s.A.count > 0}  # incl. batches before a resume
+    fired = reduce_collection(collector.sums, report, fired)  # SPEC §8: once per pass; no-op on one process
     _finish_report(report, discovery, fired, cap, model=model, collector=collector)
     return discovery, collector, report
 
@@ -437,7 +458,7 @@ class CaptureSession:
             attention_mask=attention_mask,
             retain_graph=retain_graph,
         )
-        ok = self._cap.commit(index)
+        ok = _commit(self._cap, index, self.report)
         if ok:
             self.report.loss_terms += int(num_terms)
             self.report.loss_sum += float(loss.detach()) * scale

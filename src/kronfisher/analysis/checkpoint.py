@@ -46,6 +46,7 @@ def run_identity(lm: LoadedModel, tb: TextBatches, cfg: KFACConfig) -> dict[str,
     fp = json.dumps(model_fingerprint(lm.model), sort_keys=True)
     full = cfg.to_dict()
     return {
+        "mc_seeding": "per-batch",  # MC draws seeded per global batch since 0.1 (older checkpoints: another stream)
         "model": lm.source.spec,
         "fingerprint_sha256": hashlib.sha256(fp.encode()).hexdigest(),
         "weights_sha256": weights_digest(lm.model),
@@ -111,7 +112,7 @@ def collect_with_checkpoints(
         identity: :func:`run_identity` of this run.
         ckpt: this rank's checkpoint file (:func:`checkpoint_path`).
         resume: continue from ``ckpt`` if it exists.
-        every: checkpoint every N batches of this rank (None: every :data:`CHECKPOINT_SECONDS`).
+        every: checkpoint every N batches of this rank (None: every :data:`CHECKPOINT_SECONDS`; 0: never).
         info: status-line printer.
         bar: progress bar with ``update(tokens)``.
 
@@ -132,7 +133,7 @@ def collect_with_checkpoints(
         nonlocal last
         bar.update(sizes[index])
         if every is not None:
-            due = done % every == 0
+            due = every > 0 and done % every == 0  # 0: never
         else:
             due = time.monotonic() - last > CHECKPOINT_SECONDS
         if due and done < local_batches:

@@ -98,7 +98,7 @@ def mean_gradient(
     proc = GradientProcessor(discovery.infos)
     cap = Capture(discovery.modules, discovery.infos, proc, "raise")
     report = CollectionReport()
-    data_targets = dataclasses.replace(cfg, fisher="empirical", mc_samples=1)  # the gradient of the data loss
+    data_targets = dataclasses.replace(cfg, fisher="empirical", mc_samples=1, ekfac=False)  # the data loss
     index_of = global_indices(batches)
     with eval_mode(model), activation_only_backward(model), cap:
         for k, batch in enumerate(batches):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..config import KFACConfig
 from ..data import build_batches
-from ..distributed import Shard, barrier, get_world_size, is_main_process
+from ..distributed import Shard, barrier, broadcast_object, get_world_size, is_main_process
 from ..ekfac import correct
 from ..errors import InputError
 from ..factors import decompose_all
@@ -190,11 +190,12 @@ def analyze_model(
     factor_path = out / "factors" / f"{slug}.safetensors"
     ckpt = checkpoint_path(out / "checkpoints", slug)
     fisher = None
+    reuse = False
     if opts.resume and factor_path.exists():
-        extra = read_metadata(factor_path).get("extra", {})
-        if not mismatch(extra.get("identity", {}), identity):
-            console.info(f"  factors already complete in {factor_path}: reusing them")
-            fisher = load(factor_path, model=lm.model)
+        reuse = not mismatch(read_metadata(factor_path).get("extra", {}).get("identity", {}), identity)
+    if broadcast_object(reuse):  # rank 0 decides for all: a split decision would pair unrelated collectives
+        console.info(f"  factors already complete in {factor_path}: reusing them")
+        fisher = load(factor_path, model=lm.model)
     if fisher is None:
         t = time.monotonic()
         bar = console.bar(tb.tokens, "  K-FAC factors")
