@@ -151,3 +151,27 @@ def test_torchrun_killed_rank_resumes_from_its_own_checkpoint(reference: Path) -
     _assert_same_sums(tmp / "part" / name, tmp / "one" / name)
     _assert_same_report(tmp / "part", tmp / "one")
     assert not (tmp / "part" / "checkpoints").exists()
+
+
+def test_sigterm_becomes_systemexit_so_atomic_writes_clean_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun stops the surviving workers with SIGTERM: the command turns it into SystemExit(143), so a write in
+    progress removes its temporary file (nothing partial, not even a stray .tmp)."""
+    import signal
+
+    import kronfisher.io_format as io_format
+    from kronfisher.cli import _exit_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        _exit_on_sigterm()
+
+        def killed_mid_write(*args: object, **kwargs: object) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, inside the write
+
+        monkeypatch.setattr(io_format, "write_safetensors", killed_mid_write)
+        with pytest.raises(SystemExit) as info:
+            io_format.atomic_write(tmp_path / "f.safetensors", {"x": torch.zeros(3)}, {"k": 1})
+        assert info.value.code == 128 + signal.SIGTERM
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -299,10 +299,29 @@ def _reexec_with_passive_openmp(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "kronfisher.cli", *argv], env)
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM (``torchrun`` stopping the other workers after one failed, a job scheduler) into ``SystemExit``.
+
+    Python's default handling ends the process at once; as an exception, every ``finally`` runs, so an atomic write
+    in progress removes its temporary file (SPEC §9). Only from the main thread of the ``kronfisher`` command.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kronfisher`` command; returns the exit status."""
     if argv is None:  # the console script (not a call from Python): OpenMP settings may still be chosen
         _reexec_with_passive_openmp(sys.argv[1:])
+        _exit_on_sigterm()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

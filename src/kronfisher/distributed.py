@@ -10,7 +10,8 @@ so a rank that runs out of batches early, or has no tokens at all, cannot hang t
   every rank (rank order). Ranks that compressed under a token budget send their basis columns with their raw
   ones, so ``G = U Uᵀ`` plus the summed tail mass is the merge of SPEC §3.3;
 * decompositions are spread over ranks by estimated cost (longest first, to the least loaded rank) and every
-  result is broadcast by its owner, so all ranks hold bit-identical eigenbases (the EK-FAC pass relies on it).
+  result is broadcast by its owner, so all ranks hold bit-identical eigenbases (the EK-FAC pass relies on it;
+  :mod:`kronfisher.spread`).
 
 The result equals one process over the union of the data up to summation order (SPEC §8 oracle, float64
 ``rtol 1e-10``). With a token budget the merged columns are exact until the merged count passes ``2 · max_rank``
@@ -42,7 +43,6 @@ the EK-FAC pass call them at the same point on every rank).
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -50,14 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from .accumulate import CollectionReport, DenseSum, LayerSums, LowRankSum
-from .errors import ConfigError, DecompositionError
-from .linalg import Eigen
-from .lowrank import LowRankEigen
+from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import KFACConfig
     from .ekfac import EigenCorrector
-    from .factors import KronBlock
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
@@ -379,172 +375,3 @@ def reduce_corrector(corrector: EigenCorrector, *, bucket_bytes: int = DEFAULT_B
     all_reduce_tensors([*(corrector.sums[n] for n in names), *tails, counts], bucket_bytes)
     for n, c in zip(names, counts.tolist()):
         corrector.counts[n] = c
-
-
-# Decomposition spread over ranks ---------------------------------------------------------------------------
-def _task_cost(kind: str, s: LayerSums) -> float:
-    """Rough flop count of one decomposition: ``9 d³`` for a dense eigh, Gram + eigh + ``P`` for a low-rank one."""
-    if kind == "G" and isinstance(s.G, LowRankSum):
-        m = s.G.num_columns
-        return 4.0 * s.G.dim * m * m + 9.0 * m**3
-    return 9.0 * float(s.A.dim if kind == "A" else s.G.dim) ** 3
-
-
-def _assign(costs: list[float], world: int) -> list[int]:
-    """Owner of each task: longest first, each to the least loaded rank (LPT), deterministic on every rank."""
-    owner = [0] * len(costs)
-    load = [0.0] * world
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += costs[i]
-    return owner
-
-
-def _shared_A_plan(sums: dict[str, LayerSums]) -> list[int]:
-    """For each layer, the index of the first layer with an identical ``A`` sum (itself if none), agreed by all.
-
-    Computed on rank 0 and broadcast, so every rank builds the same task list even if reduced sums were to differ
-    in the last bit between ranks (a mismatch would otherwise desynchronise the broadcasts that follow).
-    """
-    import torch.distributed as dist
-
-    from .factors import shared_A_owners
-
-    names = list(sums)
-    plan = torch.arange(len(names), dtype=torch.int64)
-    if is_main_process():  # the single-process rule (bucketed, device-aware: a sum moved to CPU is never equal)
-        index = {n: i for i, n in enumerate(names)}
-        for n, owner in shared_A_owners(dict(sums)).items():
-            plan[index[n]] = index[owner]
-    wire = plan.to(_comm_device(torch.device("cpu")))
-    dist.broadcast(wire, src=0)
-    return [int(p) for p in wire.cpu()]
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Bytes of a tensor in a packed buffer, padded to 8 so that every slice can be viewed as any dtype."""
-    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return n + (-n) % 8
-
-
-def _pack(tensors: list[tuple[Tensor, torch.dtype]]) -> Tensor:
-    """Tensors (cast to the given dtypes) as one uint8 CPU buffer, each padded to 8 bytes (see :func:`_nbytes`)."""
-    parts = []
-    for t, dtype in tensors:
-        raw = t.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8)
-        parts.append(raw)
-        pad = (-raw.numel()) % 8
-        if pad:
-            parts.append(torch.zeros(pad, dtype=torch.uint8))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
-
-
-def _payload(eig: Eigen | LowRankEigen) -> list[Tensor]:
-    """The tensors that describe a decomposition: ``(Q, λ)``, or ``(C, λ, [τ, tail mass])`` for ``P = W C``."""
-    if isinstance(eig, LowRankEigen):
-        scalars = torch.tensor([eig.tail, eig.discarded], dtype=torch.float64)
-        return [eig.coeffs, eig.values, scalars]
-    return [eig.vectors, eig.values]
-
-
-def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, KronBlock]:
-    """:func:`~kronfisher.factors.decompose_all` with the eigendecompositions spread over ranks (SPEC §8).
-
-    Tasks (each distinct ``A``, each ``G``) are assigned by estimated cost (``d³`` for a dense eigh, ``out · m²``
-    and ``m³`` for a low-rank eigenform); each owner decomposes its tasks and broadcasts them in one buffer, so every
-    rank ends with bit-identical blocks. A task that fails on its owner makes every rank raise (no rank is left
-    waiting). Without a process group it is :func:`~kronfisher.factors.decompose_all`.
-
-    Raises:
-        DecompositionError: a decomposition failed on another rank (the owner raises its own error).
-
-    """
-    from .factors import decompose_all, decompose_dense, decompose_G, decompose_layer
-
-    if not is_distributed():
-        return decompose_all(sums, cfg)
-    import torch.distributed as dist
-
-    names = list(sums)
-    world, rank = get_world_size(), get_rank()
-    shared = _shared_A_plan(sums)
-    tasks: list[tuple[str, int]] = [("A", i) for i in range(len(names)) if shared[i] == i]
-    tasks += [("G", i) for i in range(len(names))]
-    owner = _assign([_task_cost(kind, sums[names[i]]) for kind, i in tasks], world)
-    results: dict[tuple[str, int], Eigen] = {}
-    error: BaseException | None = None
-    # Explicit eigenpair count of each task (only its owner knows it for a low-rank eigenform); -1: failed.
-    ranks = torch.zeros(len(tasks), dtype=torch.int64)
-    for t, (kind, i) in enumerate(tasks):
-        if owner[t] != rank or error is not None:
-            continue
-        name, s = names[i], sums[names[i]]
-        try:
-            if kind == "A":
-                eig = decompose_dense(name, s.A, "A", cfg)  # type: ignore[arg-type]
-            else:
-                eig = decompose_G(name, s, cfg)
-        except Exception as err:  # re-raised below, after every rank has learnt of it
-            error = err
-            ranks[t] = -1
-            continue
-        results[(kind, i)] = eig
-        ranks[t] = eig.rank
-    wire = ranks.to(_comm_device(torch.device("cpu")))
-    dist.all_reduce(wire)
-    ranks = wire.cpu()
-    failed = [t for t in range(len(tasks)) if int(ranks[t]) < 0]
-    if failed:
-        if error is not None:
-            raise error
-        kind, i = tasks[failed[0]]
-        raise DecompositionError(
-            f"Decomposition of factor {kind} of layer {names[i]!r} failed on rank {owner[failed[0]]}; see its log."
-        )
-    store = cfg.accumulate_torch_dtype
-    lowrank_work = torch.float64 if store == torch.float64 else torch.float32  # as factors.decompose_G
-    # What each owner sends, in task order: a dense eigenbasis as (Q, λ); a low-rank eigenform as (C, λ, [τ, tail
-    # mass]) with P = W C implicit (SPEC §6): every rank already holds the same gathered W.
-    layout: list[list[tuple[int, list[tuple[tuple[int, ...], torch.dtype]]]]] = [[] for _ in range(world)]
-    for t, (kind, i) in enumerate(tasks):
-        s = sums[names[i]]
-        if kind == "G" and isinstance(s.G, LowRankSum):
-            m, r = s.G.num_columns, int(ranks[t])
-            spec = [((m, r), lowrank_work), ((r,), lowrank_work), ((2,), torch.float64)]
-        else:
-            d = s.A.dim if kind == "A" else s.G.dim
-            spec = [((d, d), store), ((d,), store)]
-        layout[owner[t]].append((t, spec))
-    for src in range(world):
-        if not layout[src]:
-            continue
-        if src == rank:
-            buf = _pack([(x, dt) for t, spec in layout[src] for x, (_, dt) in zip(_payload(results[tasks[t]]), spec)])
-        else:
-            buf = torch.empty(sum(_nbytes(sh, dt) for _, spec in layout[src] for sh, dt in spec), dtype=torch.uint8)
-        wire = buf.to(_comm_device(torch.device("cpu")))
-        dist.broadcast(wire, src=src)
-        if src == rank:
-            continue
-        buf = wire.cpu()
-        offset = 0
-        for t, spec in layout[src]:
-            parts = []
-            for shape, dtype in spec:
-                raw = buf[offset : offset + _nbytes(shape, dtype)].view(dtype)
-                parts.append(raw[: math.prod(shape)].reshape(shape).clone())
-                offset += _nbytes(shape, dtype)
-            kind, i = tasks[t]
-            s = sums[names[i]]
-            if kind == "G" and isinstance(s.G, LowRankSum):
-                cols = s.G.columns()
-                tail, mass = parts[2].tolist()
-                results[(kind, i)] = LowRankEigen(cols, parts[0].to(cols.device), parts[1].to(cols.device), tail, mass)
-            else:
-                device = s.A.sum.device if kind == "A" else s.G.sum.device
-                results[(kind, i)] = Eigen(parts[0].to(device), parts[1].to(device), 0.0)
-    return {
-        name: decompose_layer(name, sums[name], cfg, shared_A=results[("A", shared[i])], shared_G=results[("G", i)])
-        for i, name in enumerate(names)
-    }

@@ -161,7 +161,8 @@ def correct(
     progress: bool = False,
 ) -> KFAC:
     """Run the EK-FAC pass over ``batches`` and install the corrected eigenvalues into ``fisher`` (in place)."""
-    from .fit import _progress, activation_only_backward, eval_mode, run_batch
+    from .fit import _progress, run_batch
+    from .forward import activation_only_backward, eval_mode
 
     cfg = fisher.cfg
     blocks = fisher.blocks

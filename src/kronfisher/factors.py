@@ -195,7 +195,7 @@ def decompose_all(
     """Decompose every layer; identical ``A`` sums (q/k/v, gate/up) are decomposed once and shared.
 
     With ``spread=True`` and a process group, the eigendecompositions are spread over ranks by cost and broadcast
-    (SPEC §8, :func:`~kronfisher.distributed.decompose_spread`); every rank must then call this together.
+    (SPEC §8, :func:`~kronfisher.spread.decompose_spread`); every rank must then call this together.
     ``on_layer(name)`` is called after each layer of the single-process path (progress bars).
 
     On CPU with more than one torch thread, the Grams ``Wᵀ W`` of low-rank ``G`` (GEMMs, with every thread) come
@@ -203,7 +203,8 @@ def decompose_all(
     one per thread (:func:`_run_jobs`). The factors are those of the sequential path (same matrices, same eigh).
     """
     if spread:
-        from .distributed import decompose_spread, is_distributed
+        from .distributed import is_distributed
+        from .spread import decompose_spread
 
         if is_distributed():
             return decompose_spread(sums, cfg)

@@ -69,6 +69,17 @@ def checkpoint_path(folder: Path, slug: str) -> Path:
     return folder / f"{slug}.rank{get_rank()}-of-{world}.sums.safetensors"
 
 
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete this rank's checkpoint and any temporary file a killed writer left beside it.
+
+    Writes are atomic, so a kill never leaves a partial file under the real name, only such a temporary.
+    """
+    ckpt.unlink(missing_ok=True)
+    if ckpt.parent.is_dir():
+        for stale in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def _resume_state(
     ckpt: Path, identity: dict[str, Any], shard: Shard, info: Callable[[str], None]
 ) -> CollectState | None:

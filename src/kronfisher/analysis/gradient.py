@@ -21,7 +21,8 @@ from ..accumulate import CollectionReport
 from ..capture import BatchContext, Capture, Staged
 from ..config import KFACConfig
 from ..distributed import all_reduce_tensors, global_indices, is_distributed, unwrap_model
-from ..fit import activation_only_backward, eval_mode, model_device, run_batch
+from ..fit import run_batch
+from ..forward import activation_only_backward, eval_mode, model_device
 from ..layers import LayerInfo, discover_layers, split
 
 

@@ -36,7 +36,7 @@ from ..io import load, read_metadata, save
 from ..layers import combine, discover_layers
 from ..models import LoadedModel, embedded_text_path, load_model
 from ..operator import KFAC
-from .checkpoint import checkpoint_path, collect_with_checkpoints, mismatch, run_identity
+from .checkpoint import checkpoint_path, collect_with_checkpoints, mismatch, remove_checkpoint, run_identity
 from .gradient import mean_gradient
 from .launch import process_group
 from .metrics import compare_layer, highlights, layer_metrics, natural_gradients, totals
@@ -240,7 +240,7 @@ def analyze_model(
             include_sums=opts.save_sums,
             extra_meta={"identity": identity, "data": tb.sources},
         )
-        ckpt.unlink(missing_ok=True)  # each rank its own checkpoint
+        remove_checkpoint(ckpt)  # each rank its own checkpoint
         barrier()
         if is_main_process() and ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
             ckpt.parent.rmdir()
