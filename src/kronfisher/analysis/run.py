@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +35,7 @@ from ..layers import combine, discover_layers
 from ..models import LoadedModel, embedded_text_path, load_model
 from ..operator import KFAC
 from .checkpoint import checkpoint_path, collect_with_checkpoints, mismatch, remove_checkpoint, run_identity
+from .console import Console, Tracked, silence_transformers
 from .gradient import mean_gradient
 from .launch import process_group
 from .metrics import compare_layer, highlights, layer_metrics, natural_gradients, totals
@@ -66,59 +65,6 @@ class AnalyzeOptions:
     plots: bool = True
     quiet: bool = False
     command: str = ""
-
-
-class Console:
-    """Status lines and token progress bars on stderr (silent with ``quiet``)."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def info(self, msg: str) -> None:
-        """One status line."""
-        if not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    def bar(self, total: float, desc: str, unit: str = "tok", initial: float = 0) -> Any:
-        """A tqdm bar with rate and ETA (a no-op object when quiet)."""
-        if self.quiet:
-            return _NoBar()
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=total,
-            desc=desc,
-            unit=unit,
-            unit_scale=unit == "tok",
-            initial=initial,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-
-
-class _NoBar:
-    def update(self, n: float = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _Tracked:
-    """The batches of this rank, advancing ``bar`` by each batch's attended tokens once it has been processed.
-
-    Keeps the shard's global batch indices visible (``global_index``), on which MC seeds depend (SPEC §8).
-    """
-
-    def __init__(self, shard: Shard, bar: Any) -> None:
-        self.shard = shard
-        self.bar = bar
-        self.global_index = shard.global_index
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        for b in self.shard:
-            yield b
-            self.bar.update(int(b["attention_mask"].sum()))
 
 
 @dataclass
@@ -227,7 +173,7 @@ def analyze_model(
             t = time.monotonic()
             bar = console.bar(tb.tokens, "  EK-FAC eigenvalues")
             try:
-                correct(fisher, lm.model, _Tracked(shard, bar))
+                correct(fisher, lm.model, Tracked(shard, bar))
             finally:
                 bar.close()
             timings["ekfac"] = time.monotonic() - t
@@ -249,7 +195,7 @@ def analyze_model(
     t = time.monotonic()
     bar = console.bar(tb.tokens, "  gradient")
     try:
-        grad = mean_gradient(lm.model, _Tracked(shard, bar), cfg)  # all-reduced over ranks
+        grad = mean_gradient(lm.model, Tracked(shard, bar), cfg)  # all-reduced over ranks
     finally:
         bar.close()
     timings["gradient"] = time.monotonic() - t
@@ -339,17 +285,6 @@ def _notes(opts: AnalyzeOptions, results: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def _silence_transformers() -> None:
-    """No progress bars or info logs from transformers / huggingface_hub (``--quiet``)."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is needed to load models anyway
-        pass
-
-
 def describe_fisher(cfg: KFACConfig) -> str:
     """One sentence describing the curvature that was computed."""
     kind = "EK-FAC (eigenvalue-corrected, George et al. 2018)" if cfg.ekfac else "K-FAC (Martens & Grosse 2015)"
@@ -387,7 +322,7 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
 
 def _analyze(opts: AnalyzeOptions, console: Console) -> dict[str, Any]:
     if opts.quiet or console.quiet:
-        _silence_transformers()
+        silence_transformers()
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.cfg.seed)
