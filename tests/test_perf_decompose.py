@@ -145,3 +145,25 @@ def test_gram_with_scale_equals_gram_of_scaled_rows() -> None:
                     assert torch.equal(got, got.t())  # mirrored strips: exactly symmetric
                 else:  # alpha = s² inside the GEMM: symmetric to rounding (1e-15 relative)
                     assert float((got - got.t()).abs().max()) <= 1e-15 * float(got.abs().max())
+
+
+def test_lowrank_layers_equal_dense_when_tokens_below_out() -> None:
+    """With ``T < out`` the ``[T, T]`` path (``lowrank_layers``) gives the dense K-FAC and EK-FAC blocks (SPEC §6).
+
+    benchmarks/README.md cites this for the ``T < d`` discussion: same data in both passes, float64 storage of ``U``.
+    """
+    from conftest import make_model, random_ids
+
+    model = make_model("qwen2")
+    data = [{"input_ids": random_ids(1, 10)}]  # T = 10 tokens < out = 24 of gate/up
+    for ekfac in (False, True):
+        fits = [
+            kf.fit(model, data, kf.KFACConfig(accumulate_dtype="float64", lowrank_dtype="float64", ekfac=ekfac, **kw))
+            for kw in ({}, {"lowrank_layers": (r"mlp\.(gate|up)_proj",)})
+        ]
+        names = [n for n in fits[0].layer_names if "gate_proj" in n or "up_proj" in n]
+        assert names and all(fits[1].block(n).representation == "lowrank" for n in names)
+        for n in names:
+            ref, got = fits[0].to_dense(n), fits[1].to_dense(n)
+            # float64 round-off of two eigendecompositions of the same G: 1e-13 relative.
+            assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
