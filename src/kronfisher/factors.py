@@ -196,7 +196,8 @@ def decompose_all(
 
     With ``spread=True`` and a process group, the eigendecompositions are spread over ranks by cost and broadcast
     (SPEC §8, :func:`~kronfisher.spread.decompose_spread`); every rank must then call this together.
-    ``on_layer(name)`` is called after each layer of the single-process path (progress bars).
+    ``on_layer(name)`` is called once per layer of the single-process path as soon as both its factors are
+    decomposed (progress bars; with concurrent eighs, in order of completion).
 
     On CPU with more than one torch thread, the Grams ``Wᵀ W`` of low-rank ``G`` (GEMMs, with every thread) come
     first; then every eigh (dense factors and those Grams up to :data:`POOL_GRAM_MAX` columns) runs concurrently,
@@ -225,12 +226,23 @@ def decompose_all(
                 gram = part.columns().gram()  # GEMM-bound: every thread, before the pool
                 jobs[key] = partial(decompose_G, name, sums[name], cfg, gram=gram)
                 cost[key] = float(part.num_columns) ** 3
-    results = _run_jobs(jobs, cost)
+    reported: set[str] = set()
+    finished: set[tuple[str, str]] = set()
+
+    def job_done(key: tuple[str, str]) -> None:  # concurrent path: a layer counts once both its factors are done
+        finished.add(key)
+        for name in sums:
+            if name not in reported and {("A", owner[name]), ("G", name)} <= finished:
+                reported.add(name)
+                if on_layer is not None:
+                    on_layer(name)
+
+    results = _run_jobs(jobs, cost, on_done=job_done)
     blocks: dict[str, KronBlock] = {}
     for name, layer in sums.items():
         a_eig = results[("A", owner[name])]()
         blocks[name] = decompose_layer(name, layer, cfg, shared_A=a_eig, shared_G=results[("G", name)]())
-        if on_layer is not None:
+        if on_layer is not None and name not in reported:
             on_layer(name)
     return blocks
 
@@ -249,9 +261,13 @@ def _on_cpu(sums: dict[str, LayerSums]) -> bool:
 
 
 def _run_jobs(
-    jobs: dict[tuple[str, str], Callable[[], Eigen]], concurrent: dict[tuple[str, str], float]
+    jobs: dict[tuple[str, str], Callable[[], Eigen]],
+    concurrent: dict[tuple[str, str], float],
+    on_done: Callable[[tuple[str, str]], None] | None = None,
 ) -> dict[tuple[str, str], Callable[[], Eigen]]:
     """Run the decompositions; returns a getter per job that raises that job's error (so in the caller's order).
+
+    ``on_done(key)`` is called in the caller's thread as each concurrent job finishes (progress bars).
 
     The jobs in ``concurrent`` (key → cost) run at once on CPU when torch has more than one thread: largest first,
     one job per thread, BLAS single-threaded. LAPACK's eigh gains nothing from a second thread at these sizes
@@ -262,15 +278,17 @@ def _run_jobs(
     workers = min(torch.get_num_threads(), len(concurrent))
     if workers <= 1:
         return out
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kronfisher-eigh") as pool:
             futures = {key: pool.submit(jobs[key]) for key in sorted(concurrent, key=lambda k: -concurrent[k])}
-            for future in futures.values():
-                future.exception()  # wait for every job before the thread count is restored
+            keys = {future: key for key, future in futures.items()}
+            for future in as_completed(keys):  # every job, before the thread count is restored
+                if on_done is not None and future.exception() is None:
+                    on_done(keys[future])
     finally:
         torch.set_num_threads(threads)
     out.update({key: future.result for key, future in futures.items()})
