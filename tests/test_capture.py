@@ -202,7 +202,7 @@ def test_capture_report_counts_tokens_and_loss() -> None:
             out = model(**b, labels=labels_of(b))
             mask = b.get("attention_mask", torch.ones_like(b["input_ids"]))
             cap.backward(out.loss, num_terms=num_terms(b), reduction="mean", attention_mask=mask)
-            losses.append(float(out.loss) * num_terms(b))  # the loss the user passed, times N
+            losses.append(float(out.loss.detach()) * num_terms(b))  # the loss the user passed, times N
     model.zero_grad(set_to_none=True)
     report = cap.report
     assert report.tokens == sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in data)
