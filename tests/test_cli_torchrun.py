@@ -158,7 +158,7 @@ def test_sigterm_becomes_systemexit_so_atomic_writes_clean_up(tmp_path: Path, mo
     progress removes its temporary file (nothing partial, not even a stray .tmp)."""
     import signal
 
-    import kronfisher.io_format as io_format
+    import kronfisher.io_atomic as io_atomic
     from kronfisher.cli import _exit_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
@@ -168,9 +168,9 @@ def test_sigterm_becomes_systemexit_so_atomic_writes_clean_up(tmp_path: Path, mo
         def killed_mid_write(*args: object, **kwargs: object) -> None:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, inside the write
 
-        monkeypatch.setattr(io_format, "write_safetensors", killed_mid_write)
+        monkeypatch.setattr(io_atomic, "write_safetensors", killed_mid_write)
         with pytest.raises(SystemExit) as info:
-            io_format.atomic_write(tmp_path / "f.safetensors", {"x": torch.zeros(3)}, {"k": 1})
+            io_atomic.atomic_write(tmp_path / "f.safetensors", {"x": torch.zeros(3)}, {"k": 1})
         assert info.value.code == 128 + signal.SIGTERM
         assert list(tmp_path.iterdir()) == []
     finally:

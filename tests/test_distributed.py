@@ -332,16 +332,16 @@ def save_worker(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     """Every rank calls save; only rank 0 writes, and after the barrier every rank reads the complete file."""
     import os
 
-    from kronfisher import io_format
+    from kronfisher import io_atomic
 
     writes = []
-    original = io_format._atomic_write_local
+    original = io_atomic._atomic_write_local
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         writes.append(rank)
         return original(*args, **kwargs)
 
-    io_format._atomic_write_local = spy
+    io_atomic._atomic_write_local = spy
     model = make_model("llama", seed=3)
     fisher = kf.fit(model, [{"input_ids": random_ids(2, 5, seed=rank)}], kf.KFACConfig(accumulate_dtype="float64"))
     path = os.path.join(out_dir, "f.safetensors")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import kronfisher as kf
 import kronfisher.io as kio
-import kronfisher.io_format as kfmt
+import kronfisher.io_atomic as katomic
 from conftest import make_model, random_ids
 from kronfisher.accumulate import LowRankSum
 from kronfisher.fit import collect
@@ -231,7 +231,7 @@ def test_merge_refuses_incompatible_and_drops_ekfac(kfac_qwen, ekfac_qwen, tmp_p
 # Atomic writes --------------------------------------------------------------------------------------------------
 def test_atomic_write_leaves_nothing_partial(kfac_qwen, tmp_path, monkeypatch):
     model, fisher = kfac_qwen
-    real = kfmt.write_safetensors
+    real = katomic.write_safetensors
 
     def half_then_fail(tensors, path, metadata):
         real(tensors, path, metadata)
@@ -240,23 +240,23 @@ def test_atomic_write_leaves_nothing_partial(kfac_qwen, tmp_path, monkeypatch):
         raise OSError("disk full (simulated)")
 
     target = tmp_path / "f.safetensors"
-    monkeypatch.setattr(kfmt, "write_safetensors", half_then_fail)
+    monkeypatch.setattr(katomic, "write_safetensors", half_then_fail)
     with pytest.raises(OSError, match="simulated"):
         fisher.save(target)
     assert os.listdir(tmp_path) == []  # neither the target nor a temporary file
-    monkeypatch.setattr(kfmt, "write_safetensors", real)
+    monkeypatch.setattr(katomic, "write_safetensors", real)
     fisher.save(target)
     before = target.read_bytes()
-    monkeypatch.setattr(kfmt, "write_safetensors", half_then_fail)
+    monkeypatch.setattr(katomic, "write_safetensors", half_then_fail)
     with pytest.raises(OSError):
         fisher.save(target)
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["f.safetensors"]
-    monkeypatch.setattr(kfmt, "write_safetensors", real)
+    monkeypatch.setattr(katomic, "write_safetensors", real)
 
     def no_rename(src, dst):
         raise OSError("rename failed (simulated)")
 
-    monkeypatch.setattr(kfmt.os, "replace", no_rename)
+    monkeypatch.setattr(katomic.os, "replace", no_rename)
     with pytest.raises(OSError, match="rename"):
         fisher.save(target)
     monkeypatch.undo()
@@ -329,7 +329,7 @@ def test_not_a_factor_file_and_newer_format(tmp_path):
     with pytest.raises(kf.FileFormatError, match="not a kronfisher factor file"):
         kf.load(plain)
     newer = tmp_path / "newer.safetensors"
-    kfmt.atomic_write(
+    katomic.atomic_write(
         newer, {}, {"format": "kronfisher", "format_version": 99, "library_version": "9.0", "tensors": {}}
     )
     with pytest.raises(kf.FileFormatError, match=r"format version 99.*upgrade"):

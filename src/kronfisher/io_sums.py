@@ -2,8 +2,9 @@
 
 Raw sums and counts are saved (:func:`save_sums`) so that collection can resume after an interruption and so that
 files from disjoint data merge exactly by adding sums and counts. The model fingerprint (layer name ->
-``[out, in, has_bias]``) is checked against a model when one is given. The file format itself (checksums, atomic
-writes) lives in :mod:`kronfisher.io_format`; the public entry points are re-exported by :mod:`kronfisher.io`.
+``[out, in, has_bias]``) is checked against a model when one is given. The file format itself (checksums) lives in
+:mod:`kronfisher.io_format`, atomic writes in :mod:`kronfisher.io_atomic`; the public entry points are re-exported
+by :mod:`kronfisher.io`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from torch import Tensor, nn
 from .accumulate import CollectionReport, DenseSum, LayerSums, LowRankSum
 from .config import KFACConfig
 from .errors import ConfigError, FileFormatError, FingerprintError, KronfisherError
+from .io_atomic import atomic_write
 from .io_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     Header,
     Payload,
-    atomic_write,
     payload_digest,
     read_header,
     read_tensors,
@@ -148,7 +149,7 @@ def report_from_dict(d: Mapping[str, Any]) -> CollectionReport:
 def write_file(path: PathLike, payload: Payload, meta: dict[str, Any], *, local: bool = False) -> Path:
     """Record per-tensor checksums and the payload checksum in ``meta``, then write atomically.
 
-    ``local``: see :func:`~kronfisher.io_format.atomic_write`.
+    ``local``: see :func:`~kronfisher.io_atomic.atomic_write`.
     """
     tensors, entries = payload.prepared()
     meta["tensors"] = entries

@@ -1,0 +1,118 @@
+"""Atomic writes of factor files, checkpoints and reports (SPEC §8, §9).
+
+A temporary file in the destination directory, ``fsync``, ``os.replace``, then ``fsync`` of the directory; on any
+failure (an exception, or SIGTERM turned into ``SystemExit`` by the command) the temporary file is removed and an
+existing destination is left untouched. Under ``torchrun`` only rank 0 writes shared files, and every rank waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import FileFormatError
+from .io_format import META_KEY, META_SHA_KEY
+
+
+def write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file (indirection so that tests can simulate a failure midway)."""
+    save_file(tensors, path, metadata=metadata)
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms cannot open directories; the rename is still atomic
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any], *, local: bool = False
+) -> Path:
+    """Write ``tensors`` and the JSON ``meta`` to ``path`` atomically (SPEC §9).
+
+    The file is written to a temporary name in the same directory, flushed to disk, and renamed over ``path``.
+    On any failure the temporary file is removed, so nothing partial is ever left under either name.
+
+    Args:
+        path: destination.
+        tensors: named tensors.
+        meta: JSON metadata.
+        local: this process writes its own file (a per-rank checkpoint): no rank-0 rule, no barrier. Otherwise,
+            under ``torchrun``, only rank 0 writes and every rank waits for the file (SPEC §8).
+
+    Returns:
+        The destination path.
+
+    """
+    from .distributed import barrier, is_main_process
+
+    path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(f"Cannot write factors to {path}: it is a directory.")
+    if local:
+        return _atomic_write_local(path, tensors, meta)
+    if not is_main_process():  # SPEC §8: only rank 0 writes; the others wait until the file is complete
+        barrier()
+        return path
+    try:
+        return _atomic_write_local(path, tensors, meta)
+    finally:
+        barrier()
+
+
+def _atomic_write_local(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(meta)  # insertion order kept: layers stay in model order
+    header_meta = {META_KEY: text, META_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
+    os.close(fd)
+    try:
+        write_safetensors(tensors, str(tmp), header_meta)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_path(path.parent, directory=True)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary name and a rename (reports, plots): never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
