@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .accumulate import CollectionReport, DenseSum, LayerSums
@@ -25,7 +24,7 @@ from .distributed import global_indices, is_main_process, reduce_collection, unw
 from .errors import ConfigError
 from .forward import _to_device, activation_only_backward, eval_mode, model_device, model_inputs
 from .layers import Discovery, discover_layers
-from .lossterms import PASS_KFAC, lm_terms, mc_generator, sample_targets, summed_ce
+from .lossterms import PASS_KFAC, MCDraws, lm_terms, mc_generator, summed_ce
 from .lowrank import find_tied, note_tied
 from .operator import KFAC
 
@@ -102,15 +101,14 @@ def run_batch(
         cap.discard()
         return False
     draws = cfg.mc_samples if cfg.fisher == "mc" else 1
-    generator = mc_generator(cfg.seed, pass_id, index, terms.logits.device) if cfg.fisher == "mc" else None
-    data_loss = None
+    mc = None
+    if cfg.fisher == "mc":
+        generator = mc_generator(cfg.seed, pass_id, index, terms.logits.device)
+        mc = MCDraws(terms.logits, terms.targets, generator)
+    data_loss = None if mc is None else mc.data_loss
     for d in range(draws):
-        if generator is not None:
-            targets = sample_targets(terms.logits, generator)
-        else:
-            targets = terms.targets
-        loss = summed_ce(terms.logits, targets)
-        data_loss = loss.detach() if generator is None else data_loss
+        loss = summed_ce(terms.logits, terms.targets if mc is None else mc.sample())
+        data_loss = loss.detach() if mc is None else data_loss
         cap.backward(
             loss,
             batch=index,
@@ -119,9 +117,6 @@ def run_batch(
             attention_mask=terms.attention_mask,
             retain_graph=d < draws - 1,
         )
-    if data_loss is None:  # MC: the loss of the data targets, for the report only (no graph)
-        with torch.no_grad():
-            data_loss = summed_ce(terms.logits.detach(), terms.targets)
     ok = _commit(cap, index, report)
     if ok:
         report.loss_terms += terms.num_terms * draws

@@ -100,6 +100,27 @@ def mc_generator(seed: int, pass_id: int, index: int, device: torch.device | str
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+class MCDraws:
+    """The MC targets of one batch: the predictive distribution is computed once for every draw and the data loss.
+
+    One ``log_softmax`` over ``[N, vocab]`` per batch (then exponentiated in place), instead of a softmax per draw
+    plus a separate cross-entropy for the report's data loss (SPEC §2).
+    """
+
+    def __init__(self, logits: Tensor, targets: Tensor, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            log_probs = torch.log_softmax(logits.detach().to(work), -1)
+            self.data_loss = -log_probs.gather(1, targets.unsqueeze(1)).sum()  # summed CE of the data targets
+            self.probs = log_probs.exp_()
+        self.generator = generator
+
+    def sample(self) -> Tensor:
+        """``[N]`` targets drawn from the predictive distribution."""
+        probs = self.probs if self.probs.device == self.generator.device else self.probs.to(self.generator.device)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(self.probs.device)
+
+
 def sample_targets(logits: Tensor, generator: torch.Generator) -> Tensor:
     """Targets drawn from ``softmax(logits)`` at every loss-term position (MC Fisher, SPEC §2)."""
     with torch.no_grad():
