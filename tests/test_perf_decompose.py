@@ -16,6 +16,7 @@ import importlib
 import torch
 
 import kronfisher as kf
+from conftest import assert_same_factors, decompose_both_ways
 from kronfisher.accumulate import DenseSum, LowRankSum
 
 factors = importlib.import_module("kronfisher.factors")
@@ -86,23 +87,9 @@ def test_concurrent_decomposition_with_lowrank_gram_equals_sequential_and_dense(
     sums = _tiny_sums(cfg)
     low = [n for n, s in sums.items() if isinstance(s.G, LowRankSum)]
     assert low, "the tiny model must have a low-rank G for this test"
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        seq = factors.decompose_all(sums, cfg)
-        torch.set_num_threads(2)  # the Gram path: Grams first, then every eigh concurrently
-        par = factors.decompose_all(sums, cfg)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    assert list(par) == list(seq)
-    for name in seq:
-        for side in ("A", "G"):
-            a, b = getattr(seq[name], side), getattr(par[name], side)
-            assert a.rank == b.rank
-            # Same float64 matrices through the same eigh: equal to round-off (1e-12 relative).
-            ref = a.to_dense()
-            assert float((b.to_dense() - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+    seq, par, threads = decompose_both_ways(sums, cfg)  # two threads: Grams first, then every eigh concurrently
+    assert threads == 2
+    assert_same_factors(seq, par)
     for name in low:
         u = sums[name].G.factor_U(torch.float64)  # [out, T]
         dense = u @ u.t()  # the exact G = U Uᵀ

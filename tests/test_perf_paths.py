@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import kronfisher as kf
+from conftest import assert_same_factors, decompose_both_ways
 from kronfisher.linalg import all_finite
 
 accumulate = importlib.import_module("kronfisher.accumulate")
@@ -77,22 +78,9 @@ def _sums_of_tiny_qwen() -> tuple[dict, kf.KFACConfig]:
 def test_concurrent_decomposition_equals_sequential_and_restores_threads() -> None:
     """``decompose_all`` runs dense eighs concurrently when torch has > 1 thread (the suite runs with 1)."""
     sums, cfg = _sums_of_tiny_qwen()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        seq = factors.decompose_all(sums, cfg)
-        torch.set_num_threads(2)
-        par = factors.decompose_all(sums, cfg)
-        assert torch.get_num_threads() == 2  # restored after the pool
-    finally:
-        torch.set_num_threads(before)
-    assert list(par) == list(seq)
-    for name in seq:
-        for side in ("A", "G"):
-            a, b = getattr(seq[name], side), getattr(par[name], side)
-            # Same float64 matrices through the same eigh: the factors agree to round-off (1e-12 relative).
-            ref = a.to_dense()
-            assert float((b.to_dense() - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+    seq, par, threads = decompose_both_ways(sums, cfg)
+    assert threads == 2  # restored after the pool
+    assert_same_factors(seq, par)
     q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
     assert par[q].A is par[k].A  # identical A sums are still decomposed once and shared
 
