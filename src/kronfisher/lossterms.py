@@ -119,13 +119,3 @@ class MCDraws:
         """``[N]`` targets drawn from the predictive distribution."""
         probs = self.probs if self.probs.device == self.generator.device else self.probs.to(self.generator.device)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(self.probs.device)
-
-
-def sample_targets(logits: Tensor, generator: torch.Generator) -> Tensor:
-    """Targets drawn from ``softmax(logits)`` at every loss-term position (MC Fisher, SPEC §2)."""
-    with torch.no_grad():
-        probs = torch.softmax(logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
-        if probs.device != generator.device:
-            probs = probs.to(generator.device)
-        draws = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return draws.to(logits.device)
