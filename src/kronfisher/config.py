@@ -8,7 +8,9 @@ Every field carries help text in its metadata; the CLI and the docs read it from
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,27 @@ def resolve_dtype(value: str | torch.dtype, what: str, allowed: tuple[str, ...])
 def _choice(what: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"Invalid {what}: {value!r}. Supported: {', '.join(repr(a) for a in allowed)}.")
+
+
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20}
+_BYTE_UNITS.update({"gib": 2**30, "tib": 2**40})
+
+
+def parse_bytes(value: int | float | str, what: str = "max_memory") -> int:
+    """Bytes from an int or a string such as ``"20GiB"``, ``"500MB"`` or ``"1.5 GB"`` (``GB`` = 10⁹, ``GiB`` = 2³⁰)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"Invalid {what}: {value!r}. Use bytes (int) or a size such as '20GiB' or '500MB'.")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), "b"
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if m is None or (m.group(2) or "b").lower() not in _BYTE_UNITS:
+            raise ConfigError(f"Invalid {what}: {value!r}. Use bytes (int) or a size such as '20GiB' or '500MB'.")
+        number, unit = float(m.group(1)), (m.group(2) or "b").lower()
+    size = int(number * _BYTE_UNITS[unit])
+    if not size >= 1:
+        raise ConfigError(f"Invalid {what}: {value!r}. Must be at least 1 byte.")
+    return size
 
 
 def _nonneg(what: str, value: float | None) -> None:
@@ -84,6 +107,12 @@ class KFACConfig:
     on_nonfinite: str = _help("'raise' (default) or 'skip' a batch with non-finite values (§3.3).", default="raise")
     seed: int = _help("Seed of the generator used for MC targets.", default=0)
     max_dense_elements: int = _help("Largest dense matrix that to_dense/factors will build.", default=100_000_000)
+    max_memory: int | str | Mapping[str, int | str] | None = _help(
+        "Memory budget of the factors per device: bytes or a size such as '20GiB' / '500MB' (every device), or "
+        "{device: size}. Default (None): what each device has free once the model is loaded, less its "
+        "activations. Layers that do not fit together run in groups, each with its own passes (docs/concepts.md).",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         _choice("fisher", self.fisher, ("empirical", "mc"))
@@ -145,6 +174,11 @@ class KFACConfig:
             not isinstance(self.lowrank_max_rank, int) or self.lowrank_max_rank < 1
         ):
             raise ConfigError(f"Invalid lowrank_max_rank: {self.lowrank_max_rank!r}. Must be an integer >= 1.")
+        if isinstance(self.max_memory, Mapping):
+            budgets = {str(k): parse_bytes(v, f"max_memory[{k!r}]") for k, v in self.max_memory.items()}
+            object.__setattr__(self, "max_memory", budgets)
+        elif self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
         for name in ("include", "exclude", "lowrank_layers"):
             value = getattr(self, name)
             if isinstance(value, str):

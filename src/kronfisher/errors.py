@@ -94,3 +94,7 @@ class ModelLoadError(InputError):
 
 class DataError(InputError):
     """Text data that cannot be read or yields no tokens (missing file, bad JSONL field, empty dataset)."""
+
+
+class MemoryBudgetError(ConfigError):
+    """A memory budget (``max_memory``) too small for even one layer: the message names the layer and the bytes."""

@@ -1,0 +1,150 @@
+"""The memory plan: representation by token count, groups within the budget, the budget error, the accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kronfisher as kf
+from conftest import make_model, random_ids
+from kronfisher.errors import ConfigError, MemoryBudgetError
+from kronfisher.layers import LayerInfo, discover_layers
+from kronfisher.plan import plan_memory
+
+GIB = 2**30
+
+
+def _info(name: str, a: int, out: int, bias: bool = False) -> LayerInfo:
+    return LayerInfo(name, "linear", a, out, bias, f"{name}.weight", f"{name}.bias" if bias else None)
+
+
+def _block(i: int, hidden: int = 64, inter: int = 256) -> dict[str, LayerInfo]:
+    p = f"model.layers.{i}"
+    layers = [
+        _info(f"{p}.self_attn.q_proj", hidden, hidden, True),
+        _info(f"{p}.self_attn.k_proj", hidden, hidden // 4, True),
+        _info(f"{p}.self_attn.v_proj", hidden, hidden // 4, True),
+        _info(f"{p}.self_attn.o_proj", hidden, hidden),
+        _info(f"{p}.mlp.gate_proj", hidden, inter),
+        _info(f"{p}.mlp.up_proj", hidden, inter),
+        _info(f"{p}.mlp.down_proj", inter, hidden),
+    ]
+    return {i.name: i for i in layers}
+
+
+def test_representation_by_token_count() -> None:
+    """out > lowrank_threshold: exact low-rank while T is below ~0.9 out, dense beyond or with T unknown."""
+    infos = {"mlp": _info("mlp", 64, 1000)}
+    cfg = kf.KFACConfig(lowrank_threshold=512, ekfac=True, max_memory="4GiB")
+    chosen = {t: plan_memory(infos, cfg, tokens=t).layers["mlp"] for t in (100, 500, 5000)}
+    assert [chosen[t].representation for t in (100, 500, 5000)] == ["lowrank", "lowrank", "dense"]
+    assert chosen[100].max_rank is None and chosen[100].columns == 100  # exact: every token, never a budget
+    assert plan_memory(infos, cfg).layers["mlp"].representation == "dense"  # T unknown: dense G fits
+    switch = next(
+        t for t in range(100, 2000, 10) if plan_memory(infos, cfg, tokens=t).layers["mlp"].representation == "dense"
+    )
+    assert 0.8 * 1000 <= switch <= 1000, switch  # the crossover the docstring states
+    small = plan_memory({"o": _info("o", 64, 500)}, cfg, tokens=10).layers["o"]
+    assert small.representation == "dense"  # out <= lowrank_threshold
+    forced = kf.KFACConfig(lowrank_layers=("o",), lowrank_max_rank=8, max_memory="4GiB")
+    named = plan_memory({"o": _info("o", 64, 500)}, forced, tokens=10_000).layers["o"]
+    assert (named.representation, named.max_rank) == ("lowrank", 8)
+
+
+def test_token_budget_only_when_dense_G_cannot_be_held() -> None:
+    """A 151,936-row lm_head cannot hold a dense G in 20 GiB: low-rank with the token budget, at any T."""
+    infos = {"lm_head": _info("lm_head", 1536, 151_936)}
+    cfg = kf.KFACConfig(lowrank_max_rank=512, max_memory="20GiB")
+    for t in (1024, 100_000, None):
+        lp = plan_memory(infos, cfg, tokens=t, batch_tokens=1024).layers["lm_head"]
+        assert (lp.representation, lp.max_rank) == ("lowrank", 512), t
+        assert lp.columns <= 2 * 512 + 1024  # O(out · k) whatever T is
+        assert "dense G needs" in lp.reason
+
+
+def test_groups_fit_budget_and_keep_shared_inputs_together() -> None:
+    infos: dict[str, LayerInfo] = {}
+    for i in range(6):
+        infos.update(_block(i))
+    cfg = kf.KFACConfig(ekfac=True, accumulate_dtype="float64")
+    whole = plan_memory(infos, cfg, tokens=512, budgets={"cpu": 64 * GIB}, workers=2)
+    assert len(whole.groups) == 1 and whole.passes == 2
+    kept, peak = whole.result["cpu"], whole.peaks[0]["cpu"]  # groups keep their factors: the working set shrinks
+    budget = kept + (peak - kept) // 2
+    plan = plan_memory(infos, cfg, tokens=512, budgets={"cpu": budget}, workers=2)
+    assert len(plan.groups) >= 2 and plan.passes == 2 * len(plan.groups)
+    assert [n for g in plan.groups for n in g] == list(infos)  # every layer once, in model order
+    assert all(peak["cpu"] <= budget for peak in plan.peaks)
+    where = {n: k for k, g in enumerate(plan.groups) for n in g}
+    for i in range(6):
+        p = f"model.layers.{i}"
+        assert where[f"{p}.self_attn.q_proj"] == where[f"{p}.self_attn.k_proj"] == where[f"{p}.self_attn.v_proj"]
+        assert where[f"{p}.mlp.gate_proj"] == where[f"{p}.mlp.up_proj"]
+    assert plan.layers[f"{p}.self_attn.q_proj"].unit == plan.layers[f"{p}.self_attn.k_proj"].unit
+    assert plan.result == whole.result  # the same factors at the end, however grouped
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["groups"] == plan.groups and data["passes"] == plan.passes
+    text = plan.format()
+    assert f"group {len(plan.groups)}/{len(plan.groups)}" in text and "passes over the data" in text
+
+
+def test_budget_too_small_names_layer_and_bytes() -> None:
+    infos = {"big": _info("big", 300, 200), "small": _info("small", 8, 8)}
+    cfg = kf.KFACConfig()
+    need = plan_memory({"big": infos["big"]}, cfg, tokens=64, budgets={"cpu": GIB}, workers=1).peaks[0]["cpu"]
+    with pytest.raises(MemoryBudgetError, match=rf"Layer 'big' \(in 300, out 200, G dense\) needs {need:,} bytes"):
+        plan_memory(infos, cfg, tokens=64, budgets={"cpu": need - 1}, workers=1)
+    assert plan_memory(infos, cfg, tokens=64, budgets={"cpu": need}, workers=1).groups == [["big"], ["small"]]
+
+
+def test_max_memory_config_and_budgets() -> None:
+    assert kf.KFACConfig(max_memory="20GiB").max_memory == 20 * GIB
+    assert kf.KFACConfig(max_memory="500MB").max_memory == 500_000_000
+    assert kf.KFACConfig(max_memory={"cuda:0": "80GB", "cpu": 10**9}).max_memory == {"cuda:0": 80 * 10**9, "cpu": 10**9}
+    cfg = kf.KFACConfig(max_memory="1.5 GiB")
+    assert kf.KFACConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for bad in ("20 parsecs", "-1GB", 0):
+        with pytest.raises(ConfigError, match="Invalid max_memory"):
+            kf.KFACConfig(max_memory=bad)
+    infos = _block(0)
+    default = plan_memory(infos, kf.KFACConfig(), tokens=64)  # what the host has free, less activations
+    assert 0 < default.budgets["cpu"] < 2**50
+    with pytest.raises(ConfigError, match="no budget for device 'cpu'"):
+        plan_memory(infos, kf.KFACConfig(max_memory={"cuda:0": "1GB"}), tokens=64)
+
+
+def _allocated(fisher: kf.KFAC) -> dict[str, int]:
+    """Bytes of the sums and of the eigenbases the run actually holds (shared A eigenbases once)."""
+    sums = 0
+    for s in fisher.sums.values():
+        sums += s.A.sum.nbytes
+        sums += s.G.sum.nbytes if s.G.kind == "dense" else sum(c.nbytes for c in s.G.columns().chunks)
+    seen: set[int] = set()
+    eigen = ekfac = 0
+    for name in fisher.layer_names:
+        b = fisher.block(name)
+        if id(b.A.vectors) not in seen:
+            seen.add(id(b.A.vectors))
+            eigen += b.A.vectors.nbytes + b.A.values.nbytes
+        g = b.G
+        eigen += (g.coeffs.nbytes if hasattr(g, "coeffs") else g.vectors.nbytes) + g.values.nbytes
+        ekfac += b.corrected.nbytes + (0 if b.corrected_tail is None else b.corrected_tail.nbytes)
+    return {"sums": sums, "eigen": eigen, "ekfac": ekfac}
+
+
+def test_plan_accounting_matches_allocations() -> None:
+    """The plan's sums, eigenbases and EK-FAC sums are within 10 % of what a run allocates (tiny Qwen2)."""
+    model = make_model("qwen2", vocab=300)
+    batches = [{"input_ids": random_ids(2, 24, seed=s, vocab=300)} for s in range(3)]
+    cfg = kf.KFACConfig(accumulate_dtype="float64", ekfac=True, lowrank_layers=("lm_head",), lowrank_dtype="float32")
+    fisher = kf.fit(model, batches, cfg)
+    infos = discover_layers(model).infos
+    plan = plan_memory(infos, cfg, tokens=144, batch_tokens=48, budgets={"cpu": 8 * GIB}, workers=1)
+    assert plan.layers["lm_head"].representation == "lowrank"
+    planned = {c: sum(sum(lp.total(c).values()) for lp in plan.layers.values()) for c in ("sums", "eigen", "ekfac")}
+    actual = _allocated(fisher)
+    for c in planned:
+        assert abs(planned[c] - actual[c]) <= 0.1 * actual[c], (c, planned[c], actual[c])
+    assert torch.get_num_threads() >= 1
