@@ -139,7 +139,7 @@ def check_mc(device: str) -> dict[str, Any]:
     data = _batches(300, 2, 2, 16)
     cfg = kf.KFACConfig(fisher="mc", mc_samples=2, accumulate_dtype="float64", lowrank_layers=("lm_head",))
     model = _tiny_gpt2().to(torch.float64).to(device)
-    import kronfisher.lossterms as lt
+    import kronfisher.collection.lossterms as lt
 
     seen: list[str] = []
     original = lt.MCDraws.sample
@@ -343,7 +343,7 @@ def _perf_one(name: str, device: str, quick: bool, repeats: int, head: bool) -> 
         state["f"] = kf.KFAC.from_sums(disc.infos, col.sums, cfg, report=rep, model=model)
 
     def ekfac() -> None:
-        from kronfisher.ekfac import correct
+        from kronfisher.drivers.ekfac import correct
 
         state["e"] = correct(state["f"], model, on_dev)
 

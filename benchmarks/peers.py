@@ -206,7 +206,7 @@ def agreement(wl: Workload) -> dict[str, Any]:
     error (2-norm) of the undamped EK-FAC matrix-vector product on a random vector, max over layers.
     """
     import kronfisher as kf
-    from kronfisher.ekfac import correct
+    from kronfisher.drivers.ekfac import correct
     from kronfisher.operator import KFAC
     from workloads import kronfisher_loss_fn
 

@@ -139,7 +139,7 @@ def _plain_fwd_bwd(model: Any, wl: Any) -> None:
 
 def _activation_fwd_bwd(model: Any, wl: Any) -> None:
     """The floor of a K-FAC pass: the same forward+backward without parameter gradients (kronfisher's backward)."""
-    from kronfisher.fit import activation_only_backward
+    from kronfisher.collection.forward import activation_only_backward
     from workloads import mean_loss
 
     with activation_only_backward(model):
@@ -170,7 +170,7 @@ def _eigh_matrices(fisher: Any, sums: dict[str, Any], cfg: Any) -> tuple[list[An
     """
     import torch
 
-    from kronfisher.accumulate import LowRankSum
+    from kronfisher.collection.sums import LowRankSum
 
     mats, columns = [], []
     seen: set[int] = set()
@@ -288,7 +288,7 @@ def fig_kronfisher(
     import torch
 
     import kronfisher as kf
-    from kronfisher.ekfac import correct
+    from kronfisher.drivers.ekfac import correct
     from kronfisher.operator import KFAC
     from workloads import kronfisher_loss_fn
 

@@ -97,7 +97,7 @@ def decompose_both_ways(sums: dict[str, Any], cfg: Any) -> tuple[dict[str, Any],
 
     Returns ``(sequential, concurrent, threads seen right after the concurrent call)``; the count is restored.
     """
-    from kronfisher import factors
+    from kronfisher.decompose import entry as factors
 
     before = torch.get_num_threads()
     try:

@@ -11,6 +11,8 @@ import torch
 
 import kronfisher as kf
 from conftest import make_model, random_ids
+from kronfisher.algebra.damping import Damping
+from kronfisher.algebra.eigen import Eigen
 from kronfisher.analysis import (
     compare_layer,
     condition_number,
@@ -24,8 +26,6 @@ from kronfisher.analysis import (
     top_share,
 )
 from kronfisher.analysis.metrics import make_spectrum
-from kronfisher.damping import Damping
-from kronfisher.linalg import Eigen
 
 
 def _batches(n: int = 3, seed: int = 1) -> list[dict[str, torch.Tensor]]:

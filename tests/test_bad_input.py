@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import kronfisher as kf
 from conftest import make_model, random_ids, right_pad
-from kronfisher.accumulate import DenseSum, LayerSums
+from kronfisher.collection.sums import DenseSum, LayerSums
 
 CFG = kf.KFACConfig(accumulate_dtype="float64")
 POISONED = "model.layers.1.mlp.down_proj"

@@ -123,7 +123,7 @@ def test_torchrun_two_processes_equal_one(reference: Path) -> None:
 KILLER = textwrap.dedent(
     """
     import importlib, os, signal, sys
-    fit = importlib.import_module("kronfisher.fit")
+    fit = importlib.import_module("kronfisher.drivers.fit")
     original = fit.run_batch
     def run_batch(model, batch, cap, cfg, index, *args, **kwargs):
         if os.environ.get("RANK") == "1" and index == 5:  # global batch 5 is rank 1's third batch
@@ -158,7 +158,7 @@ def test_sigterm_becomes_systemexit_so_atomic_writes_clean_up(tmp_path: Path, mo
     progress removes its temporary file (nothing partial, not even a stray .tmp)."""
     import signal
 
-    import kronfisher.io_atomic as io_atomic
+    import kronfisher.io.atomic as io_atomic
     from kronfisher.cli import _exit_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)

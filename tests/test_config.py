@@ -14,7 +14,7 @@ import torch
 
 import kronfisher as kf
 from conftest import make_model, random_ids
-from kronfisher.damping import Damping
+from kronfisher.algebra.damping import Damping
 
 # SPEC §10 (and §3.3, §6 for the dtypes): field -> supported values.
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -85,11 +85,16 @@ def _probe(fisher: kf.KFAC, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _summary(fisher: kf.KFAC, model: torch.nn.Module) -> dict[str, Any]:
     """What the oracle comparison looks at: factors, U, EK-FAC eigenvalues, natural gradients, counts."""
-    out: dict[str, Any] = {"A": {}, "G": {}, "corrected": {}, "corrected_tail": {}}
+    out: dict[str, Any] = {"A": {}, "G": {}, "corrected": {}, "corrected_tail": {}, "basis": {}}
     for name in fisher.layer_names:
         a, g = fisher.factors(name)
         out["A"][name], out["G"][name] = a, g
         block = fisher.block(name)
+        # The stored eigenbases themselves (a GEMM such as Q diag(λ) Qᵀ need not round the same in two processes:
+        # MKL's kernels depend on memory alignment).
+        out["basis"][name] = [block.A.vectors, block.A.values, getattr(block.G, "coeffs", None), block.G.values]
+        if not getattr(block.G, "implicit", False):
+            out["basis"][name][2] = block.G.vectors
         if block.corrected is not None:
             out["corrected"][name] = block.corrected
         if block.corrected_tail is not None:
@@ -107,9 +112,9 @@ class _EighCounter:
     """Counts eigendecompositions (dense eigh, low-rank Gram eigh) done in this process."""
 
     def __init__(self) -> None:
-        import kronfisher.factors as factors
-        import kronfisher.linalg as linalg
-        import kronfisher.lowrank as lowrank
+        import kronfisher.algebra.eigen as linalg
+        import kronfisher.algebra.lowrank as lowrank
+        import kronfisher.decompose.layer as factors
 
         self.calls = 0
         self._orig = linalg.safe_eigh
@@ -234,9 +239,11 @@ def test_distributed_fit_equals_one_process_on_union(world_size: int, tmp_path: 
         _compare(res["plain"], ref, f"rank {rank} plain")
         _compare(res["ddp"], ref, f"rank {rank} DDP")
         # Every rank holds bit-identical blocks (decompositions broadcast by their owner).
-        for key in ("A", "G", "corrected", "nat"):
-            for name in ref[key]:
-                assert torch.equal(res["plain"][key][name], results[0]["plain"][key][name]), (rank, key, name)
+        for name in ref["basis"]:
+            for mine, first in zip(res["plain"]["basis"][name], results[0]["plain"]["basis"][name]):
+                assert torch.equal(mine, first), (rank, name)
+        for name in ref["corrected"]:
+            assert torch.equal(res["plain"]["corrected"][name], results[0]["plain"]["corrected"][name]), (rank, name)
         assert res["ddp_control_calls"] > 0, "the comm-hook counter must see an ordinary DDP backward"
         assert res["ddp_fit_calls"] == 0, "collection must not trigger DDP gradient all-reduce"
         assert res["ddp_grads_untouched"]
@@ -332,7 +339,7 @@ def save_worker(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     """Every rank calls save; only rank 0 writes, and after the barrier every rank reads the complete file."""
     import os
 
-    from kronfisher import io_atomic
+    import kronfisher.io.atomic as io_atomic
 
     writes = []
     original = io_atomic._atomic_write_local

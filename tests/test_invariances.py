@@ -12,7 +12,7 @@ import torch
 
 import kronfisher as kf
 from conftest import make_model, random_ids, right_pad
-from kronfisher.accumulate import LowRankSum
+from kronfisher.collection.sums import LowRankSum
 from kronfisher.operator import KFAC
 
 F64 = kf.KFACConfig(accumulate_dtype="float64")

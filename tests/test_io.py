@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 import kronfisher as kf
-import kronfisher.io as kio
-import kronfisher.io_atomic as katomic
+import kronfisher.io.atomic as katomic
+import kronfisher.io.files as kio
 from conftest import make_model, random_ids
-from kronfisher.accumulate import LowRankSum
-from kronfisher.fit import collect
+from kronfisher.collection.sums import LowRankSum
+from kronfisher.drivers.fit import collect
 
 BATCHES = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(4)]
 BASE = {"accumulate_dtype": "float64", "lowrank_layers": ("lm_head",)}

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import kronfisher as kf
-from kronfisher.accumulate import DenseSum, LayerSums, LowRankSum
+from kronfisher.algebra.woodbury import woodbury_solve
+from kronfisher.collection.sums import DenseSum, LayerSums, LowRankSum
 from kronfisher.errors import ConfigError, NumericalWarning
 from kronfisher.layers import LayerInfo
-from kronfisher.linalg import woodbury_solve
 
 OUT, IN = 30, 5
 INFO = LayerInfo("head", "linear", IN, OUT, True, "head.weight", "head.bias")
@@ -234,7 +234,7 @@ def test_no_budget_lowrank_sum_is_exact_and_u_is_out_by_t():
 
 def test_blockwise_gram_and_products_match_dense_algebra():
     # m = 2500 > the 1024-row tiles (upper tiles mirrored) and out = 70000 > one block of rows; several chunks.
-    from kronfisher.lowrank import ColumnStore
+    from kronfisher.algebra.columns import ColumnStore
 
     gen = torch.Generator().manual_seed(11)
     chunks = [torch.randn(n, 70, generator=gen, dtype=torch.float64) for n in (1000, 1, 1499)]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import kronfisher as kf
-import kronfisher.placement as placement
+import kronfisher.collection.placement as placement
 from conftest import make_model, random_ids
-from kronfisher.collect import FactorCollector
-from kronfisher.ekfac import correct
+from kronfisher.collection.collector import FactorCollector
+from kronfisher.drivers.ekfac import correct
 from kronfisher.errors import PlacementWarning, TiedWeightsWarning
 
 BATCHES = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(2)]
@@ -184,7 +184,7 @@ def test_decomposition_oom_reruns_that_factor_on_cpu(monkeypatch, factor):
     """A real OOM in the eigendecomposition of one dense factor (its float64 copy and the solver's workspace) reruns
     that decomposition on CPU with a PlacementWarning naming layer, factor and size; every block is identical.
     The accelerator is simulated (no GPU here); the injected error is the first eigh of that factor."""
-    import kronfisher.factors as factors
+    import kronfisher.decompose.layer as factors
 
     model = make_model("llama")
     cfg = kf.KFACConfig(**F64)
@@ -216,7 +216,7 @@ def test_sum_allocation_oom_puts_that_sum_on_cpu(monkeypatch):
     that factor's work runs on CPU (PlacementWarning naming layer, in, out, factor) and the factors are identical."""
     import importlib
 
-    collect = importlib.import_module("kronfisher.collect")  # the module (kronfisher.collect is the function)
+    collect = importlib.import_module("kronfisher.collection.collector")
     model = make_model("llama")
     cfg = kf.KFACConfig(**F64)
     ref = kf.fit(model, BATCHES, cfg)
@@ -238,7 +238,7 @@ def test_sum_allocation_oom_puts_that_sum_on_cpu(monkeypatch):
 
 
 def test_decomposition_oom_on_cpu_is_not_swallowed(monkeypatch):
-    import kronfisher.factors as factors
+    import kronfisher.decompose.layer as factors
 
     def eigh(mean, **kw):
         raise torch.OutOfMemoryError("out of memory (injected)")

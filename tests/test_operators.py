@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import kronfisher as kf
 from conftest import make_model, random_ids, right_pad
-from kronfisher.damping import pi_factor
+from kronfisher.algebra.damping import pi_factor
 from kronfisher.layers import LayerInfo
 
 CFG = kf.KFACConfig(accumulate_dtype="float64", damping=1e-2)

@@ -47,7 +47,7 @@ from helpers_oracle import (
     to_kronfisher,
     to_oracle,
 )
-from kronfisher.damping import Damping
+from kronfisher.algebra.damping import Damping
 
 MODELS = ("qwen2", "llama", "gpt2")
 PREFIX = "lm."  # FlatLogits keeps the LM as ``.lm``

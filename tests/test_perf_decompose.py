@@ -1,11 +1,11 @@
 """The decomposition fast paths of the benchmark issue (issue 6) give the answers of the plain formulas (SPEC §4, §6).
 
-* :func:`kronfisher.factors.symmetric_mean` is bit for bit ``DenseSum.mean(torch.float64)``, also for a sum that is
-  not symmetric, and :func:`kronfisher.linalg.safe_eigh` with ``symmetric=True`` is bit for bit the default on an
+* :func:`kronfisher.decompose.layer.symmetric_mean` is bit for bit ``DenseSum.mean(torch.float64)``, also for a sum that is
+  not symmetric, and :func:`kronfisher.algebra.eigen.safe_eigh` with ``symmetric=True`` is bit for bit the default on an
   exactly symmetric matrix (the skipped symmetrisation is the identity there).
-* :func:`kronfisher.factors.shared_A_owners` (bucketed by the diagonal) equals the all-pairs ``torch.equal`` plan,
+* :func:`kronfisher.decompose.layer.shared_A_owners` (bucketed by the diagonal) equals the all-pairs ``torch.equal`` plan,
   including sums that agree on the diagonal but not elsewhere.
-* :func:`kronfisher.factors.decompose_all` with a low-rank ``G`` whose Gram is computed before the concurrent eighs
+* :func:`kronfisher.decompose.entry.decompose_all` with a low-rank ``G`` whose Gram is computed before the concurrent eighs
   equals the sequential path, and the low-rank eigenform equals the dense eigendecomposition of ``U Uᵀ`` (float64).
 """
 
@@ -17,10 +17,11 @@ import torch
 
 import kronfisher as kf
 from conftest import assert_same_factors, decompose_both_ways
-from kronfisher.accumulate import DenseSum, LowRankSum
+from kronfisher.collection.sums import DenseSum, LowRankSum
 
-factors = importlib.import_module("kronfisher.factors")
-linalg = importlib.import_module("kronfisher.linalg")
+factors = importlib.import_module("kronfisher.decompose.layer")
+entry = importlib.import_module("kronfisher.decompose.entry")
+linalg = importlib.import_module("kronfisher.algebra.eigen")
 
 
 def _all_pairs_owners(sums: dict) -> dict[str, str]:
@@ -100,7 +101,7 @@ def test_concurrent_decomposition_with_lowrank_gram_equals_sequential_and_dense(
 
 def test_ekfac_sequence_span_equals_the_batched_formula() -> None:
     """``EigenCorrector._span_sequence`` (per-sequence products into a reused scratch) is ``Σ_b (z_bᵀ y_b)²``."""
-    from kronfisher.ekfac import EigenCorrector
+    from kronfisher.collection.corrector import EigenCorrector
 
     corrector = EigenCorrector({}, {}, kf.KFACConfig())
     gen = torch.Generator().manual_seed(2)
@@ -117,7 +118,7 @@ def test_ekfac_sequence_span_equals_the_batched_formula() -> None:
 
 def test_gram_with_scale_equals_gram_of_scaled_rows() -> None:
     """``accumulate.gram(rows, augment, dtype, scale=s)`` (``s²`` as the GEMM's alpha) is the Gram of ``s · rows``."""
-    from kronfisher.accumulate import gram
+    from kronfisher.algebra.gram import gram
 
     gen = torch.Generator().manual_seed(3)
     for n, d in ((7, 5), (50, 400), (33, 800)):  # 400 and 800 cross the symmetric tile (384)

@@ -1,9 +1,9 @@
 """The fast paths of the benchmark issue give the same answers as the plain formulas they replace.
 
-* :func:`kronfisher.linalg.all_finite` (one ``aminmax`` pass) against ``torch.isfinite(t).all()`` (SPEC §3.3).
-* :func:`kronfisher.accumulate.symmetric_gram` (upper block triangle on CPU) against a float64 ``XᵀX`` for sizes that
+* :func:`kronfisher.algebra.eigen.all_finite` (one ``aminmax`` pass) against ``torch.isfinite(t).all()`` (SPEC §3.3).
+* :func:`kronfisher.algebra.gram.symmetric_gram` (upper block triangle on CPU) against a float64 ``XᵀX`` for sizes that
   cross the tile boundary (the tiny test models never do), with and without the bias augmentation (SPEC §3.1).
-* :func:`kronfisher.factors.decompose_all` with concurrent eighs (torch threads > 1; the suite runs with one) against
+* :func:`kronfisher.decompose.entry.decompose_all` with concurrent eighs (torch threads > 1; the suite runs with one) against
   the sequential path: same factors, shared ``A`` kept, errors in layer order, thread count restored (SPEC §4).
 """
 
@@ -17,10 +17,11 @@ import torch
 
 import kronfisher as kf
 from conftest import assert_same_factors, decompose_both_ways
-from kronfisher.linalg import all_finite
+from kronfisher.algebra.eigen import all_finite
 
-accumulate = importlib.import_module("kronfisher.accumulate")
-factors = importlib.import_module("kronfisher.factors")
+accumulate = importlib.import_module("kronfisher.algebra.gram")
+factors = importlib.import_module("kronfisher.decompose.entry")
+local = importlib.import_module("kronfisher.decompose.local")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -106,10 +107,10 @@ def test_concurrent_decomposition_reports_each_layer_once_as_it_finishes() -> No
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        concurrent.futures.as_completed = spy
+        local.as_completed = spy
         factors.decompose_all(sums, cfg, on_layer=lambda name: calls.append((name, in_pool[0])))
     finally:
-        concurrent.futures.as_completed = real
+        local.as_completed = real
         torch.set_num_threads(before)
     names = [n for n, _ in calls]
     assert sorted(names) == sorted(sums) and len(names) == len(set(names))

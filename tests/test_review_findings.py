@@ -23,8 +23,8 @@ from torch import Tensor, nn
 import kronfisher as kf
 from conftest import make_model, random_ids, right_pad
 from distributed_helper import distributed_test
-from kronfisher.distributed import Shard
-from kronfisher.fit import CollectState
+from kronfisher.comm import Shard
+from kronfisher.drivers.fit import CollectState
 
 CFG = kf.KFACConfig(accumulate_dtype="float64", on_nonfinite="skip")
 POISONED = "model.layers.1.mlp.down_proj"

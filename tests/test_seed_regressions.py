@@ -67,7 +67,7 @@ def test_stale_inverse_cache() -> None:
         assert rel(after[name], fresh[name]) < 1e-9, name  # float64, merged sums vs one pass
 
     # EK-FAC: a new correction pass replaces the eigenvalues; the damped inverse follows the new block.
-    from kronfisher.ekfac import correct
+    from kronfisher.drivers.ekfac import correct
 
     ek = kf.fit(model, first, CFG.replace(ekfac=True, damping_mode="exact", damping=1e-3))
     before = ek.natural_gradient(g)

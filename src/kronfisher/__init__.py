@@ -1,6 +1,6 @@
 """kronfisher: Kronecker-factored (K-FAC / EK-FAC) Fisher approximations for transformer language models.
 
-The public API (SPEC §10)::
+The public API (docs/library.md)::
 
     import kronfisher as kf
     cfg = kf.KFACConfig(fisher="empirical", approx="expand", ekfac=False, damping=1e-3)
@@ -10,8 +10,10 @@ The public API (SPEC §10)::
 
 from __future__ import annotations
 
+from ._version import __version__
+from .algebra.damping import Damping
 from .config import KFACConfig
-from .damping import Damping
+from .drivers.fit import CaptureSession, capture, collect, fit
 from .errors import (
     ConfigError,
     DecompositionError,
@@ -22,23 +24,11 @@ from .errors import (
     ShapeError,
     SpectrumError,
 )
-from .fit import CaptureSession, capture, collect, fit
-from .io import (
-    SumsFile,
-    inspect_file,
-    load,
-    load_sums,
-    merge_files,
-    model_fingerprint,
-    read_metadata,
-    save,
-    save_sums,
-    verify_file,
-)
+from .io.files import inspect_file, load, read_metadata, save, verify_file
+from .io.merge import merge_files
+from .io.sums import SumsFile, load_sums, model_fingerprint, save_sums
 from .layers import LayerInfo, discover_layers
 from .operator import KFAC
-
-__version__ = "0.1.0"
 
 __all__ = [
     "KFAC",

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import FileFormatError, FingerprintError, InputError, KronfisherError
 
 EXIT_USER_ERROR = 2
@@ -231,7 +231,8 @@ INSPECT_COLUMNS = (
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``kronfisher inspect FILE``."""
-    from .io import check_fingerprint, inspect_file, read_metadata, verify_file
+    from .io.files import inspect_file, read_metadata, verify_file
+    from .io.sums import check_fingerprint
 
     path = Path(args.file)
     if not path.exists():
@@ -262,7 +263,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """``kronfisher merge OUT IN...``."""
-    from .io import merge_files
+    from .io.merge import merge_files
 
     for p in args.inputs:
         if not Path(p).exists():

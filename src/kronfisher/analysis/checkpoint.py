@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accumulate import CollectionReport
+from ..comm import Shard, get_rank, get_world_size
 from ..config import KFACConfig
 from ..data import TextBatches
-from ..distributed import Shard, get_rank, get_world_size
+from ..drivers.fit import CollectState, collect
 from ..errors import InputError
-from ..fit import CollectState, collect
-from ..io import SUM_FIELDS, load_sums, model_fingerprint, save_sums
+from ..io.files import SUM_FIELDS
+from ..io.sums import load_sums, model_fingerprint, save_sums
 from ..models import LoadedModel
+from ..report import CollectionReport
 
 CHECKPOINT_SECONDS = 300.0  # default checkpoint interval when --checkpoint-every is not given
 

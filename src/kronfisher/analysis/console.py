@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..distributed import Shard
+from ..comm import Shard
 
 
 class Console:

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..accumulate import CollectionReport
-from ..capture import BatchContext, Capture, Staged
+from ..collection.forward import activation_only_backward, eval_mode, model_device
+from ..collection.hooks import BatchContext, Capture, Staged
+from ..collection.passes import run_batch
+from ..comm import all_reduce_tensors, global_indices, is_distributed, unwrap_model
 from ..config import KFACConfig
-from ..distributed import all_reduce_tensors, global_indices, is_distributed, unwrap_model
-from ..fit import run_batch
-from ..forward import activation_only_backward, eval_mode, model_device
 from ..layers import LayerInfo, discover_layers, split
+from ..report import CollectionReport
 
 
 class GradientProcessor:

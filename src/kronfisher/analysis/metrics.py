@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..damping import Damping, spectrum
-from ..factors import KronBlock
+from ..algebra.block import KronBlock
+from ..algebra.damping import Damping, spectrum
 from ..layers import LayerInfo, combine, split
 from ..operator import KFAC
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io_atomic import atomic_write_bytes
+from ..io.atomic import atomic_write_bytes
 from .plots import Plot
 
 METRIC_HELP: dict[str, str] = {

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
+from .._version import __version__
+from ..comm import Shard, barrier, broadcast_object, get_world_size, is_main_process
 from ..config import KFACConfig
 from ..data import build_batches
-from ..distributed import Shard, barrier, broadcast_object, get_world_size, is_main_process
-from ..ekfac import correct
+from ..decompose.entry import decompose_all
+from ..drivers.ekfac import correct
 from ..errors import InputError
-from ..factors import decompose_all
-from ..io import load, read_metadata, save
+from ..io.files import load, read_metadata, save
 from ..layers import combine, discover_layers
 from ..models import LoadedModel, embedded_text_path, load_model
 from ..operator import KFAC

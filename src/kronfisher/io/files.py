@@ -15,53 +15,43 @@ never stored. Two kinds of file share the format:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .accumulate import CollectionReport
-from .errors import FileFormatError, FingerprintError, KronfisherError
-from .factors import KronBlock
-from .io_format import Header, LazyLayers, Payload, read_header, read_tensors, verify_payload
-from .io_sums import (
+from ..algebra.block import KronBlock
+from ..algebra.columns import ColumnStore
+from ..algebra.eigen import Eigen
+from ..algebra.lowrank import LowRankEigen
+from ..errors import FileFormatError
+from ..layers import LayerInfo
+from ..operator import KFAC
+from .format import Header, LazyLayers, Payload, read_header, read_tensors, verify_payload
+from .sums import (
     PathLike,
-    SumsFile,
     base_meta,
     check_fingerprint,
     config_from_header,
-    fingerprint_mismatches,
     infos_from_header,
-    load_sums,
-    model_fingerprint,
     read_layer_sums,
     report_from_dict,
-    save_sums,
     sums_meta,
     write_file,
 )
-from .layers import LayerInfo
-from .linalg import Eigen
-from .operator import KFAC
 
 __all__ = [
     "SUM_FIELDS",
     "LoadedKFAC",
-    "SumsFile",
-    "check_fingerprint",
-    "fingerprint_mismatches",
     "inspect_file",
     "load",
-    "load_sums",
-    "merge_files",
-    "model_fingerprint",
     "read_metadata",
     "save",
-    "save_sums",
     "verify_file",
 ]
+
 
 logger = logging.getLogger("kronfisher")
 
@@ -189,8 +179,6 @@ class _BlockReader:
 
     def _build(self, em: Mapping[str, Any], read: Mapping[str, Tensor]) -> Any:
         if em.get("form") == "implicit":
-            from .lowrank import ColumnStore, LowRankEigen
-
             # The G side of a low-rank layer stays on CPU, where it was collected (SPEC §6 placement).
             cols = ColumnStore([read[em["columns"]]], int(em["dim"]))
             return LowRankEigen(cols, read[em["coeffs"]], read[em["values"]], float(em["tail"]), em["discarded"])
@@ -313,113 +301,3 @@ def inspect_file(path: PathLike) -> list[dict[str, Any]]:
     """Per-layer summary from the header only: name, representation, in, out, T, N, trace_A, trace_G, and more."""
     meta = read_header(path).meta
     return [{"name": name, **row} for name, row in meta["layers"].items()]
-
-
-# Merge ----------------------------------------------------------------------------------------------------------
-def _sources(meta: Mapping[str, Any]) -> list[str]:
-    """Payload checksums of the original (unmerged) files whose data a file holds."""
-    return list(meta.get("extra", {}).get("sources") or [meta.get("payload_sha256")])
-
-
-def _check_mergeable(files: list[tuple[Path, SumsFile]]) -> list[str]:
-    seen: dict[str, Path] = {}
-    for p, f in files:  # SPEC §3.3 needs disjoint data: the same file (or a merge containing it) counts twice
-        for src in _sources(f.meta):
-            if src in seen:
-                raise FileFormatError(
-                    f"Cannot merge {p} with {seen[src]}: both hold the sums of the same file (payload {src[:12]}), "
-                    "so that data would be counted twice."
-                )
-            seen[src] = p
-    base_path, base = files[0]
-    base_cfg = base.cfg.to_dict()
-    notes = []
-    for p, f in files[1:]:
-        cfg = f.cfg.to_dict()
-        bad = [k for k in SUM_FIELDS if cfg.get(k) != base_cfg.get(k)]
-        if bad:
-            diffs = ", ".join(f"{k}: {base_cfg.get(k)!r} vs {cfg.get(k)!r}" for k in bad)
-            raise FileFormatError(f"Cannot merge {p} into {base_path}: sums collected with different {diffs}.")
-        other = [k for k in cfg if k not in SUM_FIELDS and cfg.get(k) != base_cfg.get(k)]
-        if other:
-            notes.append(f"{p}: config fields {other} differ from {base_path}; the first file's values are kept.")
-        for name, info in f.infos.items():
-            if name in base.infos and base.infos[name] != info:
-                raise FingerprintError(
-                    f"Cannot merge {p} into {base_path}: layer {name!r} differs "
-                    f"({base.infos[name].to_dict()} vs {info.to_dict()}).",
-                    [(name, str(base.infos[name].to_dict()), str(info.to_dict()))],
-                )
-    return notes
-
-
-def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Module | None = None) -> Path:
-    """Merge files of sums from disjoint data: add sums and counts, then decompose (SPEC §3.3).
-
-    The result equals one collection over the union of the data. Every input must carry raw sums (a ``"sums"`` file
-    or a ``"kfac"`` file saved with ``include_sums=True``) collected with the same sum-relevant configuration
-    (:data:`SUM_FIELDS`). A layer absent from one file (its hooks never fired there) contributes nothing from it.
-    Inputs that hold the same data (the same file twice, or a merged file and one of its sources, recognised by the
-    payload checksums recorded in ``extra["sources"]``) are refused.
-    EK-FAC eigenvalues cannot be merged (they depend on the merged eigenbasis): the output is K-FAC and a warning
-    says so. The output is a ``"kfac"`` file with its sums, so it can be merged again.
-
-    Args:
-        paths: two or more input files.
-        out_path: destination, written atomically.
-        model: when given, every input must match it (:class:`FingerprintError`).
-
-    Returns:
-        The written path.
-
-    """
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise KronfisherError("merge_files needs at least one input file.")
-    files = []
-    for p in paths:
-        f = load_sums(p)
-        if model is not None:
-            check_fingerprint(f.meta["fingerprint"], model, path=p)
-        files.append((p, f))
-    notes = _check_mergeable(files)
-    base = files[0][1]
-    infos = dict(base.infos)
-    sums = dict(base.sums)
-    report = CollectionReport(skipped_layers=dict(base.report.skipped_layers))
-    for _, f in files[1:]:
-        for name, s in f.sums.items():
-            if name in sums:
-                sums[name].merge(s)
-            else:
-                infos[name], sums[name] = f.infos[name], s
-    for _, f in files:
-        report.tokens += f.report.tokens
-        report.loss_terms += f.report.loss_terms
-        report.batches += f.report.batches
-        report.loss_sum += f.report.loss_sum
-        report.warnings.extend(f.report.warnings)
-    never = {n for _, f in files for n in f.report.never_fired}
-    report.never_fired = sorted(n for n in never if not (n in sums and sums[n].A.count > 0))
-    if base.cfg.ekfac:
-        notes.append("EK-FAC eigenvalues are not mergeable; the merged file is K-FAC: rerun the EK-FAC pass.")
-    for note in notes:
-        logger.warning("merge_files: %s", note)
-    report.warnings.extend(notes)
-    fisher = KFAC.from_sums(infos, sums, base.cfg, report=report)
-    merged_from = [
-        {
-            "path": str(p),
-            "tokens": f.report.tokens,
-            "loss_terms": f.report.loss_terms,
-            "batches": f.report.batches,
-            "empty_batches": f.report.empty_batches,
-            "nonfinite_batches": [[b, ls] for b, ls in f.report.nonfinite_batches],
-            "payload_sha256": f.meta.get("payload_sha256"),
-        }
-        for p, f in files
-    ]
-    sources = sorted({src for _, f in files for src in _sources(f.meta)})
-    return save(
-        fisher, out_path, model=model, include_sums=True, extra_meta={"merged_from": merged_from, "sources": sources}
-    )

@@ -10,20 +10,16 @@ onto ``span(P)^⊥``, ``Λ*_⊥j = (1/N) Σ_s ‖(I − P Pᵀ) ∇_s q_j‖² /
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .accumulate import CollectionReport, compute_dtype
-from .capture import BatchContext, Capture, Staged
-from .config import KFACConfig
-from .distributed import global_indices, reduce_corrector, unwrap_model
-from .factors import KronBlock
-from .layers import LayerInfo
-from .lossterms import PASS_EKFAC
-from .operator import KFAC
+from ..algebra.block import KronBlock
+from ..algebra.gram import compute_dtype
+from ..config import KFACConfig
+from ..layers import LayerInfo
+from .hooks import BatchContext, Staged
 
 
 def _augment(x: Tensor, has_bias: bool, mask: Tensor | None = None) -> Tensor:
@@ -150,33 +146,3 @@ class EigenCorrector:
             store = block.A.vectors.dtype
             out[name] = block.with_correction(span.to(store), None if tail is None else tail.to(store))
         return out
-
-
-def correct(
-    fisher: KFAC,
-    model: nn.Module,
-    batches: Iterable[Any],
-    *,
-    loss_fn: Any = None,
-    progress: bool = False,
-) -> KFAC:
-    """Run the EK-FAC pass over ``batches`` and install the corrected eigenvalues into ``fisher`` (in place)."""
-    from .fit import _progress, run_batch
-    from .forward import activation_only_backward, eval_mode
-
-    cfg = fisher.cfg
-    blocks = fisher.blocks
-    model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks (SPEC §8)
-    modules = dict(model.named_modules())
-    infos = {n: fisher.infos[n] for n in blocks}
-    corrector = EigenCorrector(infos, blocks, cfg)
-    cap = Capture({n: modules[n] for n in blocks}, infos, corrector, cfg.on_nonfinite)
-    report = CollectionReport()
-    index_of = global_indices(batches)  # MC targets seeded by (seed, pass, global batch index): SPEC §8
-    with eval_mode(model), activation_only_backward(model), cap:
-        for k, batch in enumerate(_progress(batches, progress, "EK-FAC eigenvalues")):
-            run_batch(model, batch, cap, cfg, index_of(k), report, loss_fn, pass_id=PASS_EKFAC)
-    reduce_corrector(corrector)  # SPEC §8: the ranks' sums and counts, once per pass; no-op on one process
-    fisher.set_blocks(corrector.blocks_out())
-    fisher.report.warnings.extend(report.warnings)
-    return fisher

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import KFACConfig
-from .errors import ConfigError, SpectrumError
-from .factors import KronBlock
+from ..config import KFACConfig
+from ..errors import ConfigError, SpectrumError
+from .block import KronBlock
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .accumulate import DenseSum, LayerSums, LowRankSum, compute_dtype, gram
-from .capture import BatchContext, Staged
-from .config import KFACConfig
-from .layers import LayerInfo
+from ..algebra.gram import compute_dtype, gram
+from ..config import KFACConfig
+from ..layers import LayerInfo
+from .hooks import BatchContext, Staged
 from .placement import Placement, move_sum_to_cpu, sum_device
+from .sums import DenseSum, LayerSums, LowRankSum
 
 
 def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:

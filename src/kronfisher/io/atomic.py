@@ -18,8 +18,9 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import FileFormatError
-from .io_format import META_KEY, META_SHA_KEY
+from ..comm import barrier, is_main_process
+from ..errors import FileFormatError
+from .format import META_KEY, META_SHA_KEY
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
@@ -63,8 +64,6 @@ def atomic_write(
         The destination path.
 
     """
-    from .distributed import barrier, is_main_process
-
     path = Path(path)
     if path.is_dir():
         raise FileFormatError(f"Cannot write factors to {path}: it is a directory.")

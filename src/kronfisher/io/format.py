@@ -29,13 +29,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .errors import FileFormatError
+from ..errors import FileFormatError
 
 FORMAT_NAME = "kronfisher"
+
+
 FORMAT_VERSION = 1
+
+
 META_KEY = "kronfisher"
+
+
 META_SHA_KEY = "kronfisher_sha256"
+
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
 
 _ST_CODES = {
     "float64": "F64",
@@ -49,7 +58,10 @@ _ST_CODES = {
     "uint8": "U8",
     "bool": "BOOL",
 }
+
+
 _TORCH_DTYPES = {name: getattr(torch, name) for name in _ST_CODES}
+
 
 V = TypeVar("V")
 

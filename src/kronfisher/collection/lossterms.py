@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ShapeError
+from ..errors import ShapeError
 
 
 @dataclass
@@ -79,6 +79,8 @@ def summed_ce(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 PASS_KFAC = 0
+
+
 PASS_EKFAC = 1
 
 

@@ -9,81 +9,14 @@ sums and counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .errors import ShapeError
-
-if TYPE_CHECKING:
-    from .lowrank import ColumnStore, LowRankEigen
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype for rows of ``dtype``: at least float32 (SPEC §6: arithmetic in float32 or higher)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-GRAM_TILE = 384  # block size of the symmetric Gram on CPU (see :func:`symmetric_gram`)
-
-
-def _mm(a: Tensor, b: Tensor, out: Tensor, alpha: float) -> Tensor:
-    if alpha == 1.0:
-        return torch.mm(a, b, out=out)
-    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)  # beta=0: out's old contents are ignored
-
-
-def symmetric_gram(rows: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-    """``alpha · rowsᵀ rows`` (``[d, d]``), written into ``out`` when given (``alpha`` is the GEMM's own scale).
-
-    The product is symmetric, so on CPU only its upper block triangle is multiplied (``GRAM_TILE``-wide strips,
-    each mirrored into the lower part): for ``d ≫ GRAM_TILE`` close to half the FLOPs of a full GEMM, 15–45 % less
-    CPU time for the factor sizes of transformer layers (d = 512 … 1,536). The covariance GEMMs are the whole
-    overhead of K-FAC collection (STYLE.md), and this is what BLAS ``syrk`` does; the value is the full GEMM's up
-    to float rounding, and exactly symmetric when ``alpha = 1`` (symmetric to rounding otherwise; the factor
-    means symmetrise, SPEC §3.3).
-    """
-    d = rows.shape[1]
-    if out is None:
-        out = torch.empty(d, d, dtype=rows.dtype, device=rows.device)
-    if rows.device.type != "cpu" or d <= GRAM_TILE:
-        return _mm(rows.t(), rows, out, alpha)
-    cols = rows.t()
-    for i in range(0, d, GRAM_TILE):
-        j = min(i + GRAM_TILE, d)
-        _mm(cols[i:j], rows[:, i:], out[i:j, i:], alpha)
-        if j < d:
-            out[j:, i:j] = out[i:j, j:].t()
-    return out
-
-
-def gram(rows: Tensor, augment: bool, out_dtype: torch.dtype, scale: float = 1.0) -> Tensor:
-    """``Σ_t a_t a_tᵀ`` for ``a_t = [s·rows_t; 1]`` (``augment``) or ``s·rows_t``, without concatenating ones.
-
-    Args:
-        rows: ``[n, d]`` rows (already masked).
-        augment: append the constant 1 (bias column, SPEC §3.1).
-        out_dtype: dtype of the returned sum.
-        scale: ``s``, e.g. the gradient scale of SPEC §2; it enters the GEMM as ``alpha = s²`` instead of a scaled
-            copy of the rows (one ``[n, d]`` pass and allocation less per layer and batch).
-
-    Returns:
-        ``[d(+1), d(+1)]`` sum of outer products.
-
-    """
-    rows = rows.to(compute_dtype(rows.dtype))
-    n, d = rows.shape
-    if not augment:
-        return symmetric_gram(rows, alpha=scale * scale).to(out_dtype)
-    out = torch.empty(d + 1, d + 1, dtype=rows.dtype, device=rows.device)
-    symmetric_gram(rows, out=out[:d, :d], alpha=scale * scale)
-    colsum = rows.sum(0) if scale == 1.0 else rows.sum(0).mul_(scale)
-    out[:d, d] = colsum
-    out[d, :d] = colsum
-    out[d, d] = n
-    return out.to(out_dtype)
+from ..algebra.columns import ColumnStore
+from ..algebra.lowrank import LowRankEigen, compress_columns, eigen_from_columns
+from ..errors import ShapeError
 
 
 class DenseSum:
@@ -172,8 +105,6 @@ class LowRankSum:
 
     def columns(self) -> ColumnStore:
         """The held columns ``W`` (basis first) as a :class:`~kronfisher.lowrank.ColumnStore` (no copy)."""
-        from .lowrank import ColumnStore
-
         head = [] if self.basis is None else [self.basis.t()]
         return ColumnStore(head + list(self.chunks), self.dim)
 
@@ -207,8 +138,6 @@ class LowRankSum:
 
     def compress(self) -> None:
         """Compress to the top ``max_rank`` eigen-columns plus tail mass, keeping the trace exact (SPEC §6)."""
-        from .lowrank import compress_columns
-
         if self.max_rank is None or self.num_columns <= self.max_rank:
             return
         kept, dropped = compress_columns(self.columns(), self.max_rank, self.storage_dtype)
@@ -219,8 +148,6 @@ class LowRankSum:
 
     def eigen(self, *, name: str = "?", dtype: torch.dtype = torch.float32) -> LowRankEigen:
         """Thin eigenform of the normalised ``G`` (budget ``max_rank`` enforced; the sums are not modified)."""
-        from .lowrank import eigen_from_columns
-
         return eigen_from_columns(
             self.columns(), self.count, self.tail_mass, max_rank=self.max_rank, dtype=dtype, name=name
         )
@@ -295,48 +222,3 @@ class LayerSums:
         self.A.merge(other.A)
         self.G.merge(other.G)  # type: ignore[arg-type]
         self.batches += other.batches
-
-
-@dataclass
-class CollectionReport:
-    """What happened during collection, for the user and the report (SPEC §1, §3.3).
-
-    Attributes:
-        skipped_layers: affine layers not tracked, with the reason.
-        never_fired: tracked layers whose hooks never fired.
-        empty_batches: indices of batches with ``T = 0`` or ``N = 0``.
-        nonfinite_batches: ``(batch, layers)`` for batches dropped by ``on_nonfinite="skip"``.
-        tokens: attended positions seen (``T``), loss terms seen (``N``), batches committed.
-        loss_sum: summed loss with the *data* targets, counted like ``loss_terms`` (with the MC Fisher, whose
-            backward uses sampled targets, once per draw), so ``loss_sum / loss_terms`` is the mean data loss of
-            the batches the factors describe.
-        warnings: other messages (tied weights, placement).
-        tied: tracked layers whose weight is also another parameter, ``{layer: [other names]}`` (SPEC §6).
-
-    """
-
-    skipped_layers: dict[str, str] = field(default_factory=dict)
-    never_fired: list[str] = field(default_factory=list)
-    empty_batches: list[int] = field(default_factory=list)
-    nonfinite_batches: list[tuple[int, list[str]]] = field(default_factory=list)
-    tokens: int = 0
-    loss_terms: int = 0
-    batches: int = 0
-    loss_sum: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    tied: dict[str, list[str]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable form."""
-        return {
-            "skipped_layers": dict(self.skipped_layers),
-            "never_fired": list(self.never_fired),
-            "empty_batches": list(self.empty_batches),
-            "nonfinite_batches": [[b, list(ls)] for b, ls in self.nonfinite_batches],
-            "tokens": self.tokens,
-            "loss_terms": self.loss_terms,
-            "batches": self.batches,
-            "loss_sum": self.loss_sum,
-            "warnings": list(self.warnings),
-            "tied": {k: list(v) for k, v in self.tied.items()},
-        }

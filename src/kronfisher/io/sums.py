@@ -20,20 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .accumulate import CollectionReport, DenseSum, LayerSums, LowRankSum
-from .config import KFACConfig
-from .errors import ConfigError, FileFormatError, FingerprintError, KronfisherError
-from .io_atomic import atomic_write
-from .io_format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    Header,
-    Payload,
-    payload_digest,
-    read_header,
-    read_tensors,
-)
-from .layers import LayerInfo, layer_kind
+from .._version import __version__
+from ..collection.sums import DenseSum, LayerSums, LowRankSum
+from ..config import KFACConfig
+from ..errors import ConfigError, FileFormatError, FingerprintError, KronfisherError
+from ..layers import LayerInfo, layer_kind
+from ..report import CollectionReport
+from .atomic import atomic_write
+from .format import FORMAT_NAME, FORMAT_VERSION, Header, Payload, payload_digest, read_header, read_tensors
 
 PathLike = str | os.PathLike[str]
 
@@ -117,8 +111,6 @@ def base_meta(
     extra: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """Metadata common to every file kind; checks ``model`` against ``infos`` when given (SPEC §9)."""
-    from . import __version__
-
     if model is not None:
         check_fingerprint(model_fingerprint(infos), model, path="(being written)")
     return {

@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from .errors import PlacementWarning
-from .layers import LayerInfo
+from ..errors import PlacementWarning
+from ..layers import LayerInfo
 
 logger = logging.getLogger("kronfisher")
+
 
 R = TypeVar("R")
 

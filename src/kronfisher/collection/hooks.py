@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, NonFiniteError, ShapeError
-from .layers import LayerInfo
-from .linalg import all_finite
+from ..algebra.eigen import all_finite
+from ..errors import ConfigError, NonFiniteError, ShapeError
+from ..layers import LayerInfo
 
 logger = logging.getLogger("kronfisher")
 

@@ -70,7 +70,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = was
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a mapping batch to ``device`` (anything else is returned as is)."""
     if isinstance(batch, Mapping):
         return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
     return batch

@@ -9,20 +9,20 @@ EK-FAC pass relies on it). Used by :func:`kronfisher.factors.decompose_all` with
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .accumulate import LayerSums, LowRankSum
-from .distributed import _comm_device, get_rank, get_world_size, is_distributed, is_main_process
-from .errors import DecompositionError
-from .linalg import Eigen
-from .lowrank import LowRankEigen
-
-if TYPE_CHECKING:
-    from .config import KFACConfig
-    from .factors import KronBlock
+from ..algebra.block import KronBlock
+from ..algebra.eigen import Eigen
+from ..algebra.lowrank import LowRankEigen
+from ..collection.sums import LayerSums, LowRankSum
+from ..comm import comm_device, get_rank, get_world_size, is_distributed, is_main_process
+from ..config import KFACConfig
+from ..errors import DecompositionError
+from .layer import decompose_dense, decompose_G, decompose_layer, shared_A_owners
+from .local import decompose_local
 
 
 def _task_cost(kind: str, s: LayerSums) -> float:
@@ -50,17 +50,13 @@ def _shared_A_plan(sums: dict[str, LayerSums]) -> list[int]:
     Computed on rank 0 and broadcast, so every rank builds the same task list even if reduced sums were to differ
     in the last bit between ranks (a mismatch would otherwise desynchronise the broadcasts that follow).
     """
-    import torch.distributed as dist
-
-    from .factors import shared_A_owners
-
     names = list(sums)
     plan = torch.arange(len(names), dtype=torch.int64)
     if is_main_process():  # the single-process rule (bucketed, device-aware: a sum moved to CPU is never equal)
         index = {n: i for i, n in enumerate(names)}
         for n, owner in shared_A_owners(dict(sums)).items():
             plan[index[n]] = index[owner]
-    wire = plan.to(_comm_device(torch.device("cpu")))
+    wire = plan.to(comm_device(torch.device("cpu")))
     dist.broadcast(wire, src=0)
     return [int(p) for p in wire.cpu()]
 
@@ -92,30 +88,40 @@ def _payload(eig: Eigen | LowRankEigen) -> list[Tensor]:
 
 
 def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, KronBlock]:
-    """:func:`~kronfisher.factors.decompose_all` with the eigendecompositions spread over ranks (SPEC §8).
+    """Decompose every layer with the eigendecompositions spread over ranks (docs/distributed.md).
 
     Tasks (each distinct ``A``, each ``G``) are assigned by estimated cost (``d³`` for a dense eigh, ``out · m²``
     and ``m³`` for a low-rank eigenform); each owner decomposes its tasks and broadcasts them in one buffer, so every
     rank ends with bit-identical blocks. A task that fails on its owner makes every rank raise (no rank is left
-    waiting). Without a process group it is :func:`~kronfisher.factors.decompose_all`.
+    waiting). Without a process group it is :func:`~kronfisher.decompose.local.decompose_local`.
 
     Raises:
         DecompositionError: a decomposition failed on another rank (the owner raises its own error).
 
     """
-    from .factors import decompose_all, decompose_dense, decompose_G, decompose_layer
-
     if not is_distributed():
-        return decompose_all(sums, cfg)
-    import torch.distributed as dist
-
+        return decompose_local(sums, cfg)
     names = list(sums)
-    world, rank = get_world_size(), get_rank()
+    world = get_world_size()
     shared = _shared_A_plan(sums)
     tasks: list[tuple[str, int]] = [("A", i) for i in range(len(names)) if shared[i] == i]
     tasks += [("G", i) for i in range(len(names))]
     owner = _assign([_task_cost(kind, sums[names[i]]) for kind, i in tasks], world)
-    results: dict[tuple[str, int], Eigen] = {}
+    results, ranks, error = _own_tasks(sums, names, tasks, owner, cfg)
+    _raise_failures(ranks, error, tasks, names, owner)
+    _exchange(sums, names, tasks, owner, ranks, results, cfg)
+    return {
+        name: decompose_layer(name, sums[name], cfg, shared_A=results[("A", shared[i])], shared_G=results[("G", i)])
+        for i, name in enumerate(names)
+    }
+
+
+def _own_tasks(
+    sums: dict[str, LayerSums], names: list[str], tasks: list[tuple[str, int]], owner: list[int], cfg: KFACConfig
+) -> tuple[dict[tuple[str, int], Eigen | LowRankEigen], Tensor, BaseException | None]:
+    """Decompose this rank's tasks; the eigenpair count of each task (-1: failed) is all-reduced."""
+    rank = get_rank()
+    results: dict[tuple[str, int], Eigen | LowRankEigen] = {}
     error: BaseException | None = None
     # Explicit eigenpair count of each task (only its owner knows it for a low-rank eigenform); -1: failed.
     ranks = torch.zeros(len(tasks), dtype=torch.int64)
@@ -124,19 +130,21 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
             continue
         name, s = names[i], sums[names[i]]
         try:
-            if kind == "A":
-                eig = decompose_dense(name, s.A, "A", cfg)  # type: ignore[arg-type]
-            else:
-                eig = decompose_G(name, s, cfg)
+            eig = decompose_dense(name, s.A, "A", cfg) if kind == "A" else decompose_G(name, s, cfg)  # type: ignore[arg-type]
         except Exception as err:  # re-raised below, after every rank has learnt of it
             error = err
             ranks[t] = -1
             continue
         results[(kind, i)] = eig
         ranks[t] = eig.rank
-    wire = ranks.to(_comm_device(torch.device("cpu")))
+    wire = ranks.to(comm_device(torch.device("cpu")))
     dist.all_reduce(wire)
-    ranks = wire.cpu()
+    return results, wire.cpu(), error
+
+
+def _raise_failures(
+    ranks: Tensor, error: BaseException | None, tasks: list[tuple[str, int]], names: list[str], owner: list[int]
+) -> None:
     failed = [t for t in range(len(tasks)) if int(ranks[t]) < 0]
     if failed:
         if error is not None:
@@ -145,10 +153,23 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
         raise DecompositionError(
             f"Decomposition of factor {kind} of layer {names[i]!r} failed on rank {owner[failed[0]]}; see its log."
         )
+
+
+def _exchange(
+    sums: dict[str, LayerSums],
+    names: list[str],
+    tasks: list[tuple[str, int]],
+    owner: list[int],
+    ranks: Tensor,
+    results: dict[tuple[str, int], Eigen | LowRankEigen],
+    cfg: KFACConfig,
+) -> None:
+    """Every owner broadcasts its results in one buffer; the other ranks unpack them into ``results``."""
+    world, rank = get_world_size(), get_rank()
     store = cfg.accumulate_torch_dtype
-    lowrank_work = torch.float64 if store == torch.float64 else torch.float32  # as factors.decompose_G
+    lowrank_work = torch.float64 if store == torch.float64 else torch.float32  # as decompose_G
     # What each owner sends, in task order: a dense eigenbasis as (Q, λ); a low-rank eigenform as (C, λ, [τ, tail
-    # mass]) with P = W C implicit (SPEC §6): every rank already holds the same gathered W.
+    # mass]) with P = W C implicit: every rank already holds the same gathered W.
     layout: list[list[tuple[int, list[tuple[tuple[int, ...], torch.dtype]]]]] = [[] for _ in range(world)]
     for t, (kind, i) in enumerate(tasks):
         s = sums[names[i]]
@@ -166,28 +187,33 @@ def decompose_spread(sums: dict[str, LayerSums], cfg: KFACConfig) -> dict[str, K
             buf = _pack([(x, dt) for t, spec in layout[src] for x, (_, dt) in zip(_payload(results[tasks[t]]), spec)])
         else:
             buf = torch.empty(sum(_nbytes(sh, dt) for _, spec in layout[src] for sh, dt in spec), dtype=torch.uint8)
-        wire = buf.to(_comm_device(torch.device("cpu")))
+        wire = buf.to(comm_device(torch.device("cpu")))
         dist.broadcast(wire, src=src)
-        if src == rank:
-            continue
-        buf = wire.cpu()
-        offset = 0
-        for t, spec in layout[src]:
-            parts = []
-            for shape, dtype in spec:
-                raw = buf[offset : offset + _nbytes(shape, dtype)].view(dtype)
-                parts.append(raw[: math.prod(shape)].reshape(shape).clone())
-                offset += _nbytes(shape, dtype)
-            kind, i = tasks[t]
-            s = sums[names[i]]
-            if kind == "G" and isinstance(s.G, LowRankSum):
-                cols = s.G.columns()
-                tail, mass = parts[2].tolist()
-                results[(kind, i)] = LowRankEigen(cols, parts[0].to(cols.device), parts[1].to(cols.device), tail, mass)
-            else:
-                device = s.A.sum.device if kind == "A" else s.G.sum.device
-                results[(kind, i)] = Eigen(parts[0].to(device), parts[1].to(device), 0.0)
-    return {
-        name: decompose_layer(name, sums[name], cfg, shared_A=results[("A", shared[i])], shared_G=results[("G", i)])
-        for i, name in enumerate(names)
-    }
+        if src != rank:
+            _unpack(wire.cpu(), layout[src], sums, names, tasks, results)
+
+
+def _unpack(
+    buf: Tensor,
+    layout: list[tuple[int, list[tuple[tuple[int, ...], torch.dtype]]]],
+    sums: dict[str, LayerSums],
+    names: list[str],
+    tasks: list[tuple[str, int]],
+    results: dict[tuple[str, int], Eigen | LowRankEigen],
+) -> None:
+    offset = 0
+    for t, spec in layout:
+        parts = []
+        for shape, dtype in spec:
+            raw = buf[offset : offset + _nbytes(shape, dtype)].view(dtype)
+            parts.append(raw[: math.prod(shape)].reshape(shape).clone())
+            offset += _nbytes(shape, dtype)
+        kind, i = tasks[t]
+        s = sums[names[i]]
+        if kind == "G" and isinstance(s.G, LowRankSum):
+            cols = s.G.columns()
+            tail, mass = parts[2].tolist()
+            results[(kind, i)] = LowRankEigen(cols, parts[0].to(cols.device), parts[1].to(cols.device), tail, mass)
+        else:
+            device = s.A.sum.device if kind == "A" else s.G.sum.device
+            results[(kind, i)] = Eigen(parts[0].to(device), parts[1].to(device), 0.0)

@@ -10,148 +10,27 @@ only hooks in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from .accumulate import CollectionReport, DenseSum, LayerSums
-from .capture import Capture
-from .collect import FactorCollector
-from .config import KFACConfig
-from .distributed import global_indices, is_main_process, reduce_collection, unwrap_model
-from .errors import ConfigError
-from .forward import _to_device, activation_only_backward, eval_mode, model_device, model_inputs
-from .layers import Discovery, discover_layers
-from .lossterms import PASS_KFAC, MCDraws, lm_terms, mc_generator, summed_ce
-from .lowrank import find_tied, note_tied
-from .operator import KFAC
+from ..collection.collector import FactorCollector
+from ..collection.forward import activation_only_backward, eval_mode, model_device
+from ..collection.hooks import Capture
+from ..collection.passes import LossFn, commit_batch, finish_report, run_batch, with_progress
+from ..collection.reduce import reduce_collection
+from ..collection.sums import DenseSum, LayerSums
+from ..comm import global_indices, unwrap_model
+from ..config import KFACConfig
+from ..errors import ConfigError
+from ..layers import Discovery, discover_layers
+from ..operator import KFAC
+from ..report import CollectionReport
+from .ekfac import correct
 
 logger = logging.getLogger("kronfisher")
-
-LossFn = Callable[[nn.Module, Any], tuple[Tensor, Mapping[str, Any]]]
-
-
-def _commit(cap: Capture, index: int, report: CollectionReport) -> bool:
-    """Commit the staged batch; a batch dropped for non-finite values goes into ``report`` at once.
-
-    So checkpoints and the end-of-pass merge over ranks see it (SPEC §8, §9).
-    """
-    ok = cap.commit(index)
-    if not ok and cap.nonfinite_batches and cap.nonfinite_batches[-1][0] == index:
-        report.nonfinite_batches.append(cap.nonfinite_batches[-1])
-    return ok
-
-
-def run_batch(
-    model: nn.Module,
-    batch: Any,
-    cap: Capture,
-    cfg: KFACConfig,
-    index: int,
-    report: CollectionReport,
-    loss_fn: LossFn | None = None,
-    *,
-    pass_id: int = PASS_KFAC,
-) -> bool:
-    """One forward and the backward(s) of one batch, then the checked commit. Returns False if skipped.
-
-    Args:
-        model: the model (unwrapped).
-        batch: a causal-LM mapping, or anything ``loss_fn`` accepts.
-        cap: the armed capture.
-        cfg: configuration (Fisher type, MC draws, ignore index, seed).
-        index: global index of the batch (reports, errors and the MC seed, :func:`~kronfisher.lossterms.mc_generator`).
-        report: updated with this batch's counts and summed data loss.
-        loss_fn: optional user loss (empirical Fisher only).
-        pass_id: which pass this is, for the MC seed (K-FAC or EK-FAC).
-
-    """
-    batch = _to_device(batch, model_device(model))
-    if loss_fn is not None:
-        if cfg.fisher != "empirical":
-            raise ConfigError("fisher='mc' needs logits: use a causal-LM batch (no loss_fn) for the MC Fisher.")
-        loss, info = loss_fn(model, batch)
-        n = int(info["num_terms"])
-        mask = info.get("attention_mask")
-        t = int(mask.sum()) if mask is not None else 1
-        if n == 0 or t == 0:
-            report.empty_batches.append(index)
-            cap.discard()
-            return False
-        reduction = info.get("reduction", cfg.loss_reduction)
-        scale = float(n) if reduction == "mean" else 1.0
-        cap.backward(loss, batch=index, grad_scale=scale, num_terms=n, attention_mask=mask)
-        ok = _commit(cap, index, report)
-        if ok:
-            report.loss_terms += n
-            report.loss_sum += float(loss.detach()) * scale
-            report.tokens += t if mask is not None else 0
-            report.batches += 1
-        return ok
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise ConfigError(f"Batch {index}: expected a mapping with 'input_ids' (or pass loss_fn).")
-    fwd = model_inputs(model, batch)
-    logits = model(**fwd).logits
-    terms = lm_terms(logits, batch, cfg.ignore_index)
-    if terms.num_terms == 0 or terms.num_tokens == 0:
-        report.empty_batches.append(index)
-        logger.info("Batch %d has no loss terms or no attended tokens; it contributes nothing.", index)
-        cap.discard()
-        return False
-    draws = cfg.mc_samples if cfg.fisher == "mc" else 1
-    mc = None
-    if cfg.fisher == "mc":
-        generator = mc_generator(cfg.seed, pass_id, index, terms.logits.device)
-        mc = MCDraws(terms.logits, terms.targets, generator)
-    data_loss = None if mc is None else mc.data_loss
-    for d in range(draws):
-        loss = summed_ce(terms.logits, terms.targets if mc is None else mc.sample())
-        data_loss = loss.detach() if mc is None else data_loss
-        cap.backward(
-            loss,
-            batch=index,
-            grad_scale=1.0,
-            num_terms=terms.num_terms,
-            attention_mask=terms.attention_mask,
-            retain_graph=d < draws - 1,
-        )
-    ok = _commit(cap, index, report)
-    if ok:
-        report.loss_terms += terms.num_terms * draws
-        report.loss_sum += float(data_loss) * draws
-        report.tokens += terms.num_tokens
-        report.batches += 1
-    return ok
-
-
-def _finish_report(
-    report: CollectionReport,
-    discovery: Discovery,
-    fired: set[str],
-    cap: Capture,
-    *,
-    model: nn.Module | None = None,
-    collector: FactorCollector | None = None,
-) -> None:
-    if collector is not None:  # SPEC §6: factors moved to CPU by a real out-of-memory error
-        report.warnings.extend(m for m in collector.placement.messages if m not in report.warnings)
-    if model is not None:  # SPEC §6: tied lm_head / embedding, recorded in report.tied and warned once
-        note_tied(report, find_tied(model, discovery.infos))
-    report.skipped_layers.update(discovery.skipped)
-    missing = [n for n in discovery.infos if n not in fired]
-    if missing:
-        logger.warning("Tracked layers whose hooks never fired (no factors): %s", missing)
-    report.never_fired = missing
-
-
-def _progress(batches: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
-    if not enabled or not is_main_process():  # one progress bar under torchrun, not one per rank
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, desc=desc, unit="batch")
 
 
 @dataclass
@@ -233,7 +112,7 @@ def collect(
     index_of = global_indices(batches)
     cap = Capture(discovery.modules, discovery.infos, collector, cfg.on_nonfinite)
     with eval_mode(model), activation_only_backward(model), cap:
-        for k, batch in enumerate(_progress(batches, progress, "K-FAC factors")):
+        for k, batch in enumerate(with_progress(batches, progress, "K-FAC factors")):
             if k < start:
                 continue
             i = index_of(k)
@@ -242,7 +121,7 @@ def collect(
                 on_batch_end(k + 1, i, collector, report)
     fired = cap.fired | {n for n, s in collector.sums.items() if s.A.count > 0}  # incl. batches before a resume
     fired = reduce_collection(collector.sums, report, fired)  # SPEC §8: once per pass; no-op on one process
-    _finish_report(report, discovery, fired, cap, model=model, collector=collector)
+    finish_report(report, discovery, fired, cap, model=model, collector=collector)
     return discovery, collector, report
 
 
@@ -275,8 +154,6 @@ def fit(
     discovery, collector, report = collect(model, batches, cfg, loss_fn=loss_fn, progress=progress)
     fisher = KFAC.from_sums(discovery.infos, collector.sums, cfg, report=report, model=model, spread=True)
     if cfg.ekfac:
-        from .ekfac import correct
-
         correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
     return fisher
 
@@ -350,7 +227,7 @@ class CaptureSession:
             attention_mask=attention_mask,
             retain_graph=retain_graph,
         )
-        ok = _commit(self._cap, index, self.report)
+        ok = commit_batch(self._cap, index, self.report)
         if ok:
             self.report.loss_terms += int(num_terms)
             self.report.loss_sum += float(loss.detach()) * scale
@@ -363,7 +240,7 @@ class CaptureSession:
         if not self._reduced:  # merge the ranks' sums once, however often finalize is called (SPEC §8)
             self._fired = reduce_collection(self.collector.sums, self.report, self._cap.fired)
             self._reduced = True
-        _finish_report(self.report, self.discovery, self._fired, self._cap, model=self.model, collector=self.collector)
+        finish_report(self.report, self.discovery, self._fired, self._cap, model=self.model, collector=self.collector)
         return KFAC.from_sums(
             self.discovery.infos, self.collector.sums, self.cfg, report=self.report, model=self.model, spread=True
         )

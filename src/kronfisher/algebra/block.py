@@ -1,0 +1,51 @@
+"""``KronBlock``: what the algebra knows about one layer (eigenbases of ``A`` and ``G``, EK-FAC values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .eigen import Eigen
+
+
+@dataclass(frozen=True)
+class KronBlock:
+    """Decomposed curvature block of one layer.
+
+    Attributes:
+        A: eigenbasis of ``A`` (``[a_dim, a_dim]``).
+        G: eigenbasis of ``G`` (``[out, out]`` dense or ``[out, r]`` low-rank).
+        representation: ``"dense"`` or ``"lowrank"``.
+        corrected: EK-FAC eigenvalues ``Λ*`` on ``span(P) ⊗ span(Q_A)``, ``[r, a_dim]`` (SPEC §5), or None.
+        corrected_tail: EK-FAC eigenvalue per ``q_j`` on the complement of a thin ``P`` (``[a_dim]``), or None.
+        tokens: ``T`` and ``N`` counts the factors were normalised with.
+
+    """
+
+    A: Eigen
+    G: Eigen
+    representation: str
+    corrected: Tensor | None = None
+    corrected_tail: Tensor | None = None
+    tokens: dict[str, float] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_ekfac(self) -> bool:
+        """True when EK-FAC eigenvalues are present."""
+        return self.corrected is not None
+
+    def with_correction(self, corrected: Tensor, corrected_tail: Tensor | None) -> KronBlock:
+        """A new block (fresh cache) with EK-FAC eigenvalues."""
+        return KronBlock(self.A, self.G, self.representation, corrected, corrected_tail, dict(self.tokens))
+
+    def kron_eigenvalues(self) -> tuple[Tensor, Tensor | None]:
+        """Undamped eigenvalues: ``(span [r, a], tail [a] or None)``; EK-FAC ones when corrected (SPEC §4–5)."""
+        if self.corrected is not None:
+            return self.corrected, self.corrected_tail
+        a_vals = self.A.values.to(self.G.values.device)  # low-rank G lives on CPU, A on the model's device (SPEC §6)
+        span = self.G.values.unsqueeze(1) * a_vals.unsqueeze(0)
+        tail = None if self.G.full else self.G.tail * a_vals
+        return span, tail

@@ -1,0 +1,1 @@
+"""Collection: hooks on a model, factor sums and counts, the EK-FAC corrector and the one batch loop."""

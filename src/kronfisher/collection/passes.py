@@ -1,0 +1,148 @@
+"""The batch loop shared by collection, the EK-FAC pass and the report's gradient pass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..comm import is_main_process
+from ..config import KFACConfig
+from ..errors import ConfigError
+from ..layers import Discovery
+from ..report import CollectionReport
+from .collector import FactorCollector
+from .forward import model_device, model_inputs, to_device
+from .hooks import Capture
+from .lossterms import PASS_KFAC, MCDraws, lm_terms, mc_generator, summed_ce
+from .tied import find_tied, note_tied
+
+logger = logging.getLogger("kronfisher")
+
+LossFn = Callable[[nn.Module, Any], tuple[Tensor, Mapping[str, Any]]]
+"""A user loss: ``loss_fn(model, batch) -> (summed loss, LM terms)`` (docs/library.md)."""
+
+
+def commit_batch(cap: Capture, index: int, report: CollectionReport) -> bool:
+    """Commit the staged batch; a batch dropped for non-finite values goes into ``report`` at once.
+
+    So checkpoints and the end-of-pass merge over ranks see it (SPEC §8, §9).
+    """
+    ok = cap.commit(index)
+    if not ok and cap.nonfinite_batches and cap.nonfinite_batches[-1][0] == index:
+        report.nonfinite_batches.append(cap.nonfinite_batches[-1])
+    return ok
+
+
+def run_batch(
+    model: nn.Module,
+    batch: Any,
+    cap: Capture,
+    cfg: KFACConfig,
+    index: int,
+    report: CollectionReport,
+    loss_fn: LossFn | None = None,
+    *,
+    pass_id: int = PASS_KFAC,
+) -> bool:
+    """One forward and the backward(s) of one batch, then the checked commit. Returns False if skipped.
+
+    Args:
+        model: the model (unwrapped).
+        batch: a causal-LM mapping, or anything ``loss_fn`` accepts.
+        cap: the armed capture.
+        cfg: configuration (Fisher type, MC draws, ignore index, seed).
+        index: global index of the batch (reports, errors and the MC seed, :func:`~kronfisher.lossterms.mc_generator`).
+        report: updated with this batch's counts and summed data loss.
+        loss_fn: optional user loss (empirical Fisher only).
+        pass_id: which pass this is, for the MC seed (K-FAC or EK-FAC).
+
+    """
+    batch = to_device(batch, model_device(model))
+    if loss_fn is not None:
+        if cfg.fisher != "empirical":
+            raise ConfigError("fisher='mc' needs logits: use a causal-LM batch (no loss_fn) for the MC Fisher.")
+        loss, info = loss_fn(model, batch)
+        n = int(info["num_terms"])
+        mask = info.get("attention_mask")
+        t = int(mask.sum()) if mask is not None else 1
+        if n == 0 or t == 0:
+            report.empty_batches.append(index)
+            cap.discard()
+            return False
+        reduction = info.get("reduction", cfg.loss_reduction)
+        scale = float(n) if reduction == "mean" else 1.0
+        cap.backward(loss, batch=index, grad_scale=scale, num_terms=n, attention_mask=mask)
+        ok = commit_batch(cap, index, report)
+        if ok:
+            report.loss_terms += n
+            report.loss_sum += float(loss.detach()) * scale
+            report.tokens += t if mask is not None else 0
+            report.batches += 1
+        return ok
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ConfigError(f"Batch {index}: expected a mapping with 'input_ids' (or pass loss_fn).")
+    fwd = model_inputs(model, batch)
+    logits = model(**fwd).logits
+    terms = lm_terms(logits, batch, cfg.ignore_index)
+    if terms.num_terms == 0 or terms.num_tokens == 0:
+        report.empty_batches.append(index)
+        logger.info("Batch %d has no loss terms or no attended tokens; it contributes nothing.", index)
+        cap.discard()
+        return False
+    draws = cfg.mc_samples if cfg.fisher == "mc" else 1
+    mc = None
+    if cfg.fisher == "mc":
+        generator = mc_generator(cfg.seed, pass_id, index, terms.logits.device)
+        mc = MCDraws(terms.logits, terms.targets, generator)
+    data_loss = None if mc is None else mc.data_loss
+    for d in range(draws):
+        loss = summed_ce(terms.logits, terms.targets if mc is None else mc.sample())
+        data_loss = loss.detach() if mc is None else data_loss
+        cap.backward(
+            loss,
+            batch=index,
+            grad_scale=1.0,
+            num_terms=terms.num_terms,
+            attention_mask=terms.attention_mask,
+            retain_graph=d < draws - 1,
+        )
+    ok = commit_batch(cap, index, report)
+    if ok:
+        report.loss_terms += terms.num_terms * draws
+        report.loss_sum += float(data_loss) * draws
+        report.tokens += terms.num_tokens
+        report.batches += 1
+    return ok
+
+
+def finish_report(
+    report: CollectionReport,
+    discovery: Discovery,
+    fired: set[str],
+    cap: Capture,
+    *,
+    model: nn.Module | None = None,
+    collector: FactorCollector | None = None,
+) -> None:
+    """Record what a finished pass learnt besides its counts: fallbacks, tied weights, skipped and silent layers."""
+    if collector is not None:  # SPEC §6: factors moved to CPU by a real out-of-memory error
+        report.warnings.extend(m for m in collector.placement.messages if m not in report.warnings)
+    if model is not None:  # SPEC §6: tied lm_head / embedding, recorded in report.tied and warned once
+        note_tied(report, find_tied(model, discovery.infos))
+    report.skipped_layers.update(discovery.skipped)
+    missing = [n for n in discovery.infos if n not in fired]
+    if missing:
+        logger.warning("Tracked layers whose hooks never fired (no factors): %s", missing)
+    report.never_fired = missing
+
+
+def with_progress(batches: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
+    """Wrap ``batches`` in a progress bar on the main process when ``enabled``."""
+    if not enabled or not is_main_process():  # one progress bar under torchrun, not one per rank
+        return batches
+
+    return tqdm(batches, desc=desc, unit="batch")

@@ -1,0 +1,1 @@
+"""Eigendecompositions of collected sums: per layer, on local threads, across ranks."""

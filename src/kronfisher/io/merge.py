@@ -1,0 +1,129 @@
+"""Merge factor files collected on disjoint data: sums add, then one decomposition (docs/files.md)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import FileFormatError, FingerprintError, KronfisherError
+from ..operator import KFAC
+from ..report import CollectionReport
+from .files import SUM_FIELDS, save
+from .sums import PathLike, SumsFile, check_fingerprint, load_sums
+
+
+# Merge ----------------------------------------------------------------------------------------------------------
+def _sources(meta: Mapping[str, Any]) -> list[str]:
+    """Payload checksums of the original (unmerged) files whose data a file holds."""
+    return list(meta.get("extra", {}).get("sources") or [meta.get("payload_sha256")])
+
+
+logger = logging.getLogger("kronfisher")
+
+
+def _check_mergeable(files: list[tuple[Path, SumsFile]]) -> list[str]:
+    seen: dict[str, Path] = {}
+    for p, f in files:  # SPEC §3.3 needs disjoint data: the same file (or a merge containing it) counts twice
+        for src in _sources(f.meta):
+            if src in seen:
+                raise FileFormatError(
+                    f"Cannot merge {p} with {seen[src]}: both hold the sums of the same file (payload {src[:12]}), "
+                    "so that data would be counted twice."
+                )
+            seen[src] = p
+    base_path, base = files[0]
+    base_cfg = base.cfg.to_dict()
+    notes = []
+    for p, f in files[1:]:
+        cfg = f.cfg.to_dict()
+        bad = [k for k in SUM_FIELDS if cfg.get(k) != base_cfg.get(k)]
+        if bad:
+            diffs = ", ".join(f"{k}: {base_cfg.get(k)!r} vs {cfg.get(k)!r}" for k in bad)
+            raise FileFormatError(f"Cannot merge {p} into {base_path}: sums collected with different {diffs}.")
+        other = [k for k in cfg if k not in SUM_FIELDS and cfg.get(k) != base_cfg.get(k)]
+        if other:
+            notes.append(f"{p}: config fields {other} differ from {base_path}; the first file's values are kept.")
+        for name, info in f.infos.items():
+            if name in base.infos and base.infos[name] != info:
+                raise FingerprintError(
+                    f"Cannot merge {p} into {base_path}: layer {name!r} differs "
+                    f"({base.infos[name].to_dict()} vs {info.to_dict()}).",
+                    [(name, str(base.infos[name].to_dict()), str(info.to_dict()))],
+                )
+    return notes
+
+
+def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Module | None = None) -> Path:
+    """Merge files of sums from disjoint data: add sums and counts, then decompose (SPEC §3.3).
+
+    The result equals one collection over the union of the data. Every input must carry raw sums (a ``"sums"`` file
+    or a ``"kfac"`` file saved with ``include_sums=True``) collected with the same sum-relevant configuration
+    (:data:`SUM_FIELDS`). A layer absent from one file (its hooks never fired there) contributes nothing from it.
+    Inputs that hold the same data (the same file twice, or a merged file and one of its sources, recognised by the
+    payload checksums recorded in ``extra["sources"]``) are refused.
+    EK-FAC eigenvalues cannot be merged (they depend on the merged eigenbasis): the output is K-FAC and a warning
+    says so. The output is a ``"kfac"`` file with its sums, so it can be merged again.
+
+    Args:
+        paths: two or more input files.
+        out_path: destination, written atomically.
+        model: when given, every input must match it (:class:`FingerprintError`).
+
+    Returns:
+        The written path.
+
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise KronfisherError("merge_files needs at least one input file.")
+    files = []
+    for p in paths:
+        f = load_sums(p)
+        if model is not None:
+            check_fingerprint(f.meta["fingerprint"], model, path=p)
+        files.append((p, f))
+    notes = _check_mergeable(files)
+    base = files[0][1]
+    infos = dict(base.infos)
+    sums = dict(base.sums)
+    report = CollectionReport(skipped_layers=dict(base.report.skipped_layers))
+    for _, f in files[1:]:
+        for name, s in f.sums.items():
+            if name in sums:
+                sums[name].merge(s)
+            else:
+                infos[name], sums[name] = f.infos[name], s
+    for _, f in files:
+        report.tokens += f.report.tokens
+        report.loss_terms += f.report.loss_terms
+        report.batches += f.report.batches
+        report.loss_sum += f.report.loss_sum
+        report.warnings.extend(f.report.warnings)
+    never = {n for _, f in files for n in f.report.never_fired}
+    report.never_fired = sorted(n for n in never if not (n in sums and sums[n].A.count > 0))
+    if base.cfg.ekfac:
+        notes.append("EK-FAC eigenvalues are not mergeable; the merged file is K-FAC: rerun the EK-FAC pass.")
+    for note in notes:
+        logger.warning("merge_files: %s", note)
+    report.warnings.extend(notes)
+    fisher = KFAC.from_sums(infos, sums, base.cfg, report=report)
+    merged_from = [
+        {
+            "path": str(p),
+            "tokens": f.report.tokens,
+            "loss_terms": f.report.loss_terms,
+            "batches": f.report.batches,
+            "empty_batches": f.report.empty_batches,
+            "nonfinite_batches": [[b, ls] for b, ls in f.report.nonfinite_batches],
+            "payload_sha256": f.meta.get("payload_sha256"),
+        }
+        for p, f in files
+    ]
+    sources = sorted({src for _, f in files for src in _sources(f.meta)})
+    return save(
+        fisher, out_path, model=model, include_sums=True, extra_meta={"merged_from": merged_from, "sources": sources}
+    )
