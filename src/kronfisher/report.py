@@ -34,6 +34,27 @@ class CollectionReport:
     warnings: list[str] = field(default_factory=list)
     tied: dict[str, list[str]] = field(default_factory=dict)
 
+    def add_batch(self, loss_terms: int, loss_sum: float, tokens: int) -> None:
+        """Count one committed batch: its loss terms, its summed data loss (same counting) and attended tokens."""
+        self.loss_terms += int(loss_terms)
+        self.loss_sum += float(loss_sum)
+        self.tokens += int(tokens)
+        self.batches += 1
+
+    def counts(self) -> list[float]:
+        """The additive counts, in the order :meth:`set_counts` takes them (reductions over ranks)."""
+        return [self.tokens, self.loss_terms, self.batches, self.loss_sum]
+
+    def set_counts(self, values: list[float]) -> None:
+        """Install totals produced from :meth:`counts` (e.g. summed over ranks)."""
+        self.tokens, self.loss_terms, self.batches = (int(v) for v in values[:3])
+        self.loss_sum = float(values[3])
+
+    def merge(self, other: CollectionReport) -> None:
+        """Add the counts and warnings of a report over disjoint data (merged files)."""
+        self.set_counts([a + b for a, b in zip(self.counts(), other.counts())])
+        self.warnings.extend(w for w in other.warnings if w not in self.warnings)
+
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
         return {

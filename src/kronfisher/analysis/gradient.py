@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..collection.forward import activation_only_backward, eval_mode, model_device
+from ..collection.forward import model_device
 from ..collection.hooks import BatchContext, Capture, Staged
-from ..collection.passes import run_batch
-from ..comm import all_reduce_tensors, global_indices, is_distributed, unwrap_model
+from ..collection.passes import run_pass
+from ..comm import all_reduce_tensors, is_distributed, unwrap_model
 from ..config import KFACConfig
 from ..layers import LayerInfo, discover_layers, split
 from ..report import CollectionReport
@@ -100,12 +100,8 @@ def mean_gradient(
     cap = Capture(discovery.modules, discovery.infos, proc, "raise")
     report = CollectionReport()
     data_targets = dataclasses.replace(cfg, fisher="empirical", mc_samples=1, ekfac=False)  # the data loss
-    index_of = global_indices(batches)
-    with eval_mode(model), activation_only_backward(model), cap:
-        for k, batch in enumerate(batches):
-            run_batch(model, batch, cap, data_targets, index_of(k), report)
-            if on_batch is not None:
-                on_batch(k, batch)
+    done = None if on_batch is None else (lambda k, _index, batch: on_batch(k - 1, batch))
+    run_pass(model, batches, cap, data_targets, report, on_batch=done)
     _reduce(proc, discovery.infos, report, model_device(model))
     n_terms = report.loss_terms
     combined = {name: proc.sums[name] / max(n_terms, 1) for name in discovery.infos if name in proc.sums}
@@ -126,7 +122,6 @@ def _reduce(proc: GradientProcessor, infos: dict[str, LayerInfo], report: Collec
     for name, info in infos.items():  # a rank on which a layer never fired contributes zeros
         if name not in proc.sums:
             proc.sums[name] = torch.zeros(info.v_shape, dtype=torch.float64, device=device)
-    scalars = torch.tensor([report.loss_sum, report.loss_terms, report.tokens], dtype=torch.float64)
+    scalars = torch.tensor(report.counts(), dtype=torch.float64)
     all_reduce_tensors([*(proc.sums[n] for n in infos), scalars])
-    report.loss_sum = float(scalars[0])
-    report.loss_terms, report.tokens = int(scalars[1]), int(scalars[2])
+    report.set_counts(scalars.tolist())

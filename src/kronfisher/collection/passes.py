@@ -9,13 +9,13 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..comm import is_main_process
+from ..comm import global_indices, is_main_process
 from ..config import KFACConfig
 from ..errors import ConfigError
 from ..layers import Discovery
 from ..report import CollectionReport
 from .collector import FactorCollector
-from .forward import model_device, model_inputs, to_device
+from .forward import activation_only_backward, eval_mode, model_device, model_inputs, to_device
 from .hooks import Capture
 from .lossterms import PASS_KFAC, MCDraws, lm_terms, mc_generator, summed_ce
 from .tied import find_tied, note_tied
@@ -78,10 +78,7 @@ def run_batch(
         cap.backward(loss, batch=index, grad_scale=scale, num_terms=n, attention_mask=mask)
         ok = commit_batch(cap, index, report)
         if ok:
-            report.loss_terms += n
-            report.loss_sum += float(loss.detach()) * scale
-            report.tokens += t if mask is not None else 0
-            report.batches += 1
+            report.add_batch(n, float(loss.detach()) * scale, t if mask is not None else 0)
         return ok
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise ConfigError(f"Batch {index}: expected a mapping with 'input_ids' (or pass loss_fn).")
@@ -112,11 +109,55 @@ def run_batch(
         )
     ok = commit_batch(cap, index, report)
     if ok:
-        report.loss_terms += terms.num_terms * draws
-        report.loss_sum += float(data_loss) * draws
-        report.tokens += terms.num_tokens
-        report.batches += 1
+        report.add_batch(terms.num_terms * draws, float(data_loss) * draws, terms.num_tokens)
     return ok
+
+
+BatchDone = Callable[[int, int, Any], None]
+"""Called after each batch of a pass with ``(batches consumed so far, global batch index, batch)``."""
+
+
+def run_pass(
+    model: nn.Module,
+    batches: Iterable[Any],
+    cap: Capture,
+    cfg: KFACConfig,
+    report: CollectionReport,
+    *,
+    loss_fn: LossFn | None = None,
+    pass_id: int = PASS_KFAC,
+    progress: str | None = None,
+    start: int = 0,
+    on_batch: BatchDone | None = None,
+) -> None:
+    """THE batch loop: every pass over the data (K-FAC collection, EK-FAC correction, the report's gradient).
+
+    The model is put in eval mode with activation-only backward for the pass, ``cap`` is armed, and each batch runs
+    through :func:`run_batch` under its global index (so MC seeds and reports do not depend on the split over
+    ranks, docs/distributed.md).
+
+    Args:
+        model: the unwrapped model.
+        batches: this process's batches (a :class:`~kronfisher.comm.Shard` under ``torchrun``).
+        cap: the capture with the pass's processor (collector, corrector, gradient).
+        cfg: configuration (Fisher type, draws, ignore index, seed).
+        report: counts of committed batches, dropped batches.
+        loss_fn: optional user loss (empirical Fisher only).
+        pass_id: which pass this is, for the MC seed.
+        progress: a progress-bar label, or None for none.
+        start: skip the first ``start`` batches (already in resumed sums).
+        on_batch: called after each processed batch.
+
+    """
+    index_of = global_indices(batches)
+    with eval_mode(model), activation_only_backward(model), cap:
+        for k, batch in enumerate(with_progress(batches, progress is not None, progress or "")):
+            if k < start:
+                continue
+            index = index_of(k)
+            run_batch(model, batch, cap, cfg, index, report, loss_fn, pass_id=pass_id)
+            if on_batch is not None:
+                on_batch(k + 1, index, batch)
 
 
 def finish_report(

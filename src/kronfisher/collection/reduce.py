@@ -124,9 +124,7 @@ def reduce_collection(
         scalars[lr_base + 2 * j + 1] = g.discarded_mass  # type: ignore[union-attr]
         scalars[rank_base + rank * len(lowrank) + j] = rows[n].shape[0]  # own slot: all-reduce = all-gather
     if report is not None:
-        scalars[report_base:] = torch.tensor(
-            [report.tokens, report.loss_terms, report.batches, report.loss_sum], dtype=torch.float64
-        )
+        scalars[report_base:] = torch.tensor(report.counts(), dtype=torch.float64)
     dense = [sums[n].A.sum for n in names] + [sums[n].G.sum for n in names if isinstance(sums[n].G, DenseSum)]
     all_reduce_tensors([*dense, scalars], bucket_bytes)
     values = scalars.tolist()
@@ -144,8 +142,7 @@ def reduce_collection(
         items.append((g, rows[n], counts))
     _gather_lowrank(items)  # type: ignore[arg-type]
     if report is not None:
-        report.tokens, report.loss_terms, report.batches = (int(v) for v in values[report_base : report_base + 3])
-        report.loss_sum = values[report_base + 3]
+        report.set_counts(values[report_base : report_base + 4])
         merge_report_lists(report)
     return merged | (fired - set(names))
 

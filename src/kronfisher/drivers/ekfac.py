@@ -8,12 +8,11 @@ from typing import Any
 from torch import nn
 
 from ..collection.corrector import EigenCorrector
-from ..collection.forward import activation_only_backward, eval_mode
 from ..collection.hooks import Capture
 from ..collection.lossterms import PASS_EKFAC
-from ..collection.passes import run_batch, with_progress
+from ..collection.passes import run_pass
 from ..collection.reduce import reduce_corrector
-from ..comm import global_indices, unwrap_model
+from ..comm import unwrap_model
 from ..operator import KFAC
 from ..report import CollectionReport
 
@@ -35,10 +34,17 @@ def correct(
     corrector = EigenCorrector(infos, blocks, cfg)
     cap = Capture({n: modules[n] for n in blocks}, infos, corrector, cfg.on_nonfinite)
     report = CollectionReport()
-    index_of = global_indices(batches)  # MC targets seeded by (seed, pass, global batch index): SPEC §8
-    with eval_mode(model), activation_only_backward(model), cap:
-        for k, batch in enumerate(with_progress(batches, progress, "EK-FAC eigenvalues")):
-            run_batch(model, batch, cap, cfg, index_of(k), report, loss_fn, pass_id=PASS_EKFAC)
+    # MC targets are seeded by (seed, pass, global batch index): the same draws whatever the split over ranks.
+    run_pass(
+        model,
+        batches,
+        cap,
+        cfg,
+        report,
+        loss_fn=loss_fn,
+        pass_id=PASS_EKFAC,
+        progress="EK-FAC eigenvalues" if progress else None,
+    )
     reduce_corrector(corrector)  # SPEC §8: the ranks' sums and counts, once per pass; no-op on one process
     fisher.set_blocks(corrector.blocks_out())
     fisher.report.warnings.extend(report.warnings)

@@ -17,12 +17,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..collection.collector import FactorCollector
-from ..collection.forward import activation_only_backward, eval_mode, model_device
+from ..collection.forward import model_device
 from ..collection.hooks import Capture
-from ..collection.passes import LossFn, commit_batch, finish_report, run_batch, with_progress
+from ..collection.passes import LossFn, commit_batch, finish_report, run_pass
 from ..collection.reduce import reduce_collection
 from ..collection.sums import DenseSum, LayerSums
-from ..comm import global_indices, unwrap_model
+from ..comm import unwrap_model
 from ..config import KFACConfig
 from ..errors import ConfigError
 from ..layers import Discovery, discover_layers
@@ -109,16 +109,19 @@ def collect(
     if resume is not None:
         start = resume.install(collector)
         report = resume.report
-    index_of = global_indices(batches)
     cap = Capture(discovery.modules, discovery.infos, collector, cfg.on_nonfinite)
-    with eval_mode(model), activation_only_backward(model), cap:
-        for k, batch in enumerate(with_progress(batches, progress, "K-FAC factors")):
-            if k < start:
-                continue
-            i = index_of(k)
-            run_batch(model, batch, cap, cfg, i, report, loss_fn)
-            if on_batch_end is not None:
-                on_batch_end(k + 1, i, collector, report)
+    done = None if on_batch_end is None else (lambda k, i, _batch: on_batch_end(k, i, collector, report))
+    run_pass(
+        model,
+        batches,
+        cap,
+        cfg,
+        report,
+        loss_fn=loss_fn,
+        progress="K-FAC factors" if progress else None,
+        start=start,
+        on_batch=done,
+    )
     fired = cap.fired | {n for n, s in collector.sums.items() if s.A.count > 0}  # incl. batches before a resume
     fired = reduce_collection(collector.sums, report, fired)  # SPEC §8: once per pass; no-op on one process
     finish_report(report, discovery, fired, cap, model=model, collector=collector)
@@ -229,10 +232,7 @@ class CaptureSession:
         )
         ok = commit_batch(self._cap, index, self.report)
         if ok:
-            self.report.loss_terms += int(num_terms)
-            self.report.loss_sum += float(loss.detach()) * scale
-            self.report.tokens += t if t is not None else 0
-            self.report.batches += 1
+            self.report.add_batch(int(num_terms), float(loss.detach()) * scale, t if t is not None else 0)
         return ok
 
     def finalize(self) -> KFAC:

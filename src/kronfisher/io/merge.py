@@ -98,11 +98,7 @@ def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Modu
             else:
                 infos[name], sums[name] = f.infos[name], s
     for _, f in files:
-        report.tokens += f.report.tokens
-        report.loss_terms += f.report.loss_terms
-        report.batches += f.report.batches
-        report.loss_sum += f.report.loss_sum
-        report.warnings.extend(f.report.warnings)
+        report.merge(f.report)
     never = {n for _, f in files for n in f.report.never_fired}
     report.never_fired = sorted(n for n in never if not (n in sums and sums[n].A.count > 0))
     if base.cfg.ekfac:
