@@ -171,3 +171,24 @@ def test_layer_position() -> None:
     assert layer_position("model.layers.12.self_attn.q_proj") == (12, "self_attn.q_proj")
     assert layer_position("transformer.h.0.mlp.c_fc") == (0, "mlp.c_fc")
     assert layer_position("lm_head") == (None, "lm_head")
+
+
+def test_models_with_no_layer_in_common_are_not_comparable() -> None:
+    """A comparison of models that share no layer (name and shape) is an error, not ``½ΔθᵀFΔθ = 0``; one shared
+    layer is enough for a comparison, whose total is that layer's quadratic form."""
+    from kronfisher.analysis.run import ModelResult, compare_models, layer_params
+
+    model = make_model("llama")
+    batches = _batches(1)
+
+    def result(index: int, include: str) -> ModelResult:
+        fisher = kf.fit(model, batches, kf.KFACConfig(accumulate_dtype="float64", include=(include,)))
+        return ModelResult(f"m{index}", fisher, layer_params(model, fisher), {"name": f"m{index}", "index": index}, {})
+
+    base, other = result(0, r"self_attn"), result(1, r"mlp")
+    with pytest.raises(kf.errors.InputError, match=r"^Models 'm0' and 'm1' are not comparable: no tracked layer"):
+        compare_models(base, other, k=2)
+    both = result(2, r"layers\.0\.mlp\.up_proj|self_attn\.q_proj")
+    comp = compare_models(base, both, k=2)
+    assert list(comp["layers"]) and all("q_proj" in n for n in comp["layers"])
+    assert comp["total_quadratic_form"] == pytest.approx(0.0, abs=1e-12)  # same weights: Δ = 0

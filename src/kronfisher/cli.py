@@ -14,15 +14,21 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ._version import __version__
-from .errors import FileFormatError, FingerprintError, InputError, KronfisherError
+from .config import KFACConfig, config_fields
+from .errors import ConfigError, FileFormatError, FingerprintError, InputError, KronfisherError
+from .options import NONE_WORDS, Rule
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+ALL = "'all'"  # how the command line spells None (no limit) for the optional integers
+MIN_ANALYZE_DAMPING = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 
 
 def _positive_int(text: str) -> int:
@@ -46,9 +52,57 @@ def _nonneg_float(text: str) -> float:
 
 
 def _tokens(text: str) -> int | None:
-    if text.lower() in ("all", "none", "0"):
+    if text.strip().lower() in NONE_WORDS:
         return None
-    return _positive_int(text)
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all', got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all' (every token), got {value}")
+    return value
+
+
+def _config_type(name: str, rule: Rule) -> Callable[[str], Any]:
+    """The argparse ``type`` of a config field: its rule reads the text; an invalid value is one usage line."""
+
+    def parse(text: str) -> Any:
+        try:
+            return rule.from_text(name, text)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(f"expected {rule.expected(ALL)}, got {text!r}") from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def add_config_options(group: argparse._ArgumentGroup) -> None:
+    """One option per :class:`~kronfisher.config.KFACConfig` field that has a ``cli`` flag in its metadata.
+
+    Help, choices, defaults and the checks come from the field's metadata (``help``, ``rule``, ``cli_default``), so
+    the command accepts exactly what the library accepts. The option's ``dest`` is the field name.
+    """
+    for f in config_fields():
+        flag = f.metadata["cli"]
+        if flag is None:
+            continue
+        rule: Rule = f.metadata["rule"]
+        default = f.metadata.get("cli_default", f.default)
+        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if rule.kind == "flag":
+            kw.update(action="store_true", default=bool(default))
+        elif rule.kind == "regexes":
+            kw.update(action="append", default=[], metavar="REGEX")
+        elif rule.kind in ("choice", "dtype"):
+            kw.update(choices=rule.options, default=str(default))
+        else:
+            metavar = "N" if rule.kind == "int" else "X"
+            kw.update(
+                type=_config_type(f.name, rule), default=default, metavar=f"{metavar}|all" if rule.optional else metavar
+            )
+            if rule.optional:
+                kw["help"] += f" {ALL}: {rule.none_means}."
+        group.add_argument(flag, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,32 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per batch")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (SPEC §9a)")
 
-    f = a.add_argument_group("curvature")
-    f.add_argument("--fisher", choices=("empirical", "mc"), default="empirical", help="Fisher type (SPEC §2)")
-    f.add_argument("--mc-samples", type=_positive_int, default=1, help="sampled targets per position (--fisher mc)")
-    f.add_argument("--approx", choices=("expand", "reduce"), default="expand", help="K-FAC approximation (SPEC §3)")
-    f.add_argument("--ekfac", action="store_true", help="eigenvalue-corrected K-FAC (second pass, SPEC §5)")
-    f.add_argument("--include", action="append", default=[], metavar="REGEX", help="track only matching layers")
-    f.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="do not track matching layers")
-    f.add_argument("--damping", type=_nonneg_float, default=1e-3, help="damping δ for natural gradients (SPEC §4)")
-    f.add_argument("--damping-mode", choices=("factored", "pi", "exact"), default="factored", help="SPEC §4")
-    f.add_argument(
-        "--lowrank-rank",
-        type=_tokens,
-        default=512,
-        help="eigenpairs kept for low-rank G of huge output layers such as lm_head, plus an exact-trace tail "
-        "('all': keep every token, memory grows with tokens; SPEC §6)",
-    )
-    f.add_argument("--lowrank-threshold", type=_positive_int, default=8192, help="G is low-rank when out > this")
-    f.add_argument("--accumulate-dtype", choices=("float32", "float64"), default="float32", help="dtype of sums")
-    f.add_argument("--eigh-dtype", choices=("float64", "float32"), default="float64", help="eigendecomposition dtype")
-    f.add_argument(
-        "--eigh-max-dim",
-        type=_positive_int,
-        default=8192,
-        help="factors larger than this are decomposed in float32 (faster, noisier small eigenvalues)",
-    )
-    f.add_argument("--seed", type=int, default=0, help="seed of MC targets and any other randomness")
+    add_config_options(a.add_argument_group("curvature"))
 
     r = a.add_argument_group("run")
     r.add_argument("--output-dir", default="kronfisher-results", help="where factor files and reports go")
@@ -150,25 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from .config import KFACConfig
+def config_from_args(args: argparse.Namespace) -> KFACConfig:
+    """The :class:`KFACConfig` of ``kronfisher analyze``, checked before any model or data is loaded.
 
-    return KFACConfig(
-        fisher=args.fisher,
-        mc_samples=args.mc_samples,
-        approx=args.approx,
-        ekfac=args.ekfac,
-        damping=args.damping,
-        damping_mode=args.damping_mode,
-        include=tuple(args.include),
-        exclude=tuple(args.exclude),
-        accumulate_dtype=args.accumulate_dtype,
-        eigh_dtype=args.eigh_dtype,
-        eigh_max_dim=args.eigh_max_dim,
-        lowrank_threshold=args.lowrank_threshold,
-        lowrank_max_rank=args.lowrank_rank,
-        seed=args.seed,
-    )
+    ``analyze`` reports natural gradients, ``(F + δI)^{-1} g``. A damping of 0 leaves F's null space without an
+    inverse (the lm_head's G always has one: softmax gradients sum to zero over the vocabulary), and below the
+    smallest normal float32 ``1/δ`` overflows float32; either way the run would fail only after the whole
+    collection and decomposition, so it is refused here.
+    """
+    values = {f.name: getattr(args, f.name) for f in config_fields() if f.metadata["cli"] is not None}
+    cfg = KFACConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    if cfg.damping < MIN_ANALYZE_DAMPING:
+        raise ConfigError(
+            f"Invalid --damping: {cfg.damping:g}. kronfisher analyze computes natural gradients (F + δI)^-1 g, which "
+            f"need damping >= {MIN_ANALYZE_DAMPING:.1e} (the smallest normal float32; 1/δ overflows below it)."
+        )
+    return cfg
 
 
 def cmd_analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -179,7 +205,7 @@ def cmd_analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         models=list(args.model) if args.model else [None],
         data=list(args.data or []),
         output_dir=Path(args.output_dir),
-        cfg=_config(args),
+        cfg=config_from_args(args),
         max_tokens=args.max_tokens,
         seq_len=args.seq_len,
         batch_size=args.batch_size,

@@ -1,22 +1,58 @@
-"""Configuration as a frozen, validated dataclass (SPEC §10).
+"""Configuration as a frozen dataclass, validated field by field at construction.
 
-Every field carries help text in its metadata; the CLI and the docs read it from there. Invalid values raise
-:class:`~kronfisher.errors.ConfigError` with a uniform message, for example
-``Invalid fisher: 'x'. Supported: 'empirical', 'mc'.``
+Every field carries its rule in its metadata: help text, the allowed values (a
+:class:`~kronfisher.options.Rule`), whether the value changes what the accumulated sums mean (``sums``), and the
+command-line flag that sets it (``cli``). The command line is generated from this metadata, and the files use it to
+decide which sums can be merged. An invalid value raises :class:`~kronfisher.errors.ConfigError` with one line
+naming the field, the value and what is allowed, e.g. ``Invalid fisher: 'x'. Supported: 'empirical', 'mc'.``
+
+Values are stored in one canonical form: choices as :class:`~kronfisher.options.Choice` members (strings that
+compare, hash and print as their plain value), dtypes as their names (``torch.float64`` and ``'torch.float64'``
+become ``'float64'``), numbers as ``int`` / ``float``, regexes as tuples of strings (compiled once here, so a bad
+pattern fails at construction). :meth:`KFACConfig.to_dict` gives plain JSON values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .errors import ConfigError, ConfigWarning
+from .options import (
+    Approx,
+    Choice,
+    DampingMode,
+    Fisher,
+    Granularity,
+    LowRankSolver,
+    OnNonFinite,
+    Reduction,
+    Rule,
+    check_number,
+    parse_bytes,
+)
+
+__all__ = [
+    "Approx",
+    "Choice",
+    "DampingMode",
+    "Fisher",
+    "Granularity",
+    "KFACConfig",
+    "LowRankSolver",
+    "OnNonFinite",
+    "Reduction",
+    "Rule",
+    "check_number",
+    "config_fields",
+    "parse_bytes",
+    "sum_fields",
+]
 
 _DTYPES = {
     "float16": torch.float16,
@@ -26,165 +62,236 @@ _DTYPES = {
 }
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _meta(help_: str, rule: Rule, *, sums: bool = False, cli: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A field's metadata. ``sums``: the value changes what the sums mean; ``cli``: its command-line flag."""
+    return {"help": help_, "rule": rule, "sums": sums, "cli": cli, **extra}
 
 
-def resolve_dtype(value: str | torch.dtype, what: str, allowed: tuple[str, ...]) -> torch.dtype:
-    """Turn a dtype name (or dtype) into a ``torch.dtype``, checking it is one of ``allowed``."""
-    name = str(value).replace("torch.", "")
-    if name not in allowed:
-        raise ConfigError(f"Invalid {what}: {value!r}. Supported: {', '.join(repr(a) for a in allowed)}.")
-    return _DTYPES[name]
-
-
-def _choice(what: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"Invalid {what}: {value!r}. Supported: {', '.join(repr(a) for a in allowed)}.")
-
-
-_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20}
-_BYTE_UNITS.update({"gib": 2**30, "tib": 2**40})
-
-
-def parse_bytes(value: int | float | str, what: str = "max_memory") -> int:
-    """Bytes from an int or a string such as ``"20GiB"``, ``"500MB"`` or ``"1.5 GB"`` (``GB`` = 10⁹, ``GiB`` = 2³⁰)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"Invalid {what}: {value!r}. Use bytes (int) or a size such as '20GiB' or '500MB'.")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), "b"
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-        if m is None or (m.group(2) or "b").lower() not in _BYTE_UNITS:
-            raise ConfigError(f"Invalid {what}: {value!r}. Use bytes (int) or a size such as '20GiB' or '500MB'.")
-        number, unit = float(m.group(1)), (m.group(2) or "b").lower()
-    size = int(number * _BYTE_UNITS[unit])
-    if not size >= 1:
-        raise ConfigError(f"Invalid {what}: {value!r}. Must be at least 1 byte.")
-    return size
-
-
-def _nonneg(what: str, value: float | None) -> None:
-    if value is not None and not (float(value) >= 0.0):  # also rejects NaN
-        raise ConfigError(f"Invalid {what}: {value!r}. Must be a finite number >= 0.")
+_CHOICE = {e: Rule("choice", enum=e) for e in (Fisher, Approx, Granularity, DampingMode, Reduction)}
+_NONNEG = Rule("real", low=0.0)
+_NONNEG_OPT = Rule("real", low=0.0, optional=True, none_means="use damping")
+_POSINT = Rule("int", low=1)
+_REGEXES = Rule("regexes")
+_FLOAT_NAMES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
 class KFACConfig:
-    """All options of a K-FAC / EK-FAC fit. Field names and meanings are stable API (SPEC §10)."""
+    """All options of a K-FAC / EK-FAC fit. Field names and meanings are stable API."""
 
-    fisher: str = _help("'empirical' (targets from the data) or 'mc' (sampled targets), SPEC §2.", default="empirical")
-    mc_samples: int = _help("Number of sampled targets per loss term for fisher='mc'.", default=1)
-    approx: str = _help("'expand' (tokens as samples, §3.1) or 'reduce' (weight sharing, §3.2).", default="expand")
-    ekfac: bool = _help("Run the eigenvalue-correction pass (EK-FAC, George et al. 2018; SPEC §5).", default=False)
-    ekfac_granularity: str = _help("'sequence' or 'token' per-sample gradients for EK-FAC (§5).", default="sequence")
-    damping: float = _help("Damping δ (SPEC §4); damping_A / damping_G override it per factor.", default=1e-3)
-    damping_A: float | None = _help("δ_A for factored damping (default: damping).", default=None)
-    damping_G: float | None = _help("δ_G for factored damping (default: damping).", default=None)
-    damping_mode: str = _help("'factored', 'pi' (Martens & Grosse 2015 §6.3) or 'exact' (§4).", default="factored")
-    max_condition_number: float | None = _help("Optional condition-number cap κ applied after damping.", default=None)
-    include: tuple[str, ...] = _help("Regexes; a layer is tracked if its name matches one (all if empty).", default=())
-    exclude: tuple[str, ...] = _help("Regexes; a layer matching one is not tracked.", default=())
-    loss_reduction: str = _help("Reduction of a user loss: 'mean' (rescaled by N) or 'sum'.", default="mean")
-    ignore_index: int = _help("Label value without a loss term.", default=-100)
-    accumulate_dtype: str = _help("dtype of the factor sums: 'float32' or 'float64'.", default="float32")
-    eigh_dtype: str = _help(
-        "dtype of eigendecompositions up to eigh_max_dim: 'float64' or 'float32'.", default="float64"
+    fisher: Fisher = field(
+        default=Fisher.EMPIRICAL,
+        metadata=_meta(
+            "Fisher type: 'empirical' (targets from the data) or 'mc' (targets sampled from the model; Kunstner et al. "
+            "2019 on why they differ).",
+            _CHOICE[Fisher],
+            sums=True,
+            cli="--fisher",
+        ),
     )
-    eigh_max_dim: int = _help("Factors larger than this are decomposed in float32.", default=8192)
-    lowrank_threshold: int = _help("Layers with out > this keep G in low-rank form (SPEC §6).", default=8192)
-    lowrank_layers: tuple[str, ...] = _help("Regexes of layers whose G is low-rank whatever their size.", default=())
-    lowrank_dtype: str = _help(
-        "Storage dtype of low-rank U: 'float32', 'bfloat16', 'float16' (or 'float64' for exact checks).",
-        default="float32",
+    mc_samples: int = field(
+        default=1,
+        metadata=_meta("Sampled targets per loss term for fisher='mc'.", _POSINT, sums=True, cli="--mc-samples"),
     )
-    lowrank_max_rank: int | None = _help("Token budget of a low-rank G (top-k + isotropic tail).", default=None)
-    lowrank_solver: str = _help(
-        "p = -1 on low-rank layers: 'eigen' (eigenform, default) or 'woodbury' (factored/pi damping, no EK-FAC, "
-        "no condition cap, no token budget; SPEC §6).",
-        default="eigen",
+    approx: Approx = field(
+        default=Approx.EXPAND,
+        metadata=_meta(
+            "K-FAC approximation for weight sharing (Eschenhagen et al. 2023): 'expand' (tokens as samples) or "
+            "'reduce' (a sequence's tokens summed).",
+            _CHOICE[Approx],
+            sums=True,
+            cli="--approx",
+        ),
     )
-    on_nonfinite: str = _help("'raise' (default) or 'skip' a batch with non-finite values (§3.3).", default="raise")
-    seed: int = _help("Seed of the generator used for MC targets.", default=0)
-    max_dense_elements: int = _help("Largest dense matrix that to_dense/factors will build.", default=100_000_000)
-    max_memory: int | str | Mapping[str, int | str] | None = _help(
-        "Memory budget of the factors per device: bytes or a size such as '20GiB' / '500MB' (every device), or "
-        "{device: size}. Default (None): what each device has free once the model is loaded, less its "
-        "activations. Layers that do not fit together run in groups, each with its own passes (docs/concepts.md).",
+    ekfac: bool = field(
+        default=False,
+        metadata=_meta(
+            "Run the eigenvalue-correction pass (EK-FAC, George et al. 2018): a second pass over the data.",
+            Rule("flag"),
+            cli="--ekfac",
+        ),
+    )
+    ekfac_granularity: Granularity = field(
+        default=Granularity.SEQUENCE,
+        metadata=_meta("Per-sample gradients of the EK-FAC pass: 'sequence' or 'token'.", _CHOICE[Granularity]),
+    )
+    damping: float = field(
+        default=1e-3,
+        metadata=_meta(
+            "Damping δ added to the curvature (F + δI); damping_A / damping_G override it per factor.",
+            _NONNEG,
+            cli="--damping",
+        ),
+    )
+    damping_A: float | None = field(
+        default=None, metadata=_meta("δ_A for factored damping (default: damping).", _NONNEG_OPT)
+    )
+    damping_G: float | None = field(
+        default=None, metadata=_meta("δ_G for factored damping (default: damping).", _NONNEG_OPT)
+    )
+    damping_mode: DampingMode = field(
+        default=DampingMode.FACTORED,
+        metadata=_meta(
+            "'factored' ((G + δ_G) ⊗ (A + δ_A)), 'pi' (the same with π scaling, Martens & Grosse 2015 §6.3) or 'exact' "
+            "(G ⊗ A + δ, in the Kronecker eigenbasis).",
+            _CHOICE[DampingMode],
+            cli="--damping-mode",
+        ),
+    )
+    max_condition_number: float | None = field(
         default=None,
+        metadata=_meta(
+            "Optional condition-number cap κ applied after damping.",
+            Rule("real", low=1.0, optional=True, none_means="no cap"),
+        ),
+    )
+    include: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "Regexes; a layer is tracked only if its name matches one (all layers if none).",
+            _REGEXES,
+            sums=True,
+            cli="--include",
+        ),
+    )
+    exclude: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("Regexes; a layer whose name matches one is not tracked.", _REGEXES, sums=True, cli="--exclude"),
+    )
+    loss_reduction: Reduction = field(
+        default=Reduction.MEAN,
+        metadata=_meta(
+            "Reduction of a user loss: 'mean' (rescaled by the number of terms) or 'sum'.",
+            _CHOICE[Reduction],
+            sums=True,
+        ),
+    )
+    ignore_index: int = field(default=-100, metadata=_meta("Label value without a loss term.", Rule("int"), sums=True))
+    accumulate_dtype: str = field(
+        default="float32",
+        metadata=_meta(
+            "dtype of the factor sums.", Rule("dtype", names=_FLOAT_NAMES), sums=True, cli="--accumulate-dtype"
+        ),
+    )
+    eigh_dtype: str = field(
+        default="float64",
+        metadata=_meta(
+            "dtype of eigendecompositions of factors up to eigh_max_dim.",
+            Rule("dtype", names=_FLOAT_NAMES),
+            cli="--eigh-dtype",
+        ),
+    )
+    eigh_max_dim: int = field(
+        default=8192,
+        metadata=_meta(
+            "Factors larger than this are decomposed in float32 (faster, noisier small eigenvalues).",
+            _POSINT,
+            cli="--eigh-max-dim",
+        ),
+    )
+    lowrank_threshold: int = field(
+        default=8192,
+        metadata=_meta(
+            "Layers with more outputs than this keep G in low-rank form.", _POSINT, sums=True, cli="--lowrank-threshold"
+        ),
+    )
+    lowrank_layers: tuple[str, ...] = field(
+        default=(), metadata=_meta("Regexes of layers whose G is low-rank whatever their size.", _REGEXES, sums=True)
+    )
+    lowrank_dtype: str = field(
+        default="float32",
+        metadata=_meta(
+            "Storage dtype of the low-rank U ('float64' for exact checks).",
+            Rule("dtype", names=("float32", "bfloat16", "float16", "float64")),
+            sums=True,
+        ),
+    )
+    lowrank_max_rank: int | None = field(
+        default=None,
+        metadata=_meta(
+            "Token budget of a low-rank G: the top eigenpairs kept, plus an isotropic tail that keeps the exact trace "
+            "(huge output layers such as lm_head). Keeping every token makes memory grow with the tokens.",
+            Rule("int", low=1, optional=True, none_means="keep every token"),
+            sums=True,
+            cli="--lowrank-rank",
+            cli_default=512,
+        ),
+    )
+    lowrank_solver: LowRankSolver = field(
+        default=LowRankSolver.EIGEN,
+        metadata=_meta(
+            "p = -1 on low-rank layers: 'eigen' (eigenform) or 'woodbury' (factored/pi damping, no EK-FAC, no "
+            "condition cap, no token budget).",
+            Rule("choice", enum=LowRankSolver),
+        ),
+    )
+    on_nonfinite: OnNonFinite = field(
+        default=OnNonFinite.RAISE,
+        metadata=_meta(
+            "'raise' on, or 'skip', a batch with non-finite activations or output gradients.",
+            Rule("choice", enum=OnNonFinite),
+        ),
+    )
+    seed: int = field(
+        default=0, metadata=_meta("Seed of the MC targets and of any other randomness.", Rule("int"), cli="--seed")
+    )
+    max_dense_elements: int = field(
+        default=100_000_000, metadata=_meta("Largest dense matrix that to_dense / factors will build.", _POSINT)
+    )
+    max_memory: int | str | Mapping[str, int | str] | None = field(
+        default=None,
+        metadata=_meta(
+            "Memory budget of the factors per device: bytes or a size such as '20GiB' / '500MB' (every device), or "
+            "{device: size}. Default (None): what each device has free once the model is loaded, less its "
+            "activations. Layers that do not fit together run in groups, each with its own passes (docs/concepts.md).",
+            Rule("bytes", optional=True, none_means="what each device has free"),
+        ),
     )
 
     def __post_init__(self) -> None:
-        _choice("fisher", self.fisher, ("empirical", "mc"))
-        _choice("approx", self.approx, ("expand", "reduce"))
-        _choice("ekfac_granularity", self.ekfac_granularity, ("sequence", "token"))
-        _choice("damping_mode", self.damping_mode, ("factored", "pi", "exact"))
-        _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
-        _choice("on_nonfinite", self.on_nonfinite, ("raise", "skip"))
-        if not isinstance(self.ekfac, bool):
-            raise ConfigError(f"Invalid ekfac: {self.ekfac!r}. Supported: True, False.")
-        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
-            raise ConfigError(f"Invalid mc_samples: {self.mc_samples!r}. Must be an integer >= 1.")
-        for name in ("damping", "damping_A", "damping_G"):
-            _nonneg(name, getattr(self, name))
-        if self.max_condition_number is not None and not (float(self.max_condition_number) >= 1.0):
-            raise ConfigError(f"Invalid max_condition_number: {self.max_condition_number!r}. Must be >= 1.")
-        resolve_dtype(self.accumulate_dtype, "accumulate_dtype", ("float32", "float64"))
-        resolve_dtype(self.eigh_dtype, "eigh_dtype", ("float32", "float64"))
-        resolve_dtype(self.lowrank_dtype, "lowrank_dtype", ("float32", "bfloat16", "float16", "float64"))
-        _choice("lowrank_solver", self.lowrank_solver, ("eigen", "woodbury"))
-        if self.lowrank_solver == "woodbury":
-            clash = [
-                what
-                for what, bad in (
-                    ("ekfac=True", self.ekfac),
-                    (f"damping_mode={self.damping_mode!r}", self.damping_mode == "exact"),
-                    ("max_condition_number", self.max_condition_number is not None),
-                    ("lowrank_max_rank (compressed tail)", self.lowrank_max_rank is not None),
-                )
-                if bad
-            ]
-            if clash:
-                raise ConfigError(
-                    f"Invalid lowrank_solver: 'woodbury' needs (G + δ_G) ⊗ (A + δ_A) with an uncompressed U; "
-                    f"incompatible with {', '.join(clash)}. Use lowrank_solver='eigen'."
-                )
-        if self.ekfac:
-            ignored = [
-                what
-                for what, set_ in (
-                    (f"damping_mode={self.damping_mode!r}", self.damping_mode == "pi"),
-                    ("damping_A", self.damping_A is not None),
-                    ("damping_G", self.damping_G is not None),
-                )
-                if set_
-            ]
-            if ignored:  # SPEC §5: corrected eigenvalues are not a Kronecker product; δ is added to each
-                warnings.warn(
-                    f"With ekfac=True the corrected eigenvalues are damped additively (Λ* + damping); "
-                    f"{', '.join(ignored)} has no effect.",
-                    ConfigWarning,
-                    stacklevel=3,
-                )
-        for name in ("lowrank_threshold", "eigh_max_dim", "max_dense_elements"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"Invalid {name}: {value!r}. Must be an integer >= 1.")
-        if self.lowrank_max_rank is not None and (
-            not isinstance(self.lowrank_max_rank, int) or self.lowrank_max_rank < 1
-        ):
-            raise ConfigError(f"Invalid lowrank_max_rank: {self.lowrank_max_rank!r}. Must be an integer >= 1.")
-        if isinstance(self.max_memory, Mapping):
-            budgets = {str(k): parse_bytes(v, f"max_memory[{k!r}]") for k, v in self.max_memory.items()}
-            object.__setattr__(self, "max_memory", budgets)
-        elif self.max_memory is not None:
-            object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
-        for name in ("include", "exclude", "lowrank_layers"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            elif not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, f.metadata["rule"].check(f.name, getattr(self, f.name)))
+        self._check_woodbury()
+        self._warn_ekfac_damping()
+
+    def _check_woodbury(self) -> None:
+        if self.lowrank_solver != LowRankSolver.WOODBURY:
+            return
+        clash = [
+            what
+            for what, bad in (
+                ("ekfac=True", self.ekfac),
+                (f"damping_mode={self.damping_mode!r}", self.damping_mode == DampingMode.EXACT),
+                ("max_condition_number", self.max_condition_number is not None),
+                ("lowrank_max_rank (compressed tail)", self.lowrank_max_rank is not None),
+            )
+            if bad
+        ]
+        if clash:
+            raise ConfigError(
+                f"Invalid lowrank_solver: 'woodbury' needs (G + δ_G) ⊗ (A + δ_A) with an uncompressed U; "
+                f"incompatible with {', '.join(clash)}. Use lowrank_solver='eigen'."
+            )
+
+    def _warn_ekfac_damping(self) -> None:
+        if not self.ekfac:
+            return
+        ignored = [
+            what
+            for what, set_ in (
+                (f"damping_mode={self.damping_mode!r}", self.damping_mode == DampingMode.PI),
+                ("damping_A", self.damping_A is not None),
+                ("damping_G", self.damping_G is not None),
+            )
+            if set_
+        ]
+        if ignored:  # corrected eigenvalues are not a Kronecker product, so δ is added to each of them
+            warnings.warn(
+                f"With ekfac=True the corrected eigenvalues are damped additively (Λ* + damping); "
+                f"{', '.join(ignored)} has no effect.",
+                ConfigWarning,
+                stacklevel=4,
+            )
 
     # Resolved values -------------------------------------------------------------------------------------
     @property
@@ -203,7 +310,7 @@ class KFACConfig:
         return _DTYPES[self.lowrank_dtype]
 
     def factor_damping(self) -> tuple[float, float]:
-        """``(δ_A, δ_G)`` for factored damping (SPEC §4)."""
+        """``(δ_A, δ_G)`` for factored damping: each defaults to ``damping``."""
         d_a = self.damping if self.damping_A is None else self.damping_A
         d_g = self.damping if self.damping_G is None else self.damping_G
         return float(d_a), float(d_g)
@@ -213,11 +320,17 @@ class KFACConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict of every field."""
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
+        """Plain JSON-serialisable dict of every field (choices as plain strings, tuples as lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Choice):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            out[f.name] = value
         return out
 
     @classmethod
@@ -229,3 +342,13 @@ class KFACConfig:
             raise ConfigError(f"Unknown KFACConfig fields: {unknown}. Supported: {sorted(names)}.")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
+
+
+def config_fields() -> Iterator[dataclasses.Field[Any]]:
+    """The fields of :class:`KFACConfig`, each with ``help``, ``rule``, ``sums`` and ``cli`` in its metadata."""
+    return iter(dataclasses.fields(KFACConfig))
+
+
+def sum_fields() -> tuple[str, ...]:
+    """Names of the fields that change what the accumulated sums mean: files that differ in one cannot be merged."""
+    return tuple(f.name for f in config_fields() if f.metadata["sums"])

@@ -15,6 +15,10 @@ class ShapeError(KronfisherError, ValueError):
     """A tensor whose shape does not match the layer or parameter it is meant for."""
 
 
+class VectorError(KronfisherError, TypeError):
+    """A vector given to an operator that it cannot use: not a tensor, not real floating point, or without data."""
+
+
 class NonFiniteError(KronfisherError, FloatingPointError):
     """Non-finite activations or output gradients in a batch (SPEC §3.3).
 
@@ -35,7 +39,7 @@ class DecompositionError(KronfisherError, ArithmeticError):
 
 
 class SpectrumError(KronfisherError, ArithmeticError):
-    """A negative power of a damped spectrum that is not positive (SPEC §7)."""
+    """A negative power of a damped spectrum that is not positive (SPEC §7), or a power whose result overflows."""
 
 
 class FileFormatError(KronfisherError, OSError):

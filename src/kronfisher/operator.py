@@ -24,13 +24,39 @@ from .algebra.damping import Damping, spectrum
 from .algebra.kron import kron_apply
 from .algebra.woodbury import woodbury_power
 from .collection.sums import LayerSums
-from .config import KFACConfig
+from .config import KFACConfig, check_number
 from .decompose.entry import decompose_all
-from .errors import ConfigError, KronfisherError, KronfisherWarning
+from .errors import ConfigError, KronfisherError, KronfisherWarning, SpectrumError, VectorError
 from .layers import LayerInfo, combine, split
 from .report import CollectionReport
 
 logger = logging.getLogger("kronfisher")
+
+
+def check_vector(pname: str, value: Any) -> Tensor | None:
+    """``value`` if it is a real floating-point tensor with data (or None); else :class:`VectorError` naming it.
+
+    An integer result would be truncated and a complex one would lose its imaginary part (the Fisher is real), so
+    both are refused rather than cast.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Tensor):
+        fix = " (convert it with torch.as_tensor)" if hasattr(value, "__array__") or isinstance(value, list) else ""
+        raise VectorError(f"Parameter {pname!r}: expected a torch.Tensor, got {type(value).__name__}{fix}.")
+    if value.is_meta:
+        raise VectorError(f"Parameter {pname!r}: a meta tensor has no data.")
+    if value.is_complex():
+        raise VectorError(
+            f"Parameter {pname!r}: complex dtype {value.dtype} is not supported (the Fisher is real); apply the "
+            "operator to the real and imaginary parts separately."
+        )
+    if not value.is_floating_point():
+        raise VectorError(
+            f"Parameter {pname!r}: dtype {value.dtype} is not floating point; convert it (e.g. .float()) so the "
+            "result is not truncated."
+        )
+    return value
 
 
 class KFAC:
@@ -180,19 +206,37 @@ class KFAC:
         Returns:
             Dict with the same parameter names (tracked ones only) and shapes.
 
+        Raises:
+            ConfigError: ``p`` or ``damping`` is not a finite real number (``damping`` also ``>= 0``).
+            VectorError: ``vectors`` is not a mapping, or a tensor of a tracked parameter is not a real
+                floating-point tensor with data (numpy arrays, lists, integer, bool, complex or meta tensors).
+            SpectrumError: ``p < 0`` with a spectrum that is not positive, or a result that overflows although the
+                input is finite.
+
         """
+        p = check_number("p", p, low=None)
+        if damping is not None and not isinstance(damping, Damping):
+            damping = check_number("damping", damping)
         damp = Damping.coerce(damping, self.cfg)
+        if not isinstance(vectors, Mapping):
+            raise VectorError(f"vectors must be a mapping from parameter name to tensor, got {type(vectors).__name__}.")
         out: dict[str, Tensor] = {}
         for name in self._blocks:
             info = self.infos[name]
-            w = vectors.get(info.weight_name)
-            if w is None:  # a tied weight may come under its other name (e.g. the embedding's, SPEC §6)
-                w = next((vectors[a] for a in self.report.tied.get(name, ()) if a in vectors), None)
+            wname = info.weight_name
+            if wname not in vectors:  # a tied weight may come under its other name (e.g. the embedding's)
+                wname = next((a for a in self.report.tied.get(name, ()) if a in vectors), wname)
+            w = check_vector(wname, vectors.get(wname))
             if w is None:
                 continue
-            b = vectors.get(info.bias_name) if info.bias_name else None
+            b = check_vector(info.bias_name, vectors.get(info.bias_name)) if info.bias_name else None
             v = combine(info, w, b)
             res = self._apply(name, v, p, damp)
+            if not bool(torch.isfinite(res).all()) and bool(torch.isfinite(v).all()):
+                raise SpectrumError(
+                    f"power p={p:g} of layer {name!r} overflows: the result is not finite although the vector is "
+                    f"finite ({v.dtype} range exceeded); use a smaller |p| or a larger damping."
+                )
             nw, nb = split(info, res)
             out[info.weight_name] = nw
             if nb is not None and b is not None and info.bias_name:

@@ -249,6 +249,13 @@ def compare_models(base: ModelResult, other: ModelResult, k: int) -> dict[str, A
             continue
         layers[name] = compare_layer(base.fisher, name, vb, vo, other.fisher, k=k)
     skipped += [n for n in other.fisher.layer_names if n not in base.fisher.layer_names]
+    if not layers:  # a total of 0 would read as "identical models"
+        raise InputError(
+            f"Models {base.entry['name']!r} and {other.entry['name']!r} are not comparable: no tracked layer has the "
+            f"same name and shape in both ({len(base.fisher.layer_names)} and {len(other.fisher.layer_names)} "
+            "layers). Their factor files are saved.",
+            hint="Compare models of the same architecture; analyse the others in separate runs.",
+        )
     return {
         "base": base.entry["name"],
         "other": other.entry["name"],
