@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from ..comm import Shard, get_rank, get_world_size
-from ..config import KFACConfig
+from ..config import KFACConfig, sum_fields
 from ..data import TextBatches
 from ..drivers.fit import CollectState, collect
 from ..errors import InputError
-from ..io.files import SUM_FIELDS
 from ..io.sums import load_sums, model_fingerprint, save_sums
 from ..models import LoadedModel
 from ..report import CollectionReport
@@ -52,7 +51,7 @@ def run_identity(lm: LoadedModel, tb: TextBatches, cfg: KFACConfig) -> dict[str,
         "fingerprint_sha256": hashlib.sha256(fp.encode()).hexdigest(),
         "weights_sha256": weights_digest(lm.model),
         "data_sha256": tb.fingerprint,
-        "sums_config": {k: full[k] for k in (*SUM_FIELDS, "seed", "on_nonfinite")},
+        "sums_config": {k: full[k] for k in (*sum_fields(), "seed", "on_nonfinite")},
         "config": full,
     }
 

@@ -43,7 +43,6 @@ from .sums import (
 )
 
 __all__ = [
-    "SUM_FIELDS",
     "LoadedKFAC",
     "inspect_file",
     "load",
@@ -54,23 +53,6 @@ __all__ = [
 
 
 logger = logging.getLogger("kronfisher")
-
-
-# Config fields that change what the sums mean: files whose values differ cannot be merged (SPEC §3.3).
-SUM_FIELDS = (
-    "fisher",
-    "mc_samples",
-    "approx",
-    "include",
-    "exclude",
-    "loss_reduction",
-    "ignore_index",
-    "accumulate_dtype",
-    "lowrank_threshold",
-    "lowrank_layers",
-    "lowrank_dtype",
-    "lowrank_max_rank",
-)
 
 
 # Decomposed factors ---------------------------------------------------------------------------------------------

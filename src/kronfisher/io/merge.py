@@ -9,10 +9,11 @@ from typing import Any
 
 from torch import nn
 
+from ..config import sum_fields
 from ..errors import FileFormatError, FingerprintError, KronfisherError
 from ..operator import KFAC
 from ..report import CollectionReport
-from .files import SUM_FIELDS, save
+from .files import save
 from .sums import PathLike, SumsFile, check_fingerprint, load_sums
 
 
@@ -40,11 +41,11 @@ def _check_mergeable(files: list[tuple[Path, SumsFile]]) -> list[str]:
     notes = []
     for p, f in files[1:]:
         cfg = f.cfg.to_dict()
-        bad = [k for k in SUM_FIELDS if cfg.get(k) != base_cfg.get(k)]
+        bad = [k for k in sum_fields() if cfg.get(k) != base_cfg.get(k)]
         if bad:
             diffs = ", ".join(f"{k}: {base_cfg.get(k)!r} vs {cfg.get(k)!r}" for k in bad)
             raise FileFormatError(f"Cannot merge {p} into {base_path}: sums collected with different {diffs}.")
-        other = [k for k in cfg if k not in SUM_FIELDS and cfg.get(k) != base_cfg.get(k)]
+        other = [k for k in cfg if k not in sum_fields() and cfg.get(k) != base_cfg.get(k)]
         if other:
             notes.append(f"{p}: config fields {other} differ from {base_path}; the first file's values are kept.")
         for name, info in f.infos.items():
@@ -62,7 +63,8 @@ def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Modu
 
     The result equals one collection over the union of the data. Every input must carry raw sums (a ``"sums"`` file
     or a ``"kfac"`` file saved with ``include_sums=True``) collected with the same sum-relevant configuration
-    (:data:`SUM_FIELDS`). A layer absent from one file (its hooks never fired there) contributes nothing from it.
+    (the fields marked ``sums`` in the config metadata, :func:`~kronfisher.config.sum_fields`). A layer absent from
+    one file (its hooks never fired there) contributes nothing from it.
     Inputs that hold the same data (the same file twice, or a merged file and one of its sources, recognised by the
     payload checksums recorded in ``extra["sources"]``) are refused.
     EK-FAC eigenvalues cannot be merged (they depend on the merged eigenbasis): the output is K-FAC and a warning
