@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -q -e ".[test,hf]"
 	# curvlinops pulls backpack, which pulls torchvision; PyPI's torchvision does not load beside the
 	# torch 2.13.0 CPU build ("operator torchvision::nms does not exist") and then breaks transformers imports.
-	# Nothing here needs it (SPEC section 11).
+	# Nothing here needs it.
 	$(BIN)/pip uninstall -y -q torchvision || true
 	touch $(STAMP)
 

@@ -16,7 +16,13 @@ DOCS = ROOT / "docs"
 LIBRARY = DOCS / "library.md"
 
 # User-facing text: the internal math reference and predecessor bug numbers mean nothing to users.
-USER_FACING = [ROOT / "README.md", *DOCS.glob("*.md"), *(ROOT / "examples").glob("*.py")]
+USER_FACING = [
+    ROOT / "README.md",
+    ROOT / "Makefile",
+    *DOCS.glob("*.md"),
+    *(ROOT / "examples").glob("*.py"),
+    *(p for p in (ROOT / "src").rglob("*") if p.suffix in (".py", ".txt", ".md")),  # docstrings, messages, reports
+]
 FORBIDDEN = [re.compile(r"\bSPEC\b"), re.compile(r"seed bug", re.IGNORECASE)]
 
 

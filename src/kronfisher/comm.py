@@ -1,19 +1,19 @@
-"""Distributed collection with ``torch.distributed`` (SPEC §8); every function is a no-op without a process group.
+"""Distributed collection with ``torch.distributed``; every function is a no-op without a process group.
 
 Launched by ``torchrun``, each rank collects on its own shard of the data. At the end of a pass (never per batch,
 so a rank that runs out of batches early, or has no tokens at all, cannot hang the others) the ranks merge:
 
 * dense sums (``A``, dense ``G``, EK-FAC sums) and every count are all-reduced in a few flat buckets (one buffer
   per dtype and device, capped at ``bucket_bytes``), not one collective per tensor;
-* low-rank ``U`` (SPEC §6) is all-gathered along the token dimension after padding every rank's columns to the
+* low-rank ``U`` (docs/concepts.md) is all-gathered along the token dimension after padding every rank's columns to the
   largest local count; the padding is removed after the gather, so the merged ``U`` holds exactly the columns of
   every rank (rank order). Ranks that compressed under a token budget send their basis columns with their raw
-  ones, so ``G = U Uᵀ`` plus the summed tail mass is the merge of SPEC §3.3;
+  ones, so ``G = U Uᵀ`` plus the summed tail mass is the merge of the sums;
 * decompositions are spread over ranks by estimated cost (longest first, to the least loaded rank) and every
   result is broadcast by its owner, so all ranks hold bit-identical eigenbases (the EK-FAC pass relies on it;
   :mod:`kronfisher.spread`).
 
-The result equals one process over the union of the data up to summation order (SPEC §8 oracle, float64
+The result equals one process over the union of the data up to summation order (tested against one process, float64
 ``rtol 1e-10``). With a token budget the merged columns are exact until the merged count passes ``2 · max_rank``
 (the threshold :meth:`~kronfisher.accumulate.LowRankSum.add` uses); past it both paths compress at different
 points and only the trace and the counts stay exact.
@@ -74,7 +74,7 @@ def get_world_size() -> int:
 
 
 def is_main_process() -> bool:
-    """True on rank 0 (and always without a process group): the only rank that writes files (SPEC §8)."""
+    """True on rank 0 (and always without a process group): the only rank that writes files (docs/distributed.md)."""
     return get_rank() == 0
 
 
@@ -103,7 +103,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
     Collection runs on the inner module: layer and parameter names have no ``module.`` prefix (they match the
     plain model), and DDP's forward (buffer broadcast) and gradient hooks are never involved, so collection
-    triggers no collective per batch and no gradient all-reduce (SPEC §8).
+    triggers no collective per batch and no gradient all-reduce (docs/distributed.md).
     """
     while isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
@@ -115,7 +115,7 @@ class Shard:
 
     Re-iterable whenever ``batches`` is (a list, a DataLoader), so the two passes of EK-FAC see the same batches.
     Batch counts differ by at most one between ranks, and the shards of all ranks are disjoint and cover the data,
-    so ``fit`` on the shards equals one process on all batches (SPEC §8). Without a process group it is every batch.
+    so ``fit`` on the shards equals one process on all batches. Without a process group it is every batch.
     For large datasets a ``DistributedSampler`` avoids loading the other ranks' batches; this is the simple path.
     """
 
@@ -134,7 +134,7 @@ class Shard:
         return max(0, (n - self.rank + self.world_size - 1) // self.world_size)
 
     def global_index(self, local: int) -> int:
-        """Index in the whole data of this rank's ``local``-th batch (MC seeds and reports use it, SPEC §8)."""
+        """Index in the whole data of this rank's ``local``-th batch (MC seeds and reports use it)."""
         return self.rank + int(local) * self.world_size
 
 

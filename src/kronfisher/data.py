@@ -1,4 +1,4 @@
-"""Text data for the CLI: read files, tokenise, pack into fixed-length sequences and batch them (SPEC §2).
+"""Text data for the CLI: read files, tokenise, pack into fixed-length sequences and batch them (docs/concepts.md).
 
 Sources (one or several, in the order given):
 
@@ -9,9 +9,9 @@ Sources (one or several, in the order given):
 
 Documents of one source are tokenised without special tokens and joined with the tokenizer's EOS token; the token
 stream of each source is cut into sequences of ``seq_len`` tokens (sequences never span two sources, so analyses of
-disjoint sources merge exactly, SPEC §3.3). The last, shorter sequence of a source is kept when it has at least two
+disjoint sources merge exactly). The last, shorter sequence of a source is kept when it has at least two
 tokens (one loss term). Sequences are grouped into batches of ``batch_size`` in order, right-padded, with an
-``attention_mask``; padded positions carry no loss term and enter no factor (SPEC §2). At most ``max_tokens``
+``attention_mask``; padded positions carry no loss term and enter no factor (docs/concepts.md). At most ``max_tokens``
 tokens are used in total; tokenisation stops as soon as they are reached.
 """
 

@@ -8,7 +8,7 @@ class KronfisherError(Exception):
 
 
 class ConfigError(KronfisherError, ValueError):
-    """An invalid configuration value (SPEC §10)."""
+    """An invalid configuration value (docs/library.md)."""
 
 
 class ShapeError(KronfisherError, ValueError):
@@ -20,7 +20,7 @@ class VectorError(KronfisherError, TypeError):
 
 
 class NonFiniteError(KronfisherError, FloatingPointError):
-    """Non-finite activations or output gradients in a batch (SPEC §3.3).
+    """Non-finite activations or output gradients in a batch (docs/concepts.md).
 
     Attributes:
         layers: names of the layers whose contributions were non-finite.
@@ -39,7 +39,7 @@ class DecompositionError(KronfisherError, ArithmeticError):
 
 
 class SpectrumError(KronfisherError, ArithmeticError):
-    """A negative power of a damped spectrum that is not positive (SPEC §7), or a power whose result overflows."""
+    """A negative power of a damped spectrum that is not positive, or a power whose result overflows."""
 
 
 class FileFormatError(KronfisherError, OSError):
@@ -64,7 +64,7 @@ class KronfisherWarning(UserWarning):
 
 
 class NumericalWarning(KronfisherWarning):
-    """A numerical fallback was taken (e.g. Woodbury's Cholesky failed and eigh was used, SPEC §6)."""
+    """A numerical fallback was taken (e.g. Woodbury's Cholesky failed and eigh was used)."""
 
 
 class ConfigWarning(KronfisherWarning):
@@ -72,11 +72,11 @@ class ConfigWarning(KronfisherWarning):
 
 
 class PlacementWarning(KronfisherWarning):
-    """A factor's work moved from the accelerator to CPU after a real out-of-memory error (SPEC §6)."""
+    """A factor's work moved from the accelerator to CPU after a real out-of-memory error (docs/concepts.md)."""
 
 
 class TiedWeightsWarning(KronfisherWarning):
-    """A tracked layer shares its weight with another parameter (tied lm_head / embedding, SPEC §6)."""
+    """A tracked layer shares its weight with another parameter (tied lm_head / embedding)."""
 
 
 class InputError(KronfisherError, ValueError):
@@ -93,7 +93,7 @@ class InputError(KronfisherError, ValueError):
 
 
 class ModelLoadError(InputError):
-    """A model that cannot be loaded: missing folder or file, offline hub id, unsupported format (SPEC §9a)."""
+    """A model that cannot be loaded: missing folder or file, offline hub id, unsupported format (docs/files.md)."""
 
 
 class DataError(InputError):

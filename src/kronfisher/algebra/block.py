@@ -18,7 +18,7 @@ class KronBlock:
         A: eigenbasis of ``A`` (``[a_dim, a_dim]``).
         G: eigenbasis of ``G`` (``[out, out]`` dense or ``[out, r]`` low-rank).
         representation: ``"dense"`` or ``"lowrank"``.
-        corrected: EK-FAC eigenvalues ``Λ*`` on ``span(P) ⊗ span(Q_A)``, ``[r, a_dim]`` (SPEC §5), or None.
+        corrected: EK-FAC eigenvalues ``Λ*`` on ``span(P) ⊗ span(Q_A)``, ``[r, a_dim]`` (docs/concepts.md), or None.
         corrected_tail: EK-FAC eigenvalue per ``q_j`` on the complement of a thin ``P`` (``[a_dim]``), or None.
         tokens: ``T`` and ``N`` counts the factors were normalised with.
 
@@ -42,10 +42,10 @@ class KronBlock:
         return KronBlock(self.A, self.G, self.representation, corrected, corrected_tail, dict(self.tokens))
 
     def kron_eigenvalues(self) -> tuple[Tensor, Tensor | None]:
-        """Undamped eigenvalues: ``(span [r, a], tail [a] or None)``; EK-FAC ones when corrected (SPEC §4–5)."""
+        """Undamped eigenvalues: ``(span [r, a], tail [a] or None)``; EK-FAC ones when corrected (docs/concepts.md)."""
         if self.corrected is not None:
             return self.corrected, self.corrected_tail
-        a_vals = self.A.values.to(self.G.values.device)  # low-rank G lives on CPU, A on the model's device (SPEC §6)
+        a_vals = self.A.values.to(self.G.values.device)  # low-rank G lives on CPU, A on the model's device
         span = self.G.values.unsqueeze(1) * a_vals.unsqueeze(0)
         tail = None if self.G.full else self.G.tail * a_vals
         return span, tail

@@ -42,7 +42,7 @@ class ColumnStore:
 
     @property
     def device(self) -> torch.device:
-        """Device of the stored chunks (CPU for huge layers, SPEC §6)."""
+        """Device of the stored chunks (CPU for huge layers)."""
         return self.chunks[0].device if self.chunks else torch.device("cpu")
 
     def block(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:

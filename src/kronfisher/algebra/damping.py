@@ -1,4 +1,4 @@
-"""Damped eigenvalue functions (SPEC §4, §7): one function serves every power and every damping mode.
+"""Damped eigenvalue functions (docs/concepts.md): one function serves every power and every damping mode.
 
 ``spectrum(block, p, damping)`` returns the eigenvalues of ``(F + damping)^p`` in the block's Kronecker eigenbasis,
 ``(span [r, a], tail [a] or None)``, ready for :func:`~kronfisher.linalg.kron_apply`.
@@ -52,7 +52,7 @@ class Damping:
 
 
 def _cap(values: list[Tensor], kappa: float | None) -> list[Tensor]:
-    """Raise eigenvalues below ``λ_max / κ`` to ``λ_max / κ`` (applied after damping, SPEC §4)."""
+    """Raise eigenvalues below ``λ_max / κ`` to ``λ_max / κ`` (applied after damping)."""
     if kappa is None:
         return values
     top = max(float(v.max()) for v in values if v.numel())
@@ -122,7 +122,7 @@ def spectrum(block: KronBlock, p: float, damping: Damping, name: str = "?") -> t
                 torch.full((1,), block.G.tail + d_g, dtype=block.G.values.dtype, device=block.G.values.device)
             )
         g_parts = _power(_cap(g_parts, damping.max_condition_number), p, name, d_g)
-        ea = ea.to(g_parts[0].device)  # low-rank G lives on CPU, A on the model's device (SPEC §6)
+        ea = ea.to(g_parts[0].device)  # low-rank G lives on CPU, A on the model's device (docs/concepts.md)
         span = g_parts[0].unsqueeze(1) * ea.unsqueeze(0)
         tail = g_parts[1] * ea if thin else None
         result = (span, tail)

@@ -17,7 +17,7 @@ logger = logging.getLogger("kronfisher")
 class Eigen:
     """Eigenbasis of a symmetric PSD factor: ``M = Q diag(λ) Qᵀ + τ (I − Q Qᵀ)``.
 
-    For a dense factor ``Q`` is square and the tail term is empty. For a low-rank factor (SPEC §6) ``Q`` is the thin
+    For a dense factor ``Q`` is square and the tail term is empty. For a low-rank factor ``Q`` is the thin
     ``[d, r]`` basis and ``τ`` the isotropic tail eigenvalue (0 unless the token budget compressed it).
 
     Attributes:
@@ -68,7 +68,7 @@ class Eigen:
         return Eigen(self.vectors.to(dtype), self.values.to(dtype), self.tail)
 
     def to_dense(self, max_elements: int = 100_000_000) -> Tensor:
-        """Dense ``M`` (diagnostics only); refuses a thin basis whose ``d²`` exceeds ``max_elements`` (SPEC §6)."""
+        """Dense ``M`` (diagnostics only); refuses a thin basis whose ``d²`` exceeds ``max_elements``."""
         if not self.full and self.dim * self.dim > max_elements:
             raise DecompositionError(
                 f"Dense factor of a thin eigenbasis would have {self.dim}² elements (> {max_elements}); "
@@ -85,7 +85,8 @@ def all_finite(t: Tensor) -> Tensor:
     """0-d bool tensor: every entry of ``t`` is finite (no host sync).
 
     Same answer as ``torch.isfinite(t).all()`` in one pass and without a boolean temporary: ``aminmax`` propagates
-    NaN, and an infinity shows up as the minimum or the maximum (SPEC §3.3 check of staged contributions, §4 guard).
+    NaN, and an infinity shows up as the minimum or the maximum (the check of staged contributions and
+    the eigendecomposition guard).
     """
     if t.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=t.device)
@@ -98,7 +99,7 @@ def all_finite(t: Tensor) -> Tensor:
 def safe_eigh(
     matrix: Tensor, *, name: str, factor: str, dtype: torch.dtype, symmetric: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric PSD factor with a NaN/Inf guard (SPEC §4).
+    """Eigendecomposition of a symmetric PSD factor with a NaN/Inf guard (docs/concepts.md).
 
     The matrix is symmetrised, decomposed in ``dtype``, and negative eigenvalues (round-off) are clamped to 0.
 

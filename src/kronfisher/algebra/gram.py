@@ -7,7 +7,10 @@ from torch import Tensor
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype for rows of ``dtype``: at least float32 (SPEC §6: arithmetic in float32 or higher)."""
+    """Arithmetic dtype for rows of ``dtype``: at least float32.
+
+    Low-rank columns may be stored in bfloat16 / float16; arithmetic is always float32 or higher.
+    """
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -28,7 +31,7 @@ def symmetric_gram(rows: Tensor, out: Tensor | None = None, alpha: float = 1.0) 
     CPU time for the factor sizes of transformer layers (d = 512 … 1,536). The covariance GEMMs are the whole
     overhead of K-FAC collection (STYLE.md), and this is what BLAS ``syrk`` does; the value is the full GEMM's up
     to float rounding, and exactly symmetric when ``alpha = 1`` (symmetric to rounding otherwise; the factor
-    means symmetrise, SPEC §3.3).
+    means symmetrise).
     """
     d = rows.shape[1]
     if out is None:
@@ -53,10 +56,10 @@ def gram(rows: Tensor, augment: bool, out_dtype: torch.dtype, scale: float = 1.0
 
     Args:
         rows: ``[n, d]`` rows (already masked).
-        augment: append the constant 1 (bias column, SPEC §3.1).
+        augment: append the constant 1 (bias column).
         out_dtype: dtype of the returned sum.
-        scale: ``s``, e.g. the gradient scale of SPEC §2; it enters the GEMM as ``alpha = s²`` instead of a scaled
-            copy of the rows (one ``[n, d]`` pass and allocation less per layer and batch).
+        scale: ``s``, e.g. the rescaling of a mean loss by ``N``; it enters the GEMM as ``alpha = s²`` instead of a
+            scaled copy of the rows (one ``[n, d]`` pass and allocation less per layer and batch).
 
     Returns:
         ``[d(+1), d(+1)]`` sum of outer products.

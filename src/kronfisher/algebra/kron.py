@@ -33,7 +33,7 @@ def two_pass(
     ``B`` (``[out, m]``) is ``store``, ``C`` is ``coeffs`` (None: identity), ``diag`` scales the columns of ``V Q``
     and ``right`` the columns of the result before ``Qᵀ``. Pass 1 accumulates ``Bᵀ (V Q)`` (``[m, a]``); pass 2
     recomputes ``V[b] Q`` per block and writes the output rows, so only ``V``, the output and ``O(block)``
-    temporaries are alive, on ``store``'s device (the ``G`` side, SPEC §6).
+    temporaries are alive, on ``store``'s device (the ``G`` side).
     """
     dev = store.device
     d, a_dim = v.shape
@@ -93,7 +93,7 @@ def kron_apply(v: Tensor, g: Eigen, a: Eigen, span: Tensor, tail: Tensor | None)
         tail: ``[a_dim]`` eigenvalues on ``span(P)^⊥ ⊗ q_j`` (ignored when ``P`` is square).
 
     """
-    if g.implicit or not g.full:  # thin or implicit P: blockwise, on the G side's device (SPEC §6)
+    if g.implicit or not g.full:  # thin or implicit P: blockwise, on the G side's device (docs/concepts.md)
         return thin_kron_apply(v, g, a, span, tail)
     p, q = g.vectors, a.vectors
     x = v @ q  # [out, a]

@@ -1,4 +1,4 @@
-"""Huge output layers: the low-rank representation of ``G`` (SPEC §6).
+"""Huge output layers: the low-rank representation of ``G`` (docs/concepts.md).
 
 ``G = U Uᵀ`` with ``U = W / √N`` and ``W = [ĝ_1 … ĝ_T]`` (``[out, T]``). ``W`` is held token-major, as ``[n_i, out]``
 chunks in ``lowrank_dtype`` (:class:`ColumnStore`); every product with it runs over blocks of ``out`` rows, each
@@ -41,7 +41,7 @@ from .eigen import safe_eigh
 
 @dataclass(frozen=True, eq=False)
 class LowRankEigen:
-    """Thin eigenbasis of a low-rank ``G`` with an implicit basis ``P = W C`` (SPEC §6).
+    """Thin eigenbasis of a low-rank ``G`` with an implicit basis ``P = W C`` (docs/concepts.md).
 
     Same interface as :class:`~kronfisher.linalg.Eigen` (``values``, ``tail``, ``dim``, ``rank``, ``full``,
     ``trace``, ``cast``, ``vectors``, ``to_dense``, ``rows_project``), so operators, EK-FAC and files need not know
@@ -132,7 +132,7 @@ def eigen_from_columns(
     name: str = "?",
     gram: Tensor | None = None,
 ) -> LowRankEigen:
-    """Thin eigendecomposition of ``G = W Wᵀ / N`` (+ tail) from the float64 Gram of ``W`` (SPEC §6).
+    """Thin eigendecomposition of ``G = W Wᵀ / N`` (+ tail) from the float64 Gram of ``W`` (docs/concepts.md).
 
     Args:
         columns: ``W``.
@@ -167,7 +167,7 @@ def eigen_from_columns(
 
 
 def compress_columns(columns: ColumnStore, k: int, storage: torch.dtype) -> tuple[Tensor, float]:
-    """Top-``k`` eigen-columns ``P diag(√s)`` of ``W Wᵀ`` and the discarded mass (SPEC §6 token budget).
+    """Top-``k`` eigen-columns ``P diag(√s)`` of ``W Wᵀ`` and the discarded mass (docs/concepts.md).
 
     Returns:
         ``(kept, dropped)``: ``kept`` is ``[k', out]`` token-major in ``storage`` (``k' ≤ k``, numerically zero

@@ -35,7 +35,7 @@ def woodbury_applicable(block: Any, damping: Any) -> str | None:
 def woodbury_kron_apply(
     v: Tensor, store: ColumnStore, count: float, a: Eigen, delta_g: float, a_scale: Tensor, solve: Any
 ) -> Tensor:
-    """``(G + δ_G I)^{-1} V Q diag(a_scale) Qᵀ`` with ``G = W Wᵀ / N`` by Woodbury (SPEC §6).
+    """``(G + δ_G I)^{-1} V Q diag(a_scale) Qᵀ`` with ``G = W Wᵀ / N`` by Woodbury (docs/concepts.md).
 
     ``(G + δI)^{-1} X = X/δ − U S^{-1} Uᵀ X / δ² = X/δ − W S^{-1} Wᵀ X / (N δ²)`` with ``U = W/√N`` and
     ``S = I_T + UᵀU/δ``; ``solve`` applies ``S^{-1}`` (:func:`~kronfisher.linalg.woodbury_factor`).
@@ -87,7 +87,7 @@ def woodbury_power(block: Any, v: Tensor, damping: Any, name: str) -> Tensor:
 def woodbury_factor(
     gram: Tensor, delta: float, eps: float | None = None, *, name: str = "?", overwrite: bool = False
 ) -> Any:
-    """Factorise ``S = I_T + K / δ`` for Woodbury, ``K = Uᵀ U`` (``[T, T]``, SPEC §6); returns ``z ↦ S^{-1} z``.
+    """Factorise ``S = I_T + K / δ`` for Woodbury, ``K = Uᵀ U`` (``[T, T]``); returns ``z ↦ S^{-1} z``.
 
     ``S`` is factorised in float64 by Cholesky (which reads its lower triangle); on failure, jitter ``ε, 10ε, 100ε``
     is added to its diagonal (``ε = eps``, default ``T · eps₆₄ · max diag S``); if all fail, a symmetric
@@ -131,7 +131,7 @@ def woodbury_factor(
 
 
 def woodbury_solve(u: Tensor, delta: float, x: Tensor, eps: float | None = None, *, name: str = "?") -> Tensor:
-    """``(U Uᵀ + δ I)^{-1} X`` by Woodbury: ``X/δ − U S^{-1} Uᵀ X / δ²`` with ``S = I_T + Uᵀ U / δ`` (SPEC §6).
+    """``(U Uᵀ + δ I)^{-1} X`` by Woodbury: ``X/δ − U S^{-1} Uᵀ X / δ²`` with ``S = I_T + Uᵀ U / δ`` (docs/concepts.md).
 
     Args:
         u: ``U`` with shape ``[out, T]`` (asserted against ``X``'s ``out`` rows).

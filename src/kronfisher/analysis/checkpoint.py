@@ -1,9 +1,9 @@
-"""Resumable K-FAC pass of ``kronfisher analyze``: run identity, checkpoints, ``--resume`` (SPEC §9).
+"""Resumable K-FAC pass of ``kronfisher analyze``: run identity, checkpoints, ``--resume`` (docs/files.md).
 
 The raw sums are checkpointed every few batches (atomic writes). Under ``torchrun`` each rank checkpoints its own
 shard's sums to its own file (``<model>.rank<r>-of-<w>.sums.safetensors``) without any collective, so ranks with
 different batch counts never wait on each other mid-pass; ``--resume`` then restarts every rank from its own file
-and the end-of-pass reduction merges them as usual (SPEC §8). MC targets are seeded per global batch index, so a
+and the end-of-pass reduction merges them as usual. MC targets are seeded per global batch index, so a
 resumed run draws exactly what the uninterrupted run would have drawn.
 """
 

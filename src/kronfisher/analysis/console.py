@@ -50,7 +50,7 @@ class _NoBar:
 class Tracked:
     """The batches of this rank, advancing ``bar`` by each batch's attended tokens once it has been processed.
 
-    Keeps the shard's global batch indices visible (``global_index``), on which MC seeds depend (SPEC §8).
+    Keeps the shard's global batch indices visible (``global_index``), on which MC seeds depend (docs/distributed.md).
     """
 
     def __init__(self, shard: Shard, bar: Any) -> None:

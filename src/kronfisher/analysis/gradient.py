@@ -1,9 +1,9 @@
 """The gradient the report preconditions: the mean-loss gradient over the analysed data, per tracked layer.
 
 ``∇_V L̄ = (1/N) Σ_t ĝ_t a_tᵀ`` with ``ĝ_t`` the output gradient of the *summed* loss and ``a_t = [x_t; 1]``
-(SPEC §1–2): the data targets are used whatever the Fisher type, padded positions contribute nothing. It is built
+(docs/concepts.md): the data targets are used whatever the Fisher type, padded positions contribute nothing. It is built
 from the layer's own input and output gradient, like the factors, so for a tied lm_head it is the gradient of the
-output-layer use, which is the use the curvature describes (SPEC §6). The pass is one forward and one backward
+output-layer use, which is the use the curvature describes (docs/concepts.md). The pass is one forward and one backward
 per batch with the same hooks as collection (parameters stay frozen: no weight gradient is computed by autograd).
 """
 
@@ -116,7 +116,7 @@ def mean_gradient(
 
 
 def _reduce(proc: GradientProcessor, infos: dict[str, LayerInfo], report: CollectionReport, device: Any) -> None:
-    """Sum the gradient sums and the counts of every rank, in place (SPEC §8; no-op on one process)."""
+    """Sum the gradient sums and the counts of every rank, in place (no-op on one process)."""
     if not is_distributed():
         return
     for name, info in infos.items():  # a rank on which a layer never fired contributes zeros

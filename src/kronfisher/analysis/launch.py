@@ -1,4 +1,4 @@
-"""``kronfisher analyze`` under ``torchrun``: joining the process group and picking each rank's device (SPEC §8).
+"""``kronfisher analyze`` under ``torchrun``: joining the process group and picking each rank's device.
 
 ``torchrun --nproc_per_node=N -m kronfisher.cli analyze ...`` starts N copies of the command with ``WORLD_SIZE``,
 ``RANK`` and ``LOCAL_RANK`` in their environment. Each copy joins the default process group (``gloo`` on CPU,

@@ -1,7 +1,7 @@
-"""Per-layer curvature metrics and model comparisons, as plain functions returning dicts (SPEC §4–7).
+"""Per-layer curvature metrics and model comparisons, as plain functions returning dicts (docs/concepts.md).
 
 Spectra are handled with multiplicities, so a low-rank ``G`` (``r`` explicit eigenvalues plus an isotropic tail of
-multiplicity ``out − r``, SPEC §6) and its Kronecker spectrum (``r · a`` explicit values plus ``a`` tail values, each
+multiplicity ``out − r``) and its Kronecker spectrum (``r · a`` explicit values plus ``a`` tail values, each
 ``out − r`` times) are summarised exactly without expanding anything of size ``out``.
 
 Definitions (``λ`` the eigenvalues with multiplicities, ``D`` their number, ``p = λ / Σλ``):
@@ -9,10 +9,10 @@ Definitions (``λ`` the eigenvalues with multiplicities, ``D`` their number, ``p
 * effective rank: ``exp(−Σ p log p)`` (Roy & Vetterli 2007); for ``F = G ⊗ A`` it is the product of those of
   ``A`` and ``G``;
 * condition number: ``λ_max / λ_min`` (infinite, ``None`` in JSON, when ``λ_min = 0``); *damped* uses the
-  eigenvalues of ``F + damping`` under the configured damping mode (SPEC §4);
+  eigenvalues of ``F + damping`` under the configured damping mode (docs/concepts.md);
 * top-1 % share: the fraction of ``tr F`` held by the ``⌈D / 100⌉`` largest eigenvalues;
 * quadratic form: ``½ Δθᵀ F_base Δθ`` with ``Δθ = V_other − V_base`` (``V = [W | b]``), via the base's undamped
-  Fisher-vector product (SPEC §7);
+  Fisher-vector product (docs/concepts.md);
 * subspace overlap: ``‖Q_baseᵀ Q_other‖_F² / k`` for the top-``k`` eigenvectors of a factor (1: same subspace,
   about ``k / d`` for random ones).
 """
@@ -172,7 +172,7 @@ def layer_metrics(
     damping: Damping | None = None,
     top: int = 5,
 ) -> dict[str, Any]:
-    """Every per-layer number of the report for one layer (SPEC §4–7).
+    """Every per-layer number of the report for one layer (docs/concepts.md).
 
     Args:
         fisher: the operator.

@@ -20,7 +20,7 @@ from .plots import Plot
 
 METRIC_HELP: dict[str, str] = {
     "in / out": "input and output dimension of the layer (A is (in+1)² with a bias, G is out²)",
-    "repr": "dense: eigendecomposed G; lowrank: G = U Uᵀ kept in low-rank form (huge output layers, SPEC §6)",
+    "repr": "dense: eigendecomposed G; lowrank: G = U Uᵀ kept in low-rank form (huge output layers)",
     "T / N": "attended positions (normalise A) and loss terms (normalise G)",
     "tr A, tr G": "traces of the Kronecker factors; tr F = tr A · tr G for K-FAC",
     "top λ": "largest eigenvalues of A, G and F = G ⊗ A (EK-FAC: corrected eigenvalues)",

@@ -1,12 +1,12 @@
 """The analysis pipeline behind ``kronfisher analyze``: models × data → factor files + report.
 
 For each model, in order: load it and its tokenizer, tokenise the data, run the K-FAC pass (checkpointing the raw
-sums every few batches so that ``--resume`` continues after a kill, SPEC §9), decompose, optionally run the EK-FAC
+sums every few batches so that ``--resume`` continues after a kill), decompose, optionally run the EK-FAC
 pass, save the factor file, compute the mean-loss gradient and its natural gradient, and the per-layer metrics.
 Every model after the first is compared with the first (the base). Finally the report is written.
 
 Under ``torchrun --nproc_per_node=N`` every pass runs on each rank's shard of the batches and is merged at its end
-(SPEC §8): the factor file and the report equal those of one process, and rank 0 alone writes them.
+(docs/distributed.md): the factor file and the report equal those of one process, and rank 0 alone writes them.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def layer_params(model: nn.Module, fisher: KFAC) -> dict[str, Tensor]:
 
 
 def _check_selection(lm: LoadedModel, cfg: KFACConfig) -> None:
-    """A short, actionable error when ``--include`` / ``--exclude`` leave no layer to track (SPEC §1)."""
+    """A short, actionable error when ``--include`` / ``--exclude`` leave no layer to track (docs/concepts.md)."""
     found = discover_layers(lm.model, cfg.include, cfg.exclude)
     if found.infos:
         return
@@ -164,7 +164,7 @@ def analyze_model(
         t = time.monotonic()
         live = {n: s for n, s in collector.sums.items() if s.A.count > 0 and s.G.count > 0}
         bar = console.bar(len(live), "  decompose", unit="layer")
-        blocks = decompose_all(live, cfg, spread=True, on_layer=lambda _: bar.update(1))  # spread: SPEC §8
+        blocks = decompose_all(live, cfg, spread=True, on_layer=lambda _: bar.update(1))  # spread
         bar.close()
         fisher = KFAC({n: discovery.infos[n] for n in live}, blocks, cfg, sums=collector.sums, report=report)
         fisher.attach_model(lm.model)
@@ -179,7 +179,7 @@ def analyze_model(
             timings["ekfac"] = time.monotonic() - t
         t = time.monotonic()
         factor_path.parent.mkdir(parents=True, exist_ok=True)
-        save(  # on every rank: rank 0 writes, the others wait for the complete file (SPEC §8)
+        save(  # on every rank: rank 0 writes, the others wait for the complete file
             fisher,
             factor_path,
             model=lm.model,
@@ -276,7 +276,7 @@ def _notes(opts: AnalyzeOptions, results: list[dict[str, Any]]) -> list[str]:
         for layer, others in tied.items():
             notes.append(
                 f"Model {m['index']}: {layer!r} shares its weight with {others} (tied). Its curvature and gradient "
-                "are those of the output-layer use only; the embedding use is not included (SPEC §6)."
+                "are those of the output-layer use only; the embedding use is not included (docs/concepts.md)."
             )
         for w in m["collection"].get("warnings", []):
             if "Tied weights" not in w:
@@ -320,7 +320,7 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
         InputError: a model or data source the user can fix; kronfisher errors for the rest.
 
     """
-    with process_group(opts.device) as device:  # torchrun: join the group; each rank its own GPU (SPEC §8)
+    with process_group(opts.device) as device:  # torchrun: join the group; each rank its own GPU
         opts = dataclasses.replace(opts, device=device)
         if not is_main_process():  # one progress display and one set of files, from rank 0
             console = Console(True)

@@ -1,4 +1,4 @@
-"""The K-FAC collection processor: turns captured ``(x, ĝ)`` into factor contributions (SPEC §3).
+"""The K-FAC collection processor: turns captured ``(x, ĝ)`` into factor contributions (docs/concepts.md).
 
 ``A`` and ``G`` go through the same staging code (:func:`~kronfisher.accumulate.gram` or low-rank rows).
 Layers that read the same input tensor (q/k/v, gate/up) share one ``A`` contribution per batch: it is computed
@@ -22,7 +22,7 @@ from .sums import DenseSum, LayerSums, LowRankSum
 
 
 def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:
-    """Whether ``G`` of this layer is kept low-rank (SPEC §6): ``out > lowrank_threshold`` or named."""
+    """Whether ``G`` of this layer is kept low-rank (docs/concepts.md): ``out > lowrank_threshold`` or named."""
     if info.out_features > cfg.lowrank_threshold:
         return True
     return any(re.search(p, info.name) for p in cfg.lowrank_layers)
@@ -34,7 +34,7 @@ def new_layer_sums(
     """Empty sums for one layer, with the representation the config selects.
 
     With ``placement``, a dense sum that does not fit on the accelerator (a real out-of-memory error) is allocated
-    on CPU and that factor's work runs on CPU from then on (SPEC §6).
+    on CPU and that factor's work runs on CPU from then on (docs/concepts.md).
     """
     dtype = cfg.accumulate_torch_dtype
 
@@ -46,7 +46,7 @@ def new_layer_sums(
 
     a = dense("A", info.a_dim)
     g: DenseSum | LowRankSum
-    if is_lowrank(info, cfg):  # SPEC §6: the G side of huge layers lives on CPU
+    if is_lowrank(info, cfg):  # the G side of huge layers lives on CPU
         g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, sum_device("G", True, device))
     else:
         g = dense("G", info.out_features)
@@ -54,7 +54,7 @@ def new_layer_sums(
 
 
 def _sequence_means(x: Tensor, ctx: BatchContext, info: LayerInfo) -> Tensor:
-    """Per-sequence mean of attended rows (KFAC-reduce, SPEC §3.2), empty sequences dropped."""
+    """Per-sequence mean of attended rows (KFAC-reduce), empty sequences dropped."""
     xm = ctx.masked(x, info, "input")
     if ctx.mask is None:
         return xm.mean(dim=1)
@@ -75,7 +75,7 @@ class FactorCollector:
         self.infos = infos
         self.cfg = cfg
         self.sums: dict[str, LayerSums] = {}
-        # SPEC §6: a real OOM on the accelerator moves that factor's work (and its sum) to CPU, with a warning.
+        # a real OOM on the accelerator moves that factor's work (and its sum) to CPU, with a warning.
         self.placement = Placement(on_fallback=self._move_to_cpu)
         for name, info in infos.items():
             self.sums[name] = new_layer_sums(info, cfg, device, self.placement)
@@ -100,7 +100,7 @@ class FactorCollector:
         return out
 
     def _G_contribution(self, g: Tensor, ctx: BatchContext, info: LayerInfo) -> Tensor:
-        """``Σ ĝ ĝᵀ`` of a dense ``G``, or the rows ``ĝ`` of a low-rank one (moved to CPU first, SPEC §6)."""
+        """``Σ ĝ ĝᵀ`` of a dense ``G``, or the rows ``ĝ`` of a low-rank one (moved to CPU first)."""
         if self.cfg.approx == "expand":
             rows = ctx.select(g, info, "output gradient")
         else:

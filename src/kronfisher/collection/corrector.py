@@ -1,4 +1,4 @@
-"""The eigenvalue-correction pass (EK-FAC, George et al. 2018; SPEC §5).
+"""The eigenvalue-correction pass (EK-FAC, George et al. 2018).
 
 With ``A = Q_A Λ_A Q_Aᵀ`` and ``G = P Λ_G Pᵀ`` from the K-FAC pass, a second pass accumulates
 ``Λ*_ij = (1/N) Σ_s ((Pᵀ ∇_s Q_A)_ij)²`` where ``∇_s`` is a per-sample gradient of ``V`` built from ``ĝ`` (of the
@@ -59,7 +59,7 @@ class EigenCorrector:
             return []
         info, block = self.infos[name], self.blocks[name]
         work = compute_dtype(torch.promote_types(g.dtype, block.A.vectors.dtype))
-        dev = block.G.device  # SPEC §6: the G side of a low-rank layer (and so this work) lives on CPU
+        dev = block.G.device  # the G side of a low-rank layer (and so this work) lives on CPU
         q = block.A.vectors.to(dev, work)
         x, g = x.detach(), g.detach()
         thin = not block.G.full
@@ -69,7 +69,7 @@ class EigenCorrector:
         # a Q_A (and their squares): computed once per forward, like A itself in the K-FAC pass.
         key = ("ekfac_y", self.cfg.ekfac_granularity, id(x), id(block.A.vectors), info.has_bias, dev, work)
         hit = cache.get(key)
-        # ĝ of the summed loss is grad_scale · g (SPEC §2). The scale is applied to the projections z = gᵀ P
+        # ĝ of the summed loss is grad_scale · g. The scale is applied to the projections z = gᵀ P
         # ([.., r]) instead of g ([.., out]): the same numbers up to rounding, and for a low-rank lm_head a
         # multiplication (and a copy) of r instead of out = vocab columns per token.
         scale = float(ctx.grad_scale)
@@ -102,7 +102,7 @@ class EigenCorrector:
         return staged
 
     def _span_sequence(self, z: Tensor, y: Tensor) -> Tensor:
-        """``Σ_b (z_bᵀ y_b)²`` (``[r, a]``) for ``z`` ``[B, S, r]`` and ``y`` ``[B, S, a]`` (SPEC §5, sequence).
+        """``Σ_b (z_bᵀ y_b)²`` (``[r, a]``) for ``z`` ``[B, S, r]`` and ``y`` ``[B, S, a]`` (sequence granularity).
 
         One sequence at a time into a scratch matrix reused across layers and batches, instead of a ``[B, r, a]``
         batched product and its square: on CPU the fresh ``B · r · a`` temporaries (page faults) cost more than
@@ -135,7 +135,7 @@ class EigenCorrector:
                 self.tail_sums[name].add_(tensor.to(self.tail_sums[name].device))
 
     def blocks_out(self) -> dict[str, KronBlock]:
-        """Corrected blocks: ``Λ* = sum / N`` (SPEC §5)."""
+        """Corrected blocks: ``Λ* = sum / N`` (docs/concepts.md)."""
         out = {}
         for name, block in self.blocks.items():
             n = self.counts[name]

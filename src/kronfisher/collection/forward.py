@@ -1,4 +1,4 @@
-"""How a batch goes through the model during a kronfisher pass (SPEC §2, §3.1, §10).
+"""How a batch goes through the model during a kronfisher pass (docs/concepts.md).
 
 Eval mode (no dropout) with every submodule's mode restored, no parameter gradient (parameters frozen, the
 embedding output made a grad leaf), batches moved to the model's device, and the forward arguments of a causal-LM
@@ -106,7 +106,7 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     """The forward arguments of a causal-LM batch: ids, mask and ``position_ids``.
 
     A left-padded batch without ``position_ids`` gets the ones ``generate`` would use (the count of attended tokens
-    before each position, SPEC §3.1), so that a model with absolute positions (GPT-2) sees each sequence exactly as
+    before each position), so that a model with absolute positions (GPT-2) sees each sequence exactly as
     unpadded; otherwise stock HF models number the pads too. Right padding keeps the model's own numbering.
     """
     fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}

@@ -1,9 +1,9 @@
-"""Hooks as a context manager (SPEC §1–2): inputs on forward, output gradients via a tensor hook.
+"""Hooks as a context manager (docs/concepts.md): inputs on forward, output gradients via a tensor hook.
 
 The capture owns the hooks and the per-batch context (mask, gradient scale, counts). What to do with an
 ``(x, ĝ)`` pair is the job of a *processor* (the K-FAC collector, the EK-FAC corrector): it stages tensors, the
 capture checks every staged tensor for non-finite values with one host sync per batch, and only then lets the
-processor commit them (SPEC §3.3). Hooks are removed on exit, also when user code raises.
+processor commit them (docs/concepts.md). Hooks are removed on exit, also when user code raises.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class BatchContext:
         batch: index of the batch (for messages).
         mask: ``[B, S]`` boolean attention mask or None (all positions attended).
         rows: flat indices of attended positions (None: all).
-        grad_scale: factor turning captured gradients into gradients of the summed loss ``L_sum`` (§2).
+        grad_scale: factor turning captured gradients into gradients of the summed loss ``L_sum``.
         num_terms: loss terms ``N`` of this backward.
         first_draw: True for the first backward after a forward (A is staged once per forward).
 
@@ -53,10 +53,10 @@ class BatchContext:
                 f"Layer {info.name!r}: {what} of shape {list(t.shape)} does not match the attention mask "
                 f"{list(self.mask.shape)}; pass attention_mask=None for layers that do not see [batch, seq]."
             )
-        return flat.index_select(0, self.rows.to(flat.device))  # type: ignore[union-attr]  # CPU fallback: §6
+        return flat.index_select(0, self.rows.to(flat.device))  # type: ignore[union-attr]  # CPU fallback after an OOM
 
     def masked(self, t: Tensor, info: LayerInfo, what: str) -> Tensor:
-        """``t`` as ``[B, S, d]`` with non-attended positions zeroed (sequence view, §3.2 and §5)."""
+        """``t`` as ``[B, S, d]`` with non-attended positions zeroed (sequence view: reduce and EK-FAC)."""
         if t.dim() == 2:
             t = t.unsqueeze(1)
         if t.dim() != 3:
@@ -215,7 +215,7 @@ class Capture:
         self._cache = {}
         if not staged:
             return True
-        dev = staged[0][2].device  # staged tensors may sit on CPU and on the accelerator (SPEC §6 placement)
+        dev = staged[0][2].device  # staged tensors may sit on CPU and on the accelerator
         flags = torch.stack([all_finite(t).to(dev) for (_, _, t, _) in staged])
         if bool(flags.all()):
             self.processor.commit(staged)

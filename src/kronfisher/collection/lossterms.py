@@ -1,10 +1,10 @@
-"""Loss terms of a causal-LM batch and the backward passes of each Fisher type (SPEC §2).
+"""Loss terms of a causal-LM batch and the backward passes of each Fisher type (docs/concepts.md).
 
-The loss is computed here from the logits, in the logits' dtype (float64 stays float64, SPEC §11), as the
+The loss is computed here from the logits, in the logits' dtype (float64 stays float64), as the
 *summed* loss ``L_sum`` over loss terms, so captured gradients need no rescaling. ``empirical`` uses the data
 targets; ``mc`` samples targets from the model's predictive distribution with a generator seeded from the
 configured seed, the pass and the *global* index of the batch (:func:`mc_generator`), so the draws of a batch do not
-depend on how the data is split over ranks, on batches before it, or on an interruption and resume (SPEC §2, §8, §9).
+depend on how the data is split over ranks, on batches before it, or on an interruption and resume (docs/concepts.md).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def batch_labels(batch: Mapping[str, Tensor], ignore_index: int) -> Tensor:
 
 
 def lm_terms(logits: Tensor, batch: Mapping[str, Tensor], ignore_index: int) -> LMTerms:
-    """Select the positions with a target after the causal shift (SPEC §2)."""
+    """Select the positions with a target after the causal shift (docs/concepts.md)."""
     ids = batch["input_ids"]
     if logits.shape[:2] != ids.shape:
         raise ShapeError(f"logits {list(logits.shape)} do not match input_ids {list(ids.shape)}.")
@@ -64,7 +64,7 @@ def lm_terms(logits: Tensor, batch: Mapping[str, Tensor], ignore_index: int) -> 
     valid = targets != ignore_index
     mask = batch.get("attention_mask")
     if mask is not None:
-        # A target at a non-attended position, or predicted from one (left padding), is no loss term (SPEC §2).
+        # A target at a non-attended position, or predicted from one (left padding), is no loss term.
         valid = valid & (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
     sel = logits[:, :-1][valid]
     n = int(valid.sum())
@@ -87,8 +87,8 @@ PASS_EKFAC = 1
 def mc_generator(seed: int, pass_id: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of the MC targets of one batch: a function of ``(seed, pass, global batch index)`` alone.
 
-    One process over all batches and ``torchrun`` ranks over their shards draw the same targets for the same batch
-    (SPEC §8), and a resumed run draws what the uninterrupted run would have (SPEC §9). The stream is the device's
+    One process over all batches and ``torchrun`` ranks over their shards draw the same targets for the same batch,
+    and a resumed run draws what the uninterrupted run would have. The stream is the device's
     own (CPU and CUDA generators differ), so no logits are copied to the CPU to sample.
 
     Args:
@@ -106,7 +106,7 @@ class MCDraws:
     """The MC targets of one batch: the predictive distribution is computed once for every draw and the data loss.
 
     One ``log_softmax`` over ``[N, vocab]`` per batch (then exponentiated in place), instead of a softmax per draw
-    plus a separate cross-entropy for the report's data loss (SPEC §2).
+    plus a separate cross-entropy for the report's data loss (docs/concepts.md).
     """
 
     def __init__(self, logits: Tensor, targets: Tensor, generator: torch.Generator) -> None:

@@ -29,7 +29,7 @@ LossFn = Callable[[nn.Module, Any], tuple[Tensor, Mapping[str, Any]]]
 def commit_batch(cap: Capture, index: int, report: CollectionReport) -> bool:
     """Commit the staged batch; a batch dropped for non-finite values goes into ``report`` at once.
 
-    So checkpoints and the end-of-pass merge over ranks see it (SPEC §8, §9).
+    So checkpoints and the end-of-pass merge over ranks see it (docs/distributed.md).
     """
     ok = cap.commit(index)
     if not ok and cap.nonfinite_batches and cap.nonfinite_batches[-1][0] == index:
@@ -170,9 +170,9 @@ def finish_report(
     collector: FactorCollector | None = None,
 ) -> None:
     """Record what a finished pass learnt besides its counts: fallbacks, tied weights, skipped and silent layers."""
-    if collector is not None:  # SPEC §6: factors moved to CPU by a real out-of-memory error
+    if collector is not None:  # factors moved to CPU by a real out-of-memory error
         report.warnings.extend(m for m in collector.placement.messages if m not in report.warnings)
-    if model is not None:  # SPEC §6: tied lm_head / embedding, recorded in report.tied and warned once
+    if model is not None:  # tied lm_head / embedding, recorded in report.tied and warned once
         note_tied(report, find_tied(model, discovery.infos))
     report.skipped_layers.update(discovery.skipped)
     missing = [n for n in discovery.infos if n not in fired]

@@ -1,4 +1,4 @@
-"""Where each factor's work runs, and the CPU fallback after a real out-of-memory error (SPEC §6).
+"""Where each factor's work runs, and the CPU fallback after a real out-of-memory error (docs/concepts.md).
 
 On an accelerator, ``A`` (``in × in``) is accumulated on the device, and so is a dense ``G``; the ``G`` side of huge
 (low-rank) layers lives on CPU (:func:`sum_device`): the output-gradient rows leave the device once per batch and
@@ -7,8 +7,8 @@ every product with ``U`` runs where ``U`` is.
 A real ``torch.OutOfMemoryError`` raised by a factor's work on the accelerator (never an estimate of what would fit)
 moves that factor of that layer to CPU for the rest of the pass: the work is rerun on CPU copies of its inputs and
 every later batch does the same, with one :class:`~kronfisher.errors.PlacementWarning` naming the layer, ``in``,
-``out`` and the factor. Results are identical: the same arithmetic in the same dtype, on another device (seed bug 7:
-the message names both dimensions, and nothing is staged on the device before the decision).
+``out`` and the factor. Results are identical: the same arithmetic in the same dtype, on another device (the
+message names both dimensions, and nothing is staged on the device before the decision).
 """
 
 from __future__ import annotations

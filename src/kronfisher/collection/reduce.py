@@ -32,7 +32,7 @@ def _local_rows(g: LowRankSum) -> Tensor:
 
 
 def _gather_lowrank(items: list[tuple[LowRankSum, Tensor, list[int]]]) -> None:
-    """All-gather low-rank columns along the token dimension, padded to the largest local count (SPEC §8).
+    """All-gather low-rank columns along the token dimension, padded to the largest local count (docs/distributed.md).
 
     Args:
         items: ``(sum, local rows [m, out], column counts of every rank)``; ``count`` and ``tail_mass`` of each
@@ -84,7 +84,7 @@ def reduce_collection(
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> set[str]:
-    """Merge the K-FAC sums, counts and report of every rank, in place, at the end of a pass (SPEC §8).
+    """Merge the K-FAC sums, counts and report of every rank, in place, at the end of a pass (docs/distributed.md).
 
     Dense sums and all counts are all-reduced in buckets; low-rank columns are all-gathered (padded to the largest
     local token count, padding removed). Afterwards every rank holds the sums one process would have accumulated
@@ -149,7 +149,7 @@ def reduce_collection(
 
 # EK-FAC pass -----------------------------------------------------------------------------------------------
 def reduce_corrector(corrector: EigenCorrector, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-    """Sum the EK-FAC sums, tail sums and counts of every rank, in place (SPEC §5, §8)."""
+    """Sum the EK-FAC sums, tail sums and counts of every rank, in place (docs/concepts.md)."""
     if not is_distributed():
         return
     names = list(corrector.sums)

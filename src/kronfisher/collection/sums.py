@@ -1,4 +1,4 @@
-"""Sums plus counts, normalised once (SPEC §3.3). One code path serves ``A`` and ``G``.
+"""Sums plus counts, normalised once (docs/concepts.md). One code path serves ``A`` and ``G``.
 
 A factor is accumulated as ``Σ rowsᵀ rows`` and a count (``T`` tokens for ``A``, ``N`` loss terms for ``G``).
 Contributions of a batch are first *staged* (computed, checked for non-finite values by the capture) and only
@@ -37,7 +37,7 @@ class DenseSum:
         self.count += float(count)
 
     def merge(self, other: DenseSum) -> None:
-        """Add another sum over disjoint data (exact, SPEC §3.3)."""
+        """Add another sum over disjoint data (exact)."""
         self.add(other.sum, other.count)
 
     def mean(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -58,7 +58,7 @@ class DenseSum:
 
 
 class LowRankSum:
-    """Low-rank ``G``: keeps the (masked, rescaled) output-gradient rows so that ``G = U Uᵀ`` (SPEC §6).
+    """Low-rank ``G``: keeps the (masked, rescaled) output-gradient rows so that ``G = U Uᵀ`` (docs/concepts.md).
 
     The columns ``W = [ĝ_1 … ĝ_T]`` of ``U = W / √N`` (``[out, T]``) are held token-major, as ``[n, out]`` chunks in
     ``storage_dtype`` (``lowrank_dtype``), on ``device`` (CPU for huge layers); arithmetic on them is blockwise in
@@ -126,7 +126,7 @@ class LowRankSum:
             self.compress()
 
     def merge(self, other: LowRankSum) -> None:
-        """Add another sum over disjoint data: concatenate columns, add counts and tail mass (SPEC §3.3)."""
+        """Add another sum over disjoint data: concatenate columns, add counts and tail mass (docs/concepts.md)."""
         if other.dim != self.dim:
             raise ShapeError(f"Cannot merge low-rank sums of out={other.dim} into out={self.dim}.")
         self.chunks.extend(c.to(self.device, self.storage_dtype) for c in other.columns().chunks)
@@ -137,7 +137,7 @@ class LowRankSum:
             self.compress()
 
     def compress(self) -> None:
-        """Compress to the top ``max_rank`` eigen-columns plus tail mass, keeping the trace exact (SPEC §6)."""
+        """Compress to the top ``max_rank`` eigen-columns plus tail mass, keeping the trace exact (docs/concepts.md)."""
         if self.max_rank is None or self.num_columns <= self.max_rank:
             return
         kept, dropped = compress_columns(self.columns(), self.max_rank, self.storage_dtype)
@@ -178,7 +178,7 @@ class LowRankSum:
         return torch.cat([c.to(dtype) for c in store.chunks]).t()
 
     def factor_U(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``U = W / √N`` with shape ``[out, m]`` (asserted; SPEC §6). A full copy: diagnostics only."""
+        """``U = W / √N`` with shape ``[out, m]`` (asserted). A full copy: diagnostics only."""
         w = self.raw_columns(dtype)
         assert w.shape == (self.dim, self.num_columns), f"U must be [out={self.dim}, T], got {list(w.shape)}"
         return w / math.sqrt(self.count) if self.count > 0 else w

@@ -12,7 +12,7 @@ from ..errors import TiedWeightsWarning
 
 # Tied weights -----------------------------------------------------------------------------------------------
 def find_tied(model: nn.Module, infos: dict[str, Any]) -> dict[str, list[str]]:
-    """Tracked layers whose weight is also registered under other names (tied lm_head / embedding, SPEC §6).
+    """Tracked layers whose weight is also registered under other names (tied lm_head / embedding).
 
     Returns:
         ``{layer: [other parameter names]}``, e.g. ``{"lm_head": ["model.embed_tokens.weight"]}``.
@@ -33,7 +33,7 @@ def tied_message(tied: dict[str, list[str]]) -> str:
     """The warning text for tied layers (one message for the whole model)."""
     pairs = "; ".join(f"{layer!r} shares its weight with {others}" for layer, others in sorted(tied.items()))
     return (
-        f"Tied weights: {pairs}. The curvature is that of the output-layer use only (SPEC §6: the embedding use is "
+        f"Tied weights: {pairs}. The curvature is that of the output-layer use only (the embedding use is "
         "not in the factors); natural gradients are returned under the layer's own parameter name."
     )
 

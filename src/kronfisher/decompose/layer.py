@@ -1,9 +1,9 @@
-"""Factor representations behind one interface and their decomposition (SPEC §4–6).
+"""Factor representations behind one interface and their decomposition (docs/concepts.md).
 
 A :class:`KronBlock` is what the algebra knows about one layer: the eigenbasis of ``A`` (always dense), the
 eigenbasis of ``G`` (dense, or thin low-rank plus tail) and, after EK-FAC, the corrected eigenvalues. Blocks are
 immutable: updating factors builds new blocks, so a cached spectrum can never outlive the factors it came from
-(seed bug 1, stale inverse cache, is impossible by construction).
+(a stale inverse is impossible by construction).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ POOL_GRAM_MAX = 4096  # low-rank G with at most this many columns join the concu
 
 
 def symmetric_mean(part: DenseSum) -> Tensor:
-    """The normalised, symmetrised factor ``(S + Sᵀ) / (2c)`` in float64 (SPEC §3.3, §4).
+    """The normalised, symmetrised factor ``(S + Sᵀ) / (2c)`` in float64 (docs/concepts.md).
 
     Bit for bit :meth:`DenseSum.mean(torch.float64) <kronfisher.accumulate.DenseSum.mean>` (addition commutes), but
     the transpose is one contiguous copy followed by a contiguous add instead of a strided ``S + Sᵀ``: about 40 %
@@ -49,7 +49,7 @@ def _symmetric_mean(total: Tensor, count: float) -> Tensor:
 
 
 def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> Eigen:
-    """Eigendecomposition of a dense factor sum where it lives; on CPU after a real accelerator OOM (SPEC §4, §6).
+    """Eigendecomposition of a dense factor sum where it lives; on CPU after a real accelerator OOM (docs/concepts.md).
 
     The float64 mean and the solver's workspace take several times the sum's memory: when they do not fit on the
     accelerator, the same matrix is decomposed on CPU (a :class:`~kronfisher.errors.PlacementWarning` names the
@@ -69,7 +69,7 @@ def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> 
 
 
 def decompose_factor(mean: Tensor, *, name: str, factor: str, cfg: KFACConfig, symmetric: bool = False) -> Eigen:
-    """Eigendecomposition of a normalised dense factor, stored in the accumulation dtype (SPEC §4).
+    """Eigendecomposition of a normalised dense factor, stored in the accumulation dtype (docs/concepts.md).
 
     ``symmetric=True``: ``mean`` is exactly symmetric (:func:`symmetric_mean`), see :func:`safe_eigh`.
     """
@@ -81,7 +81,7 @@ def decompose_factor(mean: Tensor, *, name: str, factor: str, cfg: KFACConfig, s
 
 
 def decompose_G(name: str, sums: LayerSums, cfg: KFACConfig, gram: Tensor | None = None) -> Eigen:
-    """Eigenbasis of ``G``: dense eigh (SPEC §4) or the low-rank eigenform from ``Uᵀ U`` (SPEC §6).
+    """Eigenbasis of ``G``: dense eigh (docs/concepts.md) or the low-rank eigenform from ``Uᵀ U`` (docs/concepts.md).
 
     ``gram``: the low-rank ``G``'s ``Wᵀ W`` when already computed (consumed; see :func:`decompose_all`).
     """
@@ -107,7 +107,7 @@ def decompose_layer(
         sums: accumulated sums and counts.
         cfg: configuration (eigh dtype, storage dtype).
         shared_A: an already computed decomposition of an identical ``A`` (layers reading the same input).
-        shared_G: an already computed decomposition of this layer's ``G`` (e.g. by another rank, SPEC §8).
+        shared_G: an already computed decomposition of this layer's ``G`` (e.g. by another rank).
 
     """
     a_eig = shared_A or decompose_A(name, sums, cfg)

@@ -1,4 +1,4 @@
-"""Eigendecompositions spread over the ranks of a process group, by cost, and broadcast (SPEC §8).
+"""Eigendecompositions spread over the ranks of a process group, by cost, and broadcast (docs/distributed.md).
 
 Every rank holds the same reduced sums after a pass. Instead of each rank decomposing every factor, the tasks (one
 per distinct ``A`` and one per ``G``) are assigned longest-first to the least-loaded rank; each owner decomposes its

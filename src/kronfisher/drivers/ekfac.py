@@ -28,7 +28,7 @@ def correct(
     """Run the EK-FAC pass over ``batches`` and install the corrected eigenvalues into ``fisher`` (in place)."""
     cfg = fisher.cfg
     blocks = fisher.blocks
-    model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks (SPEC §8)
+    model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks
     modules = dict(model.named_modules())
     infos = {n: fisher.infos[n] for n in blocks}
     corrector = EigenCorrector(infos, blocks, cfg)
@@ -45,7 +45,7 @@ def correct(
         pass_id=PASS_EKFAC,
         progress="EK-FAC eigenvalues" if progress else None,
     )
-    reduce_corrector(corrector)  # SPEC §8: the ranks' sums and counts, once per pass; no-op on one process
+    reduce_corrector(corrector)  # the ranks' sums and counts, once per pass; no-op on one process
     fisher.set_blocks(corrector.blocks_out())
     fisher.report.warnings.extend(report.warnings)
     return fisher

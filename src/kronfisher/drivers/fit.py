@@ -1,4 +1,4 @@
-"""``kf.fit`` and ``kf.capture``: drive the capture over batches (SPEC §2, §10).
+"""``kf.fit`` and ``kf.capture``: drive the capture over batches (docs/concepts.md).
 
 ``fit`` runs exactly one forward and one backward per batch in the K-FAC pass (``mc_samples`` backward passes for
 the MC Fisher), computes no parameter gradient when it can avoid it (parameters are frozen for the pass and the
@@ -35,7 +35,7 @@ logger = logging.getLogger("kronfisher")
 
 @dataclass
 class CollectState:
-    """Where an interrupted K-FAC pass stopped (SPEC §9 resume): sums, report and batches consumed.
+    """Where an interrupted K-FAC pass stopped (docs/files.md): sums, report and batches consumed.
 
     MC targets are seeded per batch (:func:`~kronfisher.lossterms.mc_generator`), so no generator state is needed
     to draw, after the resume, what the uninterrupted run would have drawn.
@@ -58,7 +58,7 @@ class CollectState:
                 "Cannot resume: the saved sums cover layers "
                 f"{sorted(set(self.sums) ^ set(collector.sums))} that differ from the tracked layers."
             )
-        for name, saved in self.sums.items():  # dense sums go where the collector keeps them (SPEC §6 placement)
+        for name, saved in self.sums.items():  # dense sums go where the collector keeps them
             fresh = collector.sums[name]
             for which in ("A", "G"):
                 mine, theirs = getattr(fresh, which), getattr(saved, which)
@@ -90,7 +90,7 @@ def collect(
         cfg: configuration.
         loss_fn: optional user loss (empirical Fisher only).
         progress: show a progress bar.
-        resume: continue an interrupted pass (SPEC §9): start from these sums and report and skip the first
+        resume: continue an interrupted pass (docs/files.md): start from these sums and report and skip the first
             ``resume.batches_done`` batches of ``batches`` (they are already in the sums). Under ``torchrun`` each
             rank resumes from its own state, before the end-of-pass reduction.
         on_batch_end: called after every processed batch with ``(batches_done, index, collector, report)``:
@@ -99,7 +99,7 @@ def collect(
             :func:`kronfisher.save_sums` (``local=True`` under ``torchrun``).
 
     """
-    model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks (SPEC §8)
+    model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks
     discovery = discover_layers(model, cfg.include, cfg.exclude)
     if not discovery.infos:
         raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
@@ -123,7 +123,7 @@ def collect(
         on_batch=done,
     )
     fired = cap.fired | {n for n, s in collector.sums.items() if s.A.count > 0}  # incl. batches before a resume
-    fired = reduce_collection(collector.sums, report, fired)  # SPEC §8: once per pass; no-op on one process
+    fired = reduce_collection(collector.sums, report, fired)  # once per pass; no-op on one process
     finish_report(report, discovery, fired, cap, model=model, collector=collector)
     return discovery, collector, report
 
@@ -136,7 +136,7 @@ def fit(
     loss_fn: LossFn | None = None,
     progress: bool = False,
 ) -> KFAC:
-    """Collect, decompose and (with ``cfg.ekfac``) correct: the whole pipeline (SPEC §10).
+    """Collect, decompose and (with ``cfg.ekfac``) correct: the whole pipeline (docs/library.md).
 
     Args:
         model: a causal LM (batches with ``input_ids``, optional ``attention_mask`` / ``labels``) or any model with
@@ -166,7 +166,7 @@ class CaptureSession:
 
     The user runs the forward and computes the loss; :meth:`backward` runs the ordinary backward (so ``.grad`` is
     populated as usual) with the hooks staging factor contributions, then commits them after the non-finite check.
-    No extra forward pass happens (seed bug 4).
+    No extra forward pass happens.
     """
 
     def __init__(self, model: nn.Module, cfg: KFACConfig | None = None) -> None:
@@ -202,7 +202,7 @@ class CaptureSession:
 
         Args:
             loss: the scalar loss of the batch.
-            num_terms: number of loss terms ``N`` in it (SPEC §2).
+            num_terms: number of loss terms ``N`` in it (docs/concepts.md).
             reduction: ``"mean"`` or ``"sum"`` (default: ``cfg.loss_reduction``); never guessed.
             attention_mask: ``[B, S]`` mask of attended positions (None: all positions).
             retain_graph: passed to ``backward``.
@@ -237,7 +237,7 @@ class CaptureSession:
 
     def finalize(self) -> KFAC:
         """Decompose what was collected into a :class:`~kronfisher.operator.KFAC`."""
-        if not self._reduced:  # merge the ranks' sums once, however often finalize is called (SPEC §8)
+        if not self._reduced:  # merge the ranks' sums once, however often finalize is called (docs/distributed.md)
             self._fired = reduce_collection(self.collector.sums, self.report, self._cap.fired)
             self._reduced = True
         finish_report(self.report, self.discovery, self._fired, self._cap, model=self.model, collector=self.collector)
@@ -247,5 +247,5 @@ class CaptureSession:
 
 
 def capture(model: nn.Module, cfg: KFACConfig | None = None) -> CaptureSession:
-    """Start a user-driven collection (SPEC §10)."""
+    """Start a user-driven collection (docs/library.md)."""
     return CaptureSession(model, cfg)

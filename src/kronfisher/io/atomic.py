@@ -1,4 +1,4 @@
-"""Atomic writes of factor files, checkpoints and reports (SPEC §8, §9).
+"""Atomic writes of factor files, checkpoints and reports (docs/distributed.md).
 
 A temporary file in the destination directory, ``fsync``, ``os.replace``, then ``fsync`` of the directory; on any
 failure (an exception, or SIGTERM turned into ``SystemExit`` by the command) the temporary file is removed and an
@@ -48,7 +48,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 def atomic_write(
     path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any], *, local: bool = False
 ) -> Path:
-    """Write ``tensors`` and the JSON ``meta`` to ``path`` atomically (SPEC §9).
+    """Write ``tensors`` and the JSON ``meta`` to ``path`` atomically (docs/files.md).
 
     The file is written to a temporary name in the same directory, flushed to disk, and renamed over ``path``.
     On any failure the temporary file is removed, so nothing partial is ever left under either name.
@@ -58,7 +58,7 @@ def atomic_write(
         tensors: named tensors.
         meta: JSON metadata.
         local: this process writes its own file (a per-rank checkpoint): no rank-0 rule, no barrier. Otherwise,
-            under ``torchrun``, only rank 0 writes and every rank waits for the file (SPEC §8).
+            under ``torchrun``, only rank 0 writes and every rank waits for the file (docs/distributed.md).
 
     Returns:
         The destination path.
@@ -69,7 +69,7 @@ def atomic_write(
         raise FileFormatError(f"Cannot write factors to {path}: it is a directory.")
     if local:
         return _atomic_write_local(path, tensors, meta)
-    if not is_main_process():  # SPEC §8: only rank 0 writes; the others wait until the file is complete
+    if not is_main_process():  # only rank 0 writes; the others wait until the file is complete
         barrier()
         return path
     try:

@@ -1,4 +1,4 @@
-"""Factor files: save, lazy load, raw sums for resume and merge, inspection (SPEC §9, §9a, §3.3).
+"""Factor files: save, lazy load, raw sums for resume and merge, inspection (docs/files.md).
 
 Files are safetensors plus JSON metadata (format and library version, config, per-layer representation, shapes,
 token counts, a model fingerprint and checksums; see :mod:`kronfisher.io_format`). Never pickle; model weights are
@@ -64,7 +64,7 @@ def save(
     include_sums: bool = True,
     extra_meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a :class:`KFAC` to a safetensors file with JSON metadata, atomically (SPEC §9).
+    """Write a :class:`KFAC` to a safetensors file with JSON metadata, atomically (docs/files.md).
 
     Args:
         fisher: the operator (K-FAC or EK-FAC; dense and low-rank layers).
@@ -101,7 +101,7 @@ def save(
             "N": float(b.tokens.get("N", 0.0)),
             "trace_A": b.A.trace(),
             "trace_G": b.G.trace(),
-            "discarded_G": float(getattr(b.G, "discarded", 0.0)),  # token-budget mass in the tail (SPEC §6)
+            "discarded_G": float(getattr(b.G, "discarded", 0.0)),  # token-budget mass in the tail
             "ekfac": b.is_ekfac,
         }
     meta["blocks"] = bmeta
@@ -119,7 +119,7 @@ def save(
 def _eigen_meta(payload: Payload, prefix: str, eig: Any) -> dict[str, Any]:
     """Store an eigenbasis: explicit ``Q`` (``Eigen``) or, for an implicit low-rank ``P = W C``, ``W`` and ``C``.
 
-    The implicit form (:class:`~kronfisher.lowrank.LowRankEigen`, SPEC §6) is stored as it is held: ``W`` token-major
+    The implicit form (:class:`~kronfisher.lowrank.LowRankEigen`) is stored as it is held: ``W`` token-major
     in its storage dtype (the same bytes as the raw low-rank sum, so the payload keeps one copy) and ``C``; building
     ``P`` (``out × r``) is never needed.
     """
@@ -161,7 +161,7 @@ class _BlockReader:
 
     def _build(self, em: Mapping[str, Any], read: Mapping[str, Tensor]) -> Any:
         if em.get("form") == "implicit":
-            # The G side of a low-rank layer stays on CPU, where it was collected (SPEC §6 placement).
+            # The G side of a low-rank layer stays on CPU, where it was collected.
             cols = ColumnStore([read[em["columns"]]], int(em["dim"]))
             return LowRankEigen(cols, read[em["coeffs"]], read[em["values"]], float(em["tail"]), em["discarded"])
         return Eigen(read[em["vectors"]].to(self.device), read[em["values"]].to(self.device), float(em["tail"]))
@@ -191,7 +191,7 @@ class _BlockReader:
 
 
 class LoadedKFAC(KFAC):
-    """A :class:`KFAC` read from a file: blocks load per layer on first use (SPEC §9).
+    """A :class:`KFAC` read from a file: blocks load per layer on first use (docs/files.md).
 
     Only ``repr`` differs from :class:`KFAC`: it describes layers that are not loaded yet from the file's metadata
     (which describes exactly the file's tensors), so printing a loaded operator reads no tensor.
@@ -222,7 +222,7 @@ class LoadedKFAC(KFAC):
 def load(
     path: PathLike, *, model: nn.Module | None = None, device: torch.device | str = "cpu", verify: bool = False
 ) -> KFAC:
-    """Load a factor file (SPEC §9). Layers load lazily: each layer's tensors are read on first use.
+    """Load a factor file (docs/files.md). Layers load lazily: each layer's tensors are read on first use.
 
     Args:
         path: a file written by :func:`save` (or :func:`save_sums`, which is then decomposed here, eagerly).

@@ -1,4 +1,4 @@
-"""Low-level factor-file format: safetensors payload, checked JSON metadata, atomic writes (SPEC §9, §9a).
+"""Low-level factor-file format: safetensors payload, checked JSON metadata, atomic writes (docs/files.md).
 
 A factor file is a plain safetensors file (never pickle). Its ``__metadata__`` carries two strings: the
 kronfisher metadata as JSON text and the SHA-256 of that text. The metadata lists every tensor with its dtype,
@@ -319,7 +319,7 @@ class LazyLayers(MutableMapping[str, V]):
     """A mapping layer name -> value whose values are loaded by ``loader`` on first access and then kept.
 
     Membership, iteration and ``len`` never load anything. Assigning a value replaces (or adds) it without
-    reading the file. Used for the blocks and sums of a loaded factor file (SPEC §9: layers load lazily).
+    reading the file. Used for the blocks and sums of a loaded factor file (layers load lazily).
     """
 
     def __init__(self, names: Iterable[str], loader: Callable[[str], V]) -> None:

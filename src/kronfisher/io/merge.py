@@ -28,7 +28,7 @@ logger = logging.getLogger("kronfisher")
 
 def _check_mergeable(files: list[tuple[Path, SumsFile]]) -> list[str]:
     seen: dict[str, Path] = {}
-    for p, f in files:  # SPEC §3.3 needs disjoint data: the same file (or a merge containing it) counts twice
+    for p, f in files:  # merging needs disjoint data: the same file (or a merge containing it) counts twice
         for src in _sources(f.meta):
             if src in seen:
                 raise FileFormatError(
@@ -59,7 +59,7 @@ def _check_mergeable(files: list[tuple[Path, SumsFile]]) -> list[str]:
 
 
 def merge_files(paths: Iterable[PathLike], out_path: PathLike, *, model: nn.Module | None = None) -> Path:
-    """Merge files of sums from disjoint data: add sums and counts, then decompose (SPEC §3.3).
+    """Merge files of sums from disjoint data: add sums and counts, then decompose (docs/concepts.md).
 
     The result equals one collection over the union of the data. Every input must carry raw sums (a ``"sums"`` file
     or a ``"kfac"`` file saved with ``include_sums=True``) collected with the same sum-relevant configuration

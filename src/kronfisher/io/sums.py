@@ -1,4 +1,4 @@
-"""Raw sums on disk, fingerprints and shared metadata of factor files (SPEC §3.3, §9).
+"""Raw sums on disk, fingerprints and shared metadata of factor files (docs/concepts.md).
 
 Raw sums and counts are saved (:func:`save_sums`) so that collection can resume after an interruption and so that
 files from disjoint data merge exactly by adding sums and counts. The model fingerprint (layer name ->
@@ -34,7 +34,7 @@ PathLike = str | os.PathLike[str]
 
 # Fingerprints ---------------------------------------------------------------------------------------------------
 def model_fingerprint(model_or_infos: Any) -> dict[str, list[int]]:
-    """Layer name -> ``[out, in, has_bias]`` (SPEC §9).
+    """Layer name -> ``[out, in, has_bias]`` (docs/files.md).
 
     Args:
         model_or_infos: a model (every ``nn.Linear`` / ``Conv1D``, frozen or not), a dict of
@@ -110,7 +110,7 @@ def base_meta(
     model: nn.Module | None,
     extra: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    """Metadata common to every file kind; checks ``model`` against ``infos`` when given (SPEC §9)."""
+    """Metadata common to every file kind; checks ``model`` against ``infos`` when given (docs/files.md)."""
     if model is not None:
         check_fingerprint(model_fingerprint(infos), model, path="(being written)")
     return {
@@ -223,7 +223,7 @@ def _sums_rows(infos: Mapping[str, LayerInfo], smeta: Mapping[str, Any]) -> dict
 
 @dataclass
 class SumsFile:
-    """Raw sums read from a file (SPEC §3.3, §9).
+    """Raw sums read from a file (docs/concepts.md).
 
     Attributes:
         infos: static layer descriptions by name.
@@ -252,7 +252,7 @@ def save_sums(
     extra_meta: Mapping[str, Any] | None = None,
     local: bool = False,
 ) -> Path:
-    """Write raw sums and counts atomically, to resume collection or merge later (SPEC §3.3, §9).
+    """Write raw sums and counts atomically, to resume collection or merge later (docs/concepts.md).
 
     Args:
         path: destination (``.safetensors``).
@@ -263,7 +263,7 @@ def save_sums(
         model: when given, checked against the layer shapes and described in the metadata (weights never stored).
         extra_meta: JSON-serialisable data for the caller (for example how many batches were consumed).
         local: write this process's own sums, without the rank-0 rule and barrier of ``torchrun`` runs: a per-rank
-            checkpoint inside a pass (a barrier there would hang ranks with different batch counts, SPEC §8).
+            checkpoint inside a pass (a barrier there would hang ranks with different batch counts).
 
     Returns:
         The written path.
@@ -301,7 +301,7 @@ def read_layer_sums(header: Header, name: str, cfg: KFACConfig, device: torch.de
             state = _tensor_state(header, part, device)
             s = DenseSum(dim, state["sum"].dtype, device)
         elif part["kind"] == "lowrank":
-            state = _tensor_state(header, part, "cpu")  # the G side of huge layers lives on CPU (SPEC §6)
+            state = _tensor_state(header, part, "cpu")  # the G side of huge layers lives on CPU
             s = LowRankSum(dim, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, device="cpu")
         else:
             raise FileFormatError(f"Factor file {header.path}: unknown sum kind {part['kind']!r} for layer {name!r}.")
