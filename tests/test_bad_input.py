@@ -248,3 +248,67 @@ def test_ekfac_on_one_shot_iterator_raises_before_any_work() -> None:
     finally:
         handle.remove()
     assert calls == []
+
+
+# No factors at all: an error naming why, never an empty operator (issue 12) ---------------------------------------
+def no_token_batches() -> dict[str, list[dict[str, Tensor]]]:
+    """Batch lists from which no layer gets a factor, each for a different reason."""
+    ids = random_ids(2, 5, seed=30)
+    return {
+        "empty batch list": [],
+        "all padding": [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}],
+        "every label ignore_index": [{"input_ids": ids, "labels": torch.full_like(ids, -100)}],
+        "sequences of one token": [{"input_ids": ids[:, :1]}, {"input_ids": ids[:, 1:2]}],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(no_token_batches()))
+@pytest.mark.parametrize("options", [{}, {"fisher": "mc"}, {"ekfac": True}], ids=["kfac", "mc", "ekfac"])
+def test_no_attended_tokens_or_labels_is_no_factors_error(case: str, options: dict[str, Any]) -> None:
+    """These returned ``KFAC(layers=0)`` and ``natural_gradient(g) == {}``; now ``NoFactorsError`` says why."""
+    from kronfisher.errors import NoFactorsError
+
+    batches = no_token_batches()[case]
+    needle = "the batch list is empty" if not batches else r"have no attended token with a loss term"
+    with pytest.raises(NoFactorsError, match=rf"^No factors were collected for any layer: .*{needle}"):
+        kf.fit(make_model("llama"), batches, CFG.replace(**options))
+
+
+def test_every_batch_skipped_as_nonfinite_is_no_factors_error() -> None:
+    """A NaN weight with ``on_nonfinite="skip"`` dropped every batch and returned an empty operator."""
+    from kronfisher.errors import NoFactorsError
+
+    model = make_model("llama")
+    with torch.no_grad():
+        model.get_submodule("model.layers.0.mlp.up_proj").weight[0, 0] = float("nan")
+    with pytest.raises(NoFactorsError, match=r"batch\(es\) \[0, 1, 2\] were skipped as non-finite"):
+        kf.fit(model, clean_batches(), CFG.replace(on_nonfinite="skip"))
+
+
+def test_capture_with_nothing_captured_is_no_factors_error() -> None:
+    """``capture().finalize()`` with no backward, or only empty batches, names the reason too."""
+    from kronfisher.errors import NoFactorsError
+
+    model = make_model("llama")
+    with kf.capture(model, CFG) as cap, pytest.raises(NoFactorsError, match="backward\\(\\) was never called"):
+        cap.finalize()
+    ids = random_ids(2, 5, seed=31)
+    with kf.capture(model, CFG) as cap:
+        assert not cap.backward(model(input_ids=ids, labels=ids).loss, num_terms=0)
+        with pytest.raises(NoFactorsError, match=r"batch\(es\) \[0\] have no attended token with a loss term"):
+            cap.finalize()
+
+
+def test_layers_off_the_loss_path_is_no_factors_error() -> None:
+    """Batches ran, but the loss does not depend on the tracked layer: the error says the hooks never fired."""
+    from kronfisher.errors import NoFactorsError
+
+    model = TwoBranch().double()
+
+    def loss_fn(m: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        y1, _ = m(batch["x"])
+        return y1.square().sum(), {"num_terms": batch["x"].shape[0], "reduction": "sum"}
+
+    data = [{"x": torch.randn(4, 5, dtype=torch.float64)}]
+    with pytest.raises(NoFactorsError, match=r"1 batch\(es\) ran, but no tracked layer took part in the loss"):
+        kf.fit(model, data, CFG.replace(include=("l2",)), loss_fn=loss_fn)

@@ -96,7 +96,7 @@ def add_config_options(group: argparse._ArgumentGroup) -> None:
         elif rule.kind in ("choice", "dtype"):
             kw.update(choices=rule.options, default=str(default))
         else:
-            metavar = "N" if rule.kind == "int" else "X"
+            metavar = {"int": "N", "bytes": "SIZE"}.get(rule.kind, "X")
             kw.update(
                 type=_config_type(f.name, rule), default=default, metavar=f"{metavar}|all" if rule.optional else metavar
             )

@@ -34,6 +34,14 @@ class NonFiniteError(KronfisherError, FloatingPointError):
         self.batch = batch
 
 
+class NoFactorsError(KronfisherError, ValueError):
+    """A collection that gave no layer any factor, instead of an empty operator.
+
+    The message says why: no batches, no attended token with a loss term, every batch skipped as non-finite, or no
+    tracked layer on the path to the loss.
+    """
+
+
 class DecompositionError(KronfisherError, ArithmeticError):
     """An eigendecomposition that cannot be trusted (non-finite factor, failed eigh)."""
 

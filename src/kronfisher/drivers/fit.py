@@ -24,7 +24,7 @@ from ..collection.reduce import reduce_collection
 from ..collection.sums import DenseSum, LayerSums
 from ..comm import unwrap_model
 from ..config import KFACConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NoFactorsError
 from ..layers import Discovery, discover_layers
 from ..operator import KFAC
 from ..report import CollectionReport
@@ -124,8 +124,50 @@ def collect(
     )
     fired = cap.fired | {n for n, s in collector.sums.items() if s.A.count > 0}  # incl. batches before a resume
     fired = reduce_collection(collector.sums, report, fired)  # once per pass; no-op on one process
+    check_factors(collector.sums, report, seen=None)
     finish_report(report, discovery, fired, cap, model=model, collector=collector)
     return discovery, collector, report
+
+
+def check_factors(sums: dict[str, LayerSums], report: CollectionReport, seen: int | None) -> None:
+    """Raise :class:`NoFactorsError` naming why when no layer has both factors (an empty operator is no answer).
+
+    Decided on the sums after the reduction over ranks, so every rank of a ``torchrun`` job agrees.
+
+    Args:
+        sums: the (reduced) sums by layer.
+        report: the collection report (its dropped and empty batches say why).
+        seen: batches handed to the collection, when known (``capture``), else None.
+
+    """
+    if any(s.A.count > 0 and s.G.count > 0 for s in sums.values()):
+        return
+    empty, dropped = sorted(report.empty_batches), sorted(b for b, _ in report.nonfinite_batches)
+    if report.batches > 0:
+        why = (
+            f"{report.batches} batch(es) ran, but no tracked layer took part in the loss (the hooks never fired: the "
+            "tracked layers are not on the path from the inputs to the loss)"
+        )
+    elif not empty and not dropped:
+        why = "no batches: the batch list is empty" if seen is None else "backward() was never called"
+    else:
+        parts = []
+        if empty:
+            parts.append(
+                f"batch(es) {_few(empty)} have no attended token with a loss term (all padding, every label "
+                "= ignore_index, or sequences of one token, which have no next token to predict)"
+            )
+        if dropped:
+            parts.append(f"batch(es) {_few(dropped)} were skipped as non-finite (on_nonfinite='skip')")
+        why = "; ".join(parts)
+    raise NoFactorsError(f"No factors were collected for any layer: {why}.")
+
+
+def _few(indices: list[int], n: int = 8) -> str:
+    """``[0, 1, 2]`` or ``[0, 1, …] (12 in all)``."""
+    if len(indices) <= n:
+        return str(indices)
+    return f"[{', '.join(map(str, indices[:n]))}, …] ({len(indices)} in all)"
 
 
 def fit(
@@ -236,10 +278,16 @@ class CaptureSession:
         return ok
 
     def finalize(self) -> KFAC:
-        """Decompose what was collected into a :class:`~kronfisher.operator.KFAC`."""
+        """Decompose what was collected into a :class:`~kronfisher.operator.KFAC`.
+
+        Raises:
+            NoFactorsError: no layer received a factor (no backward, or every batch empty or dropped).
+
+        """
         if not self._reduced:  # merge the ranks' sums once, however often finalize is called (docs/distributed.md)
             self._fired = reduce_collection(self.collector.sums, self.report, self._cap.fired)
             self._reduced = True
+        check_factors(self.collector.sums, self.report, seen=self._index)
         finish_report(self.report, self.discovery, self._fired, self._cap, model=self.model, collector=self.collector)
         return KFAC.from_sums(
             self.discovery.infos, self.collector.sums, self.cfg, report=self.report, model=self.model, spread=True
