@@ -41,16 +41,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def _tokens(text: str) -> int | None:
     if text.strip().lower() in NONE_WORDS:
         return None
@@ -139,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--text-field", default="text", help="field holding the text in .jsonl files and datasets")
     g.add_argument(
-        "--max-tokens", type=_tokens, default=2048, help="tokens to analyse in total ('all' for every token)"
+        "--max-tokens", type=_tokens, default=2048, help="tokens to analyse in total ('all' for every token; not 0)"
     )
     g.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence")
     g.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per batch")
