@@ -15,6 +15,12 @@ independent (a failure is recorded with its traceback and the next section runs)
 * ``perf``: medium Qwen2 (8×256 tokens) and a SmolLM2-135M-shaped Llama (random weights, 4×256): plain
   forward+backward, K-FAC collection, decomposition, EK-FAC pass, natural gradient; medians of 3 after a warm-up,
   ratios to forward+backward, peak GPU memory.
+* ``big``: a Qwen2-1.5B-shaped model (random weights, tied 151,936-row lm_head) on 4,096 tokens, K-FAC and EK-FAC
+  with the lm_head: per phase time, ratio to forward+backward, peak device and host memory, host↔device bytes per
+  batch (``cuda_big.py``).
+
+``--quick`` shrinks every model (2 layers, short sequences, vocabularies of a few thousand) so that
+``--device cpu --quick`` runs the whole script in a few CPU minutes.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import kronfisher as kf  # noqa: E402
+from cuda_big import perf_big  # noqa: E402
 from kronfisher.errors import PlacementWarning  # noqa: E402
 
 
@@ -311,6 +318,7 @@ def _perf_model(name: str, quick: bool) -> tuple[nn.Module, list[dict[str, torch
     seq = 256
     if quick:
         conf["num_hidden_layers"], seq = 2, 64
+        conf["vocab_size"] = 4096  # still low-rank with the head (lowrank_layers): the code path, not the size
     cfg = getattr(transformers, f"{spec['arch']}Config")(
         **conf, tie_word_embeddings=spec["tie"], attn_implementation="sdpa"
     )
@@ -325,7 +333,7 @@ def _perf_one(name: str, device: str, quick: bool, repeats: int, head: bool) -> 
     model, batches, tokens = _perf_model(name, quick)
     model = model.to(device)
     on_dev = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    cfg = kf.KFACConfig(exclude=() if head else ("lm_head",))
+    cfg = kf.KFACConfig(exclude=() if head else ("lm_head",), lowrank_layers=("lm_head",))
     state: dict[str, Any] = {}
 
     def fwd_bwd() -> None:
@@ -385,10 +393,11 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["equal", "mc", "cli", "oom", "perf"])
+    parser.add_argument("--only", nargs="*", default=["equal", "mc", "cli", "oom", "perf", "big"])
     parser.add_argument("--out", default=".")
     parser.add_argument("--perf-models", nargs="*", default=["qwen2", "smollm2"])
-    parser.add_argument("--no-head", action="store_true", help="perf without the lm_head (its G work is on CPU)")
+    parser.add_argument("--no-head", action="store_true", help="perf without the lm_head")
+    parser.add_argument("--big-dtype", default="bfloat16", help="dtype of the 1.5B-shaped model on the GPU")
     args = parser.parse_args()
     info = {
         "torch": torch.__version__,
@@ -408,6 +417,7 @@ def main() -> int:
         "cli": lambda: check_cli(args.device),
         "oom": lambda: check_oom(args.device),
         "perf": lambda: perf(args.device, args.quick, args.repeats, args.perf_models, not args.no_head),
+        "big": lambda: perf_big(args.device, args.quick, args.repeats, args.big_dtype),
     }
     for name in args.only:
         t0 = time.perf_counter()
