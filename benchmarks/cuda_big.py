@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import kronfisher as kf
+from kronfisher.drivers.ekfac import correct
 from kronfisher.transfer import STATS
 
 FULL = {"vocab_size": 151_936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28}
@@ -125,8 +126,6 @@ def perf_big(device: str, quick: bool, repeats: int, dtype: str = "bfloat16") ->
         state["f"] = kf.KFAC.from_sums(disc.infos, col.sums, cfg, report=rep, model=model)
 
     def ekfac() -> None:
-        from kronfisher.ekfac import correct
-
         state["e"] = correct(state["f"], model, data)
 
     params = dict(model.named_parameters(remove_duplicate=False))

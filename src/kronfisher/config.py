@@ -189,6 +189,22 @@ class KFACConfig:
             cli="--eigh-max-dim",
         ),
     )
+    eigh_batched: bool | None = field(
+        default=None,
+        metadata=_meta(
+            "Equal-sized dense factors on an accelerator in batched eighs, the host's threads decomposing a share "
+            "concurrently (docs/gpu.md).",
+            Rule("flag", optional=True, none_means="on for CUDA, off elsewhere"),
+        ),
+    )
+    eigh_refine: bool = field(
+        default=False,
+        metadata=_meta(
+            "One float64 refinement step after each float32 eigendecomposition (eigh_dtype='float32' or larger than "
+            "eigh_max_dim; Ogita & Aishima 2018); small eigenvalues keep float32's absolute error (docs/gpu.md).",
+            Rule("flag"),
+        ),
+    )
     lowrank_threshold: int = field(
         default=8192,
         metadata=_meta(

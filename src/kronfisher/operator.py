@@ -23,6 +23,7 @@ from .algebra.block import KronBlock
 from .algebra.damping import Damping, spectrum
 from .algebra.kron import kron_apply
 from .algebra.woodbury import woodbury_power
+from .collection.placement import block_on, on_cpu_after_oom
 from .collection.sums import LayerSums
 from .config import KFACConfig, check_number
 from .decompose.entry import decompose_all
@@ -250,10 +251,16 @@ class KFAC:
             return woodbury_power(block, v, damp, name)
         span, tail = spectrum(block, p, damp, name)
         work = torch.promote_types(v.dtype, block.A.vectors.dtype)
-        g, a = block.G.cast(work), block.A.cast(work)
-        dev = g.device if block.representation == "lowrank" else a.vectors.device  # G side of huge layers: CPU
-        res = kron_apply(v.to(dev, work), g, a, span.to(dev, work), None if tail is None else tail.to(dev, work))
-        return res.to(v.device, v.dtype)
+        dev = block.G.device if block.representation == "lowrank" else block.A.vectors.device  # where G works
+
+        def run(where: torch.device) -> Tensor:  # on the host after a real out-of-memory error (docs/gpu.md)
+            b = block if where == dev else block_on(block, where)
+            g, a = b.G.cast(work), b.A.cast(work)
+            t = None if tail is None else tail.to(where, work)
+            return kron_apply(v.to(where, work), g, a, span.to(where, work), t)
+
+        what = f"the product of layer {name!r} (out={block.G.dim}, in={block.A.dim})"
+        return on_cpu_after_oom(run, dev, what).to(v.device, v.dtype)
 
     def fvp(self, vectors: Mapping[str, Tensor], damped: bool = False) -> dict[str, Tensor]:
         """Fisher-vector product ``F v`` (undamped unless ``damped``)."""

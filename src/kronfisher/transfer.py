@@ -178,3 +178,9 @@ def _stream_cuda(
             yield start, stop, block
     finally:
         side.synchronize()  # nothing in flight into buffers about to be freed
+
+
+def wait(device: torch.device) -> None:
+    """Block the host until ``device``'s current stream is done (asynchronous copies read back); no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .columns import ColumnStore, row_blocks
+from .columns import ColumnStore
 from .eigen import Eigen
 
 
@@ -38,24 +38,23 @@ def two_pass(
     dev = store.device
     d, a_dim = v.shape
     q = q.to(dev, work)
-    itemsize = torch.empty((), dtype=work).element_size()
-    ranges = list(row_blocks(d, max(store.m, a_dim), itemsize))
+    ranges = store.ranges(a_dim, work)  # both passes over the same blocks (streamed from the host, if U is there)
     step = max(stop - start for start, stop in ranges) if ranges else 0
     vq = torch.empty(step, a_dim, dtype=work, device=dev)  # V[b] Q, reused by every block
     acc = torch.zeros(store.m, a_dim, dtype=work, device=dev)
-    for start, stop in ranges:
+    for start, stop, blk in store.blocks(work, ranges=ranges):
         n = stop - start
         torch.mm(v[start:stop].to(dev, work), q, out=vq[:n])
-        acc.addmm_(store.block(start, stop, work), vq[:n])
+        acc.addmm_(blk, vq[:n])
     y = middle(acc if coeffs is None else coeffs.to(dev, work).t() @ acc)
     del acc
     z = y if coeffs is None else coeffs.to(dev, work) @ y
     del y
     out = torch.empty(d, a_dim, dtype=work, device=dev)
     rows = torch.empty(step, a_dim, dtype=work, device=dev)
-    for start, stop in ranges:
+    for start, stop, blk in store.blocks(work, ranges=ranges):
         n = stop - start
-        torch.mm(store.block(start, stop, work).t(), z, out=rows[:n])
+        torch.mm(blk.t(), z, out=rows[:n])
         if diag is not None:
             torch.mm(v[start:stop].to(dev, work), q, out=vq[:n])
             rows[:n].addcmul_(vq[:n], diag)

@@ -181,7 +181,7 @@ def compress_columns(columns: ColumnStore, k: int, storage: torch.dtype) -> tupl
     vals, order = torch.sort(vals, descending=True)
     live = int((vals > float(vals[0]) * columns.m * torch.finfo(torch.float64).eps).sum()) if float(vals[0]) > 0 else 0
     top = vecs[:, order[: min(k, live)]]  # [m, k']
-    kept = torch.empty(top.shape[1], columns.dim, dtype=storage, device=columns.device)
+    kept = torch.empty(top.shape[1], columns.dim, dtype=storage, device=columns.storage_device)
     kept_mass = 0.0
     for start, stop, blk in columns.blocks(torch.float64):
         part = (top.t() @ blk).to(storage)

@@ -3,21 +3,29 @@
 ``A`` and ``G`` go through the same staging code (:func:`~kronfisher.accumulate.gram` or low-rank rows).
 Layers that read the same input tensor (q/k/v, gate/up) share one ``A`` contribution per batch: it is computed
 once per distinct input tensor and committed into each layer's sum.
+
+The output-gradient rows of a low-rank layer are scaled and cast to ``lowrank_dtype`` where they are (the device)
+and appended to ``U`` there; when the memory plan keeps ``U`` in host memory they are copied down asynchronously
+while the backward goes on, and committed after the batch's one synchronising non-finite check
+(:mod:`~kronfisher.collection.placement`, :mod:`kronfisher.transfer`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..algebra.columns import Residence
 from ..algebra.gram import compute_dtype, gram
 from ..config import KFACConfig
 from ..layers import LayerInfo
+from ..transfer import download, wait
 from .hooks import BatchContext, Staged
-from .placement import Placement, move_sum_to_cpu, sum_device
+from .placement import Placement, columns_placement, move_sum_to_cpu, sum_device
 from .sums import DenseSum, LayerSums, LowRankSum
 
 
@@ -29,12 +37,17 @@ def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:
 
 
 def new_layer_sums(
-    info: LayerInfo, cfg: KFACConfig, device: torch.device | str = "cpu", placement: Placement | None = None
+    info: LayerInfo,
+    cfg: KFACConfig,
+    device: torch.device | str = "cpu",
+    placement: Placement | None = None,
+    host_columns: Collection[str] = (),
 ) -> LayerSums:
     """Empty sums for one layer, with the representation the config selects.
 
     With ``placement``, a dense sum that does not fit on the accelerator (a real out-of-memory error) is allocated
-    on CPU and that factor's work runs on CPU from then on (docs/concepts.md).
+    on CPU and that factor's work runs on CPU from then on (docs/gpu.md). A low-rank ``U`` is kept on ``device`` unless
+    the layer is in ``host_columns`` (:func:`~kronfisher.collection.placement.columns_placement`).
     """
     dtype = cfg.accumulate_torch_dtype
 
@@ -46,8 +59,9 @@ def new_layer_sums(
 
     a = dense("A", info.a_dim)
     g: DenseSum | LowRankSum
-    if is_lowrank(info, cfg):  # the G side of huge layers lives on CPU
-        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, sum_device("G", True, device))
+    if is_lowrank(info, cfg):  # on the device, or in host memory streamed through it (docs/gpu.md)
+        where, residence = columns_placement(info, device, host_columns)
+        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, where, residence)
     else:
         g = dense("G", info.out_features)
     return LayerSums(A=a, G=g)
@@ -71,18 +85,45 @@ class FactorCollector:
 
     """
 
-    def __init__(self, infos: dict[str, LayerInfo], cfg: KFACConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        infos: dict[str, LayerInfo],
+        cfg: KFACConfig,
+        device: torch.device | str = "cpu",
+        host_columns: Collection[str] = (),
+    ) -> None:
+        """``host_columns``: low-rank layers whose ``U`` the memory plan keeps in host memory (streamed)."""
         self.infos = infos
         self.cfg = cfg
         self.sums: dict[str, LayerSums] = {}
         # a real OOM on the accelerator moves that factor's work (and its sum) to CPU, with a warning.
         self.placement = Placement(on_fallback=self._move_to_cpu)
+        self._pending: dict[int, tuple[Tensor, Tensor]] = {}  # id(device rows) -> (device rows, host copy)
+        self._pending_batch = -1
         for name, info in infos.items():
-            self.sums[name] = new_layer_sums(info, cfg, device, self.placement)
+            self.sums[name] = new_layer_sums(info, cfg, device, self.placement, host_columns)
 
     def _move_to_cpu(self, layer: str, factor: str) -> None:
-        if layer in self.sums:  # not yet when the sum's own allocation failed (it is then made on CPU)
+        if layer not in self.sums:  # not yet when the sum's own allocation failed (it is then made on CPU)
+            return
+        part = getattr(self.sums[layer], factor)
+        if isinstance(part, LowRankSum):
+            self._columns_to_host(part, torch.device("cpu"), streamed=False)
+        else:
             move_sum_to_cpu(self.sums[layer], factor)
+
+    @staticmethod
+    def _columns_to_host(part: LowRankSum, work: torch.device, streamed: bool) -> None:
+        """Move ``U`` to host memory; its products run on ``work`` (``streamed``: blocks copied there)."""
+        if part.residence is not None:
+            return
+        where = part.device
+        part.chunks = [download(c) for c in part.chunks]
+        if part.basis is not None:
+            part.basis = download(part.basis.t()).t()
+        wait(where)  # the host reads these chunks from now on
+        part.device = torch.device("cpu")
+        part.residence = Residence(work, streamed=streamed)
 
     def _stage_A(self, name: str, x: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> tuple[Tensor, float]:
         info = self.infos[name]
@@ -100,20 +141,22 @@ class FactorCollector:
         return out
 
     def _G_contribution(self, g: Tensor, ctx: BatchContext, info: LayerInfo) -> Tensor:
-        """``Σ ĝ ĝᵀ`` of a dense ``G``, or the rows ``ĝ`` of a low-rank one (moved to CPU first)."""
+        """``Σ ĝ ĝᵀ`` of a dense ``G``, or the rows ``ĝ`` of a low-rank one (cast where they are)."""
         if self.cfg.approx == "expand":
             rows = ctx.select(g, info, "output gradient")
         else:
             rows = ctx.masked(g, info, "output gradient").sum(dim=1)
         lowrank = self.sums[info.name].G
-        if isinstance(lowrank, LowRankSum):
-            rows = rows.to(lowrank.device)
-        rows = rows.to(compute_dtype(rows.dtype))
-        if isinstance(lowrank, LowRankSum):
-            if ctx.grad_scale != 1.0:
-                rows = rows * ctx.grad_scale
-            return rows.to(lowrank.storage_dtype)
-        return gram(rows, False, self.cfg.accumulate_torch_dtype, scale=ctx.grad_scale)  # no scaled copy of ĝ
+        if not isinstance(lowrank, LowRankSum):
+            return gram(rows, False, self.cfg.accumulate_torch_dtype, scale=ctx.grad_scale)  # no scaled copy of ĝ
+        # Scaled and cast to lowrank_dtype where the rows are (the device), before anything is copied.
+        out = rows.to(compute_dtype(rows.dtype))
+        if ctx.grad_scale != 1.0:
+            out = out * ctx.grad_scale
+        out = out.to(lowrank.storage_dtype)
+        if out.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
+            out = out.clone()  # never keep a view of autograd's gradient buffer in U
+        return out
 
     def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
         """Contributions of one layer call: ``A`` on the first backward of a forward, ``G`` on every one."""
@@ -123,14 +166,45 @@ class FactorCollector:
             a_sum, a_count = self._stage_A(name, x, ctx, cache)
             staged.append((name, "A", a_sum, a_count))
         contribution = self.placement.run(info, "G", lambda t: self._G_contribution(t, ctx, info), g.detach())
+        part = self.sums[name].G
+        if isinstance(part, LowRankSum) and part.residence is not None and part.residence.streamed:
+            if ctx.batch != self._pending_batch:  # copies of a batch that was never committed (dropped)
+                self._pending, self._pending_batch = {}, ctx.batch
+            if contribution.device == part.residence.work:  # U in host memory: copy down now, asynchronously
+                self._pending[id(contribution)] = (contribution, download(contribution))
         staged.append((name, "G", contribution, float(ctx.num_terms)))
         return staged
 
     def commit(self, staged: Staged) -> None:
         """Add checked contributions to the sums."""
         seen_batches: set[str] = set()
+        if self._pending:
+            wait(next(iter(self._pending.values()))[0].device)  # done already: the non-finite check synchronised
         for name, target, tensor, count in staged:
-            getattr(self.sums[name], target).add(tensor, count)
+            part = getattr(self.sums[name], target)
+            if isinstance(part, LowRankSum):
+                self._add_columns(name, part, tensor, count)
+            else:
+                part.add(tensor, count)
             if target == "A" and name not in seen_batches:
                 self.sums[name].batches += 1
                 seen_batches.add(name)
+        self._pending = {}
+
+    def _add_columns(self, name: str, part: LowRankSum, rows: Tensor, count: float) -> None:
+        """Append to ``U``; when it no longer fits on the device, move it to host memory (streamed) and retry."""
+        hit = self._pending.get(id(rows))
+        if hit is not None and hit[0] is rows:
+            rows = hit[1]
+        saved = (list(part.chunks), part.basis, part.count, part.tail_mass, part.discarded_mass)
+        try:
+            part.add(rows, count)
+            return
+        except torch.OutOfMemoryError as err:
+            if part.residence is not None:
+                raise
+            where = part.device
+            part.chunks, part.basis, part.count, part.tail_mass, part.discarded_mass = saved
+            self.placement.columns_to_host(self.infos[name], where, err)  # re-raises on the host
+        self._columns_to_host(part, where, streamed=True)
+        part.add(rows, count)

@@ -5,6 +5,11 @@ With ``A = Q_A Λ_A Q_Aᵀ`` and ``G = P Λ_G Pᵀ`` from the K-FAC pass, a seco
 summed loss). ``"sequence"`` granularity: ``∇_s = Σ_t ĝ_t a_tᵀ`` over a sequence; ``"token"``: ``∇_s = ĝ_t a_tᵀ``.
 For a thin (low-rank) ``P`` the complement keeps one eigenvalue per ``q_j``: the mean of the squared projections
 onto ``span(P)^⊥``, ``Λ*_⊥j = (1/N) Σ_s ‖(I − P Pᵀ) ∇_s q_j‖² / (out − r)``. The correction applies to every layer.
+
+The pass runs where each block's ``G`` side works (on an accelerator, ``U`` on the device or streamed through it):
+no eigenvector crosses to the host per batch. A real out-of-memory error while allocating a layer's EK-FAC sums or
+staging its contribution moves that layer's EK-FAC work to the host with a ``PlacementWarning`` (factor
+``"EK-FAC"``, :mod:`~kronfisher.collection.placement`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from ..algebra.gram import compute_dtype
 from ..config import KFACConfig
 from ..layers import LayerInfo
 from .hooks import BatchContext, Staged
+from .placement import Placement, block_on
 
 
 def _augment(x: Tensor, has_bias: bool, mask: Tensor | None = None) -> Tensor:
@@ -41,27 +47,52 @@ class EigenCorrector:
 
     def __init__(self, infos: dict[str, LayerInfo], blocks: dict[str, KronBlock], cfg: KFACConfig) -> None:
         self.infos = infos
-        self.blocks = blocks
         self.cfg = cfg
         dtype = cfg.accumulate_torch_dtype
         self.sums: dict[str, Tensor] = {}
         self.tail_sums: dict[str, Tensor] = {}
         self.counts: dict[str, float] = {n: 0.0 for n in blocks}
         self._scratch: dict[tuple[Any, ...], Tensor] = {}  # see _span_sequence
+        self._rotations: dict[tuple[Any, ...], Tensor] = {}  # Q_A in the work dtype on the work device, per block
+        self.placement = Placement(on_fallback=self._move_to_host)
+        self.blocks = dict(blocks)
         for name, b in blocks.items():
-            self.sums[name] = torch.zeros(b.G.rank, b.A.dim, dtype=dtype, device=b.A.vectors.device)
-            if not b.G.full:
-                self.tail_sums[name] = torch.zeros(b.A.dim, dtype=dtype, device=b.A.vectors.device)
+            info, thin = infos[name], not b.G.full
+
+            def make(device: torch.device, b: KronBlock = b, thin: bool = thin) -> tuple[Tensor, Tensor | None]:
+                span = torch.zeros(b.G.rank, b.A.dim, dtype=dtype, device=device)
+                return span, torch.zeros(b.A.dim, dtype=dtype, device=device) if thin else None
+
+            span, tail = self.placement.allocate(info, "EK-FAC", make, b.G.device)
+            self.sums[name] = span
+            if tail is not None:
+                self.tail_sums[name] = tail
+
+    def _move_to_host(self, name: str, factor: str) -> None:
+        """After an out-of-memory error: this layer's block and EK-FAC sums on the host for the rest of the pass."""
+        cpu = torch.device("cpu")
+        self.blocks[name] = block_on(self.blocks[name], cpu)
+        if name in self.sums:
+            self.sums[name] = self.sums[name].to(cpu)
+        if name in self.tail_sums:
+            self.tail_sums[name] = self.tail_sums[name].to(cpu)
 
     def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
         """Squared projections of this layer's per-sample gradients onto the Kronecker eigenbasis."""
         if name not in self.blocks:
             return []
+        return self.placement.run(
+            self.infos[name], "EK-FAC", lambda x, g: self._stage(name, x, g, ctx, cache), x.detach(), g.detach()
+        )
+
+    def _stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
         info, block = self.infos[name], self.blocks[name]
         work = compute_dtype(torch.promote_types(g.dtype, block.A.vectors.dtype))
-        dev = block.G.device  # the G side of a low-rank layer (and so this work) lives on CPU
-        q = block.A.vectors.to(dev, work)
-        x, g = x.detach(), g.detach()
+        dev = block.G.device  # where the G side works: the device (U on it or streamed through it), or the host
+        rot = (id(block.A.vectors), dev, work)
+        q = self._rotations.get(rot)
+        if q is None:  # once per pass, not per batch
+            q = self._rotations[rot] = block.A.vectors.to(dev, work)
         thin = not block.G.full
         dtype = self.cfg.accumulate_torch_dtype
         staged: Staged = []

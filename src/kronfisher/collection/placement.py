@@ -1,26 +1,35 @@
-"""Where each factor's work runs, and the CPU fallback after a real out-of-memory error (docs/concepts.md).
+"""Where each factor's work runs, and the host fallback after a real out-of-memory error (docs/gpu.md).
 
-On an accelerator, ``A`` (``in × in``) is accumulated on the device, and so is a dense ``G``; the ``G`` side of huge
-(low-rank) layers lives on CPU (:func:`sum_device`): the output-gradient rows leave the device once per batch and
-every product with ``U`` runs where ``U`` is.
+On an accelerator every factor lives and is worked on the device, the ``G`` side of huge (low-rank) layers included:
+``U`` is kept on the device in ``lowrank_dtype`` (the output-gradient rows are cast there before anything is copied)
+unless the memory plan keeps it in host memory (:func:`columns_placement`); then it is held in (pinned) host memory
+and every product streams its blocks through the device (:class:`~kronfisher.algebra.columns.Residence`), so the
+arithmetic still runs on the accelerator.
 
 A real ``torch.OutOfMemoryError`` raised by a factor's work on the accelerator (never an estimate of what would fit)
-moves that factor of that layer to CPU for the rest of the pass: the work is rerun on CPU copies of its inputs and
-every later batch does the same, with one :class:`~kronfisher.errors.PlacementWarning` naming the layer, ``in``,
-``out`` and the factor. Results are identical: the same arithmetic in the same dtype, on another device (the
-message names both dimensions, and nothing is staged on the device before the decision).
+moves that factor of that layer to the host for the rest of the pass: the work is rerun on host copies of its
+inputs and every later batch does the same, with one :class:`~kronfisher.errors.PlacementWarning` naming the layer,
+``in``, ``out`` and the factor. Results are identical: the same arithmetic in the same dtype, on another device
+(the message names both dimensions, and nothing is staged on the device before the decision). The same holds for
+the sums of the EK-FAC pass and its staging (factor ``"EK-FAC"``) and for operator products
+(:func:`on_cpu_after_oom` with :func:`block_on`). An out-of-memory error while ``U`` grows on the device moves ``U``
+to host memory, streamed (:meth:`Placement.note`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
+from ..algebra.block import KronBlock
+from ..algebra.columns import Residence
+from ..algebra.eigen import Eigen
 from ..errors import PlacementWarning
 from ..layers import LayerInfo
 
@@ -36,8 +45,51 @@ def is_accelerator(device: torch.device | str) -> bool:
 
 
 def sum_device(factor: str, lowrank: bool, device: torch.device | str) -> torch.device:
-    """Where a factor's sum lives: CPU for the ``G`` of a low-rank layer, ``device`` (the model's) otherwise."""
-    return torch.device("cpu") if factor == "G" and lowrank else torch.device(device)
+    """Where a dense factor's sum lives: on ``device`` (the model's); low-rank ``U``: :func:`columns_placement`."""
+    del factor, lowrank
+    return torch.device(device)
+
+
+def columns_on_device(info: LayerInfo, device: torch.device, host_columns: Collection[str]) -> bool:
+    """Whether a low-rank layer's ``U`` is kept on the accelerator: unless the memory plan lists it in ``host_columns``.
+
+    A real out-of-memory error later still moves it to host memory (:meth:`Placement.columns_to_host`).
+    """
+    del device
+    return info.name not in host_columns
+
+
+def columns_placement(
+    info: LayerInfo, device: torch.device | str, host_columns: Collection[str] = ()
+) -> tuple[torch.device, Residence | None]:
+    """``(storage device, residence)`` of a low-rank layer's ``U`` for a model on ``device``.
+
+    On the host: stored there, products there. On an accelerator: stored on the device, or in host memory with
+    every product streamed through the device when :func:`columns_on_device` says it does not fit.
+    """
+    dev = torch.device(device)
+    if not is_accelerator(dev) or columns_on_device(info, dev, host_columns):
+        return dev, None
+    return torch.device("cpu"), Residence(dev, streamed=True)
+
+
+def basis_on(eig: Any, device: torch.device) -> Any:
+    """An eigenbasis (dense or low-rank) whose products run on ``device`` (a host fallback)."""
+    if getattr(eig, "implicit", False):
+        cols = eig.columns.on(Residence(device))
+        return dataclasses.replace(eig, columns=cols, coeffs=eig.coeffs.to(device), values=eig.values.to(device))
+    if eig.vectors.device == device:
+        return eig
+    return Eigen(eig.vectors.to(device), eig.values.to(device), eig.tail)
+
+
+def block_on(block: KronBlock, device: torch.device) -> KronBlock:
+    """The same block with every tensor's work on ``device`` (EK-FAC and operator fallbacks)."""
+    corrected = None if block.corrected is None else block.corrected.to(device)
+    tail = None if block.corrected_tail is None else block.corrected_tail.to(device)
+    return KronBlock(
+        basis_on(block.A, device), basis_on(block.G, device), block.representation, corrected, tail, dict(block.tokens)
+    )
 
 
 def _free_cached(device: torch.device) -> None:
@@ -89,18 +141,29 @@ class Placement:
         return make(torch.device("cpu"))
 
     def _fall_back(self, info: LayerInfo, factor: str, where: torch.device, err: BaseException) -> None:
-        _free_cached(where)
         self.on_cpu.add((info.name, factor))
+        self.note(info, f"factor {factor}", where, err, "this factor's work now runs on CPU (results are identical)")
+        if self._on_fallback is not None:
+            self._on_fallback(info.name, factor)
+
+    def columns_to_host(self, info: LayerInfo, where: torch.device, err: torch.OutOfMemoryError) -> None:
+        """The warning for a low-rank ``U`` that no longer fits on ``where``; re-raises ``err`` off an accelerator."""
+        if not is_accelerator(where):
+            raise err
+        action = f"U is now kept in host memory and streamed through {where} for every product (same results)"
+        self.note(info, "U", where, err, action)
+
+    def note(self, info: LayerInfo, what: str, where: torch.device, err: BaseException, action: str) -> None:
+        """Free the device's cached blocks and issue the one warning of a fallback (``what`` of ``info``)."""
+        _free_cached(where)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         msg = (
-            f"Out of memory on {where} for factor {factor} of layer {info.name!r} (in={info.in_features}, "
-            f"out={info.out_features}): this factor's work now runs on CPU (results are identical). [{first}]"
+            f"Out of memory on {where} for {what} of layer {info.name!r} (in={info.in_features}, "
+            f"out={info.out_features}): {action}. [{first}]"
         )
         self.messages.append(msg)
         logger.warning(msg)
-        warnings.warn(msg, PlacementWarning, stacklevel=3)
-        if self._on_fallback is not None:
-            self._on_fallback(info.name, factor)
+        warnings.warn(msg, PlacementWarning, stacklevel=4)
 
 
 def on_cpu_after_oom(run: Callable[[torch.device], R], device: torch.device, what: str) -> R:
@@ -120,7 +183,7 @@ def on_cpu_after_oom(run: Callable[[torch.device], R], device: torch.device, wha
             raise
         _free_cached(device)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        msg = f"Out of memory on {device} for {what}: computed on CPU instead (the same matrix). [{first}]"
+        msg = f"Out of memory on {device} for {what}: computed on CPU instead (same result). [{first}]"
         logger.warning(msg)
         warnings.warn(msg, PlacementWarning, stacklevel=3)
     return run(torch.device("cpu"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..algebra.columns import ColumnStore
+from ..algebra.columns import ColumnStore, Residence
 from ..algebra.lowrank import LowRankEigen, compress_columns, eigen_from_columns
 from ..errors import ShapeError
 
@@ -86,11 +86,13 @@ class LowRankSum:
         storage_dtype: torch.dtype,
         max_rank: int | None = None,
         device: torch.device | str = "cpu",
+        residence: Residence | None = None,
     ) -> None:
         self.dim = dim
         self.storage_dtype = storage_dtype
         self.max_rank = max_rank
         self.device = torch.device(device)
+        self.residence = residence  # where products with U run (streamed from host memory, docs: placement)
         self.chunks: list[Tensor] = []
         self.count = 0.0
         self.basis: Tensor | None = None
@@ -106,7 +108,7 @@ class LowRankSum:
     def columns(self) -> ColumnStore:
         """The held columns ``W`` (basis first) as a :class:`~kronfisher.lowrank.ColumnStore` (no copy)."""
         head = [] if self.basis is None else [self.basis.t()]
-        return ColumnStore(head + list(self.chunks), self.dim)
+        return ColumnStore(head + list(self.chunks), self.dim, self.residence)
 
     def add(self, rows: Tensor, count: float) -> None:
         """Append staged ``[n, out]`` rows (already scaled to gradients of the summed loss) and their count."""

@@ -12,6 +12,7 @@ from ..algebra.block import KronBlock
 from ..algebra.eigen import Eigen
 from ..collection.sums import LayerSums, LowRankSum
 from ..config import KFACConfig
+from .batched import decompose_batched
 from .layer import POOL_GRAM_MAX, decompose_A, decompose_G, decompose_layer, shared_A_owners
 
 
@@ -47,6 +48,9 @@ def decompose_local(
                 gram = part.columns().gram()  # GEMM-bound: every thread, before the pool
                 jobs[key] = partial(decompose_G, name, sums[name], cfg, gram=gram)
                 cost[key] = float(part.num_columns) ** 3
+    for key, eig in decompose_batched(sums, owner, cfg).items():  # accelerator batches, float32 + refinement
+        jobs[key] = partial(_done, eig)
+        cost.pop(key, None)
     reported: set[str] = set()
     finished: set[tuple[str, str]] = set()
 
@@ -120,3 +124,7 @@ def _lazy(job: Callable[[], Eigen]) -> Callable[[], Eigen]:
         return cell[0]
 
     return get
+
+
+def _done(eig: Eigen) -> Eigen:
+    return eig

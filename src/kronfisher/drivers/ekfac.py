@@ -47,5 +47,5 @@ def correct(
     )
     reduce_corrector(corrector)  # the ranks' sums and counts, once per pass; no-op on one process
     fisher.set_blocks(corrector.blocks_out())
-    fisher.report.warnings.extend(report.warnings)
+    fisher.report.warnings.extend(report.warnings + corrector.placement.messages)
     return fisher

@@ -1,0 +1,175 @@
+"""Huge-layer ``U`` on the accelerator or streamed through it, and the host fallbacks (docs/gpu.md).
+
+The machine has no accelerator: it is simulated, as in ``test_lowrank_model.py``, by declaring every device an
+accelerator, so the placement logic runs on CPU tensors. A streamed ``U`` still goes through the real copy helpers
+(host staging buffer, landing buffer, cast), whose bytes :data:`kronfisher.transfer.STATS` counts; the blocks are
+made smaller than ``out`` so that every product runs over several of them. References are the plain CPU fits,
+float64, to 1e-10.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kronfisher as kf
+import kronfisher.algebra.columns as columns
+import kronfisher.collection.placement as placement
+import kronfisher.operator as operator_module
+from conftest import make_model, random_ids
+from kronfisher.algebra.columns import ColumnStore, Residence
+from kronfisher.algebra.kron import thin_kron_apply
+from kronfisher.algebra.lowrank import eigen_from_columns
+from kronfisher.collection.sums import LowRankSum
+from kronfisher.errors import PlacementWarning
+from kronfisher.transfer import STATS
+
+BATCHES = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(2)]
+F64 = {"accumulate_dtype": "float64", "lowrank_dtype": "float64", "damping": 0.05}
+CFG = kf.KFACConfig(**F64, lowrank_layers=("lm_head",), ekfac=True)
+TOL = 1e-10
+
+
+def _simulate(monkeypatch: pytest.MonkeyPatch, block_rows: int = 7) -> None:
+    """An accelerator on CPU, and blocks of ``block_rows`` rows of ``out`` (out = 40 in the tiny models)."""
+    monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
+    monkeypatch.setattr(columns, "MIN_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(columns, "BLOCK_BYTES", 1)
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(got, ref, rtol=TOL, atol=TOL * float(ref.abs().max()))
+
+
+def _same_fit(got: kf.KFAC, ref: kf.KFAC) -> None:
+    for name in ref.layer_names:
+        _close(got.to_dense(name), ref.to_dense(name))
+    g = torch.Generator().manual_seed(3)
+    model = make_model("qwen2")
+    probe = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
+    nat_got, nat_ref = got.natural_gradient(probe), ref.natural_gradient(probe)
+    for k in nat_ref:
+        _close(nat_got[k], nat_ref[k])
+
+
+def test_streamed_store_with_blocks_smaller_than_out_equals_one_local_block(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(5, 40, generator=g, dtype=torch.float64), torch.randn(9, 40, generator=g).double()]
+    local = ColumnStore(chunks, 40)  # default blocks: one block of all 40 rows
+    ref_gram, x = local.gram(), torch.randn(3, 40, generator=g, dtype=torch.float64)
+    ref_rows, ref_sq = local.rows_matmul(x), local.square_sum()
+    ref_eig = eigen_from_columns(local, 7.0, dtype=torch.float64)
+    _simulate(monkeypatch)
+    streamed = ColumnStore(chunks, 40, Residence(torch.device("cpu"), streamed=True))
+    assert [b for b in streamed.ranges(1, torch.float64)][:2] == [(0, 7), (7, 14)]
+    STATS.reset()
+    _close(streamed.gram(), ref_gram)
+    assert STATS.snapshot()["h2d_bytes"] == 14 * 40 * 8  # every column crossed once, in 6 blocks
+    _close(streamed.rows_matmul(x), ref_rows)
+    assert abs(streamed.square_sum() - ref_sq) <= TOL * ref_sq
+    eig = eigen_from_columns(streamed, 7.0, dtype=torch.float64)
+    _close(eig.values, ref_eig.values)
+    v = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+    a = kf.algebra.eigen.Eigen(q, torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+    span = torch.rand(eig.rank, 6, generator=g, dtype=torch.float64)
+    tail = torch.rand(6, generator=g, dtype=torch.float64)
+    _close(thin_kron_apply(v, eig, a, span, tail), thin_kron_apply(v, ref_eig, a, span, tail))
+
+
+@pytest.mark.parametrize("where", ["device", "streamed"])
+def test_fit_with_U_on_the_device_or_streamed_equals_the_cpu_fit(monkeypatch, where):
+    model = make_model("qwen2")
+    ref = kf.fit(model, BATCHES, CFG)
+    _simulate(monkeypatch)
+    if where == "streamed":  # the memory plan keeps U on the host
+        monkeypatch.setattr(placement, "columns_on_device", lambda info, device, host_columns: False)
+    STATS.reset()
+    got = kf.fit(model, BATCHES, CFG)
+    moved = STATS.snapshot()
+    _same_fit(got, ref)
+    store = got.sums["lm_head"].G.columns()
+    assert store.streamed == (where == "streamed")
+    if where == "device":
+        assert moved == {"h2d_bytes": 0, "d2h_bytes": 0, "copies": 0}  # nothing crosses the bus
+    else:  # the K-FAC pass's output-gradient rows come down once (12 tokens per batch, out = 40, float64) ...
+        assert moved["d2h_bytes"] == 24 * 40 * 8
+        assert moved["h2d_bytes"] >= 2 * 24 * 40 * 8  # ... and U's blocks go up for the Gram and each EK-FAC batch
+
+
+def test_device_U_out_of_memory_moves_it_to_host_memory_streamed(monkeypatch):
+    model = make_model("qwen2")
+    ref = kf.fit(model, BATCHES, CFG)
+    _simulate(monkeypatch)
+    real, calls = LowRankSum.add, []
+
+    def add(self, rows, count):
+        calls.append(1)
+        if len(calls) == 2:  # the second batch's append does not fit on the device
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+        return real(self, rows, count)
+
+    monkeypatch.setattr(LowRankSum, "add", add)
+    with pytest.warns(PlacementWarning, match=r"U of layer 'lm_head' \(in=16, out=40\).*streamed"):
+        got = kf.fit(model, BATCHES, CFG)
+    assert got.sums["lm_head"].G.columns().streamed
+    assert sum("Out of memory" in w for w in got.report.warnings) == 1
+    _same_fit(got, ref)
+
+
+def test_ekfac_sums_and_staging_out_of_memory_fall_back_to_the_host(monkeypatch):
+    model = make_model("qwen2")
+    ref = kf.fit(model, BATCHES, CFG)
+    _simulate(monkeypatch)
+    real_alloc, real_run, seen = placement.Placement.allocate, placement.Placement.run, []
+
+    def allocate(self, info, factor, make, device):
+        if factor == "EK-FAC" and info.name == "model.layers.0.mlp.up_proj" and "alloc" not in seen:
+            seen.append("alloc")
+            return real_alloc(self, info, factor, _fail_first(make), device)
+        return real_alloc(self, info, factor, make, device)
+
+    def run(self, info, factor, fn, *tensors):
+        if factor == "EK-FAC" and info.name == "lm_head" and "run" not in seen:
+            seen.append("run")
+            return real_run(self, info, factor, _fail_first(fn), *tensors)
+        return real_run(self, info, factor, fn, *tensors)
+
+    monkeypatch.setattr(placement.Placement, "allocate", allocate)
+    monkeypatch.setattr(placement.Placement, "run", run)
+    with pytest.warns(PlacementWarning) as caught:
+        got = kf.fit(model, BATCHES, CFG)
+    text = " ".join(str(w.message) for w in caught)
+    assert "factor EK-FAC of layer 'model.layers.0.mlp.up_proj'" in text and "factor EK-FAC of layer 'lm_head'" in text
+    assert seen == ["alloc", "run"]
+    _same_fit(got, ref)
+
+
+def test_operator_product_out_of_memory_is_computed_on_the_host(monkeypatch):
+    model = make_model("qwen2")
+    ref = kf.fit(model, BATCHES, CFG)
+    _simulate(monkeypatch)
+    got = kf.fit(model, BATCHES, CFG)
+    real, calls = operator_module.kron_apply, []
+
+    def kron_apply(v, g, a, span, tail):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (injected)")
+        return real(v, g, a, span, tail)
+
+    monkeypatch.setattr(operator_module, "kron_apply", kron_apply)
+    with pytest.warns(PlacementWarning, match=r"the product of layer"):
+        _same_fit(got, ref)
+
+
+def _fail_first(fn):
+    calls = []
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return fn(*args)
+
+    return wrapped
