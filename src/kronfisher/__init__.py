@@ -16,6 +16,7 @@ from .config import KFACConfig
 from .drivers.fit import CaptureSession, capture, collect, fit
 from .errors import (
     ConfigError,
+    CorruptedFileError,
     DecompositionError,
     FileFormatError,
     FingerprintError,
@@ -25,8 +26,9 @@ from .errors import (
     SpectrumError,
 )
 from .io.files import inspect_file, load, read_metadata, save, verify_file
+from .io.fingerprint import model_fingerprint
 from .io.merge import merge_files
-from .io.sums import SumsFile, load_sums, model_fingerprint, save_sums
+from .io.sums import SumsFile, load_sums, save_sums
 from .layers import LayerInfo, discover_layers
 from .operator import KFAC
 
@@ -34,6 +36,7 @@ __all__ = [
     "KFAC",
     "CaptureSession",
     "ConfigError",
+    "CorruptedFileError",
     "Damping",
     "DecompositionError",
     "FileFormatError",

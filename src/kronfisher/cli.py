@@ -22,7 +22,7 @@ import torch
 
 from ._version import __version__
 from .config import KFACConfig, config_fields
-from .errors import ConfigError, FileFormatError, FingerprintError, InputError, KronfisherError
+from .errors import ConfigError, CorruptedFileError, FingerprintError, InputError, KronfisherError
 from .options import NONE_WORDS, Rule
 
 EXIT_USER_ERROR = 2
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--verify", action="store_true", help="read every tensor and check the checksums")
     i.add_argument("--model", help="check that the file fits this model (folder, .gguf, hub id); lists mismatches")
+    i.add_argument("--allow-subset", action="store_true", help="with --model: accept a model with more layers")
     i.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (with --model)")
 
     m = sub.add_parser("merge", help="merge factor files from disjoint data (adds sums and counts)")
@@ -247,8 +248,8 @@ INSPECT_COLUMNS = (
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``kronfisher inspect FILE``."""
-    from .io.files import inspect_file, read_metadata, verify_file
-    from .io.sums import check_fingerprint
+    from .io.files import ekfac_status, inspect_file, read_metadata, verify_file
+    from .io.fingerprint import check_model
 
     path = Path(args.file)
     if not path.exists():
@@ -260,7 +261,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from .models import load_model
 
         lm = load_model(args.model, device="cpu", trust_remote_code=args.trust_remote_code)
-        check_fingerprint(read_metadata(path)["fingerprint"], lm.model, path=path)
+        check_model(read_metadata(path), lm.model, path=path, allow_subset=args.allow_subset)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -270,7 +271,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(
         f"{path}: kind {meta.get('kind')}, format {meta.get('format_version')}, kronfisher "
         f"{meta.get('library_version')}, {len(rows)} layers; fisher={cfg.get('fisher')} approx={cfg.get('approx')} "
-        f"ekfac={cfg.get('ekfac')}; tokens {report.get('tokens')}, loss terms {report.get('loss_terms')}, "
+        f"ekfac={ekfac_status(meta)}; tokens {report.get('tokens')}, loss terms {report.get('loss_terms')}, "
         f"batches {report.get('batches')}"
     )
     print(format_table(rows, INSPECT_COLUMNS))
@@ -290,12 +291,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _hint_for(err: KronfisherError) -> str | None:
-    if isinstance(err, InputError):
-        return err.hint
+    hint = getattr(err, "hint", None)  # InputError, FileFormatError: set where the error is raised
+    if hint:
+        return hint
     if isinstance(err, FingerprintError):
-        return "The factor file was computed for another model (layers listed as file [out, in, bias] vs model)."
-    if isinstance(err, FileFormatError):
-        return "The file may be truncated or from another tool; rewrite it with kronfisher analyze."
+        return "The factor file was computed for another model (layers listed as file vs model)."
+    if isinstance(err, CorruptedFileError):
+        return "The file is truncated or damaged (or not a factor file): rewrite it with kronfisher analyze."
     return None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class KronfisherError(Exception):
     """Base class of every error raised by kronfisher."""
@@ -51,20 +53,37 @@ class SpectrumError(KronfisherError, ArithmeticError):
 
 
 class FileFormatError(KronfisherError, OSError):
-    """A factor file that is truncated, corrupted, of another format version or for another model."""
+    """A factor file that cannot be used: not a kronfisher file, damaged, of a newer format, or incompatible.
+
+    Attributes:
+        hint: one line suggesting a fix, or None.
+
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class CorruptedFileError(FileFormatError):
+    """A factor file damaged after it was written: truncated, or bytes changed.
+
+    A checksum, the JSON header or the tensor index no longer agree. A file of another format, or one this version
+    cannot use, is a plain :class:`FileFormatError`.
+    """
 
 
 class FingerprintError(FileFormatError):
-    """A factor file whose layers do not match the model it is loaded for.
+    """A factor file whose layers do not match the model (shapes or weights), or files of different weights.
 
     Attributes:
         mismatched: list of ``(layer, expected, found)`` describing each mismatch.
 
     """
 
-    def __init__(self, message: str, mismatched: list[tuple[str, str, str]]) -> None:
-        super().__init__(message)
-        self.mismatched = mismatched
+    def __init__(self, message: str, mismatched: Sequence[tuple[str, str, str]] = (), hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.mismatched = list(mismatched)
 
 
 class KronfisherWarning(UserWarning):

@@ -64,7 +64,15 @@ class KFAC:
     """Kronecker-factored curvature of a model: decomposed blocks per tracked layer plus the raw sums.
 
     Build it with :func:`kronfisher.fit`, :func:`kronfisher.capture` or :func:`kronfisher.load`.
+
+    Attributes:
+        weights_fingerprint: digests of the weights the factors were computed from, as stored in a factor file
+            (set by :func:`kronfisher.load` and :func:`kronfisher.merge_files`; None otherwise). :meth:`save`
+            writes them when no model is given.
+
     """
+
+    weights_fingerprint: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -137,6 +145,11 @@ class KFAC:
     def attach_model(self, model: nn.Module) -> None:
         """Remember ``model`` (weakly) so that :meth:`natural_gradient` can read its ``.grad``."""
         self._model_ref = weakref.ref(model)
+
+    @property
+    def attached_model(self) -> nn.Module | None:
+        """The model attached by :func:`kronfisher.fit`, :func:`kronfisher.load` or :meth:`attach_model`, if alive."""
+        return self._model_ref() if self._model_ref is not None else None
 
     # Introspection --------------------------------------------------------------------------------------
     @property

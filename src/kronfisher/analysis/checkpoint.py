@@ -24,7 +24,8 @@ from ..config import KFACConfig, sum_fields
 from ..data import TextBatches
 from ..drivers.fit import CollectState, collect
 from ..errors import InputError
-from ..io.sums import load_sums, model_fingerprint, save_sums
+from ..io.fingerprint import check_model, model_fingerprint
+from ..io.sums import load_sums, save_sums
 from ..models import LoadedModel
 from ..report import CollectionReport
 
@@ -80,10 +81,17 @@ def remove_checkpoint(ckpt: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+RESUME_HINT = (
+    "Run without --resume to start over (the checkpoint is then replaced), or resume with the model the run "
+    "started with."
+)
+
+
 def _resume_state(
-    ckpt: Path, identity: dict[str, Any], shard: Shard, info: Callable[[str], None]
+    ckpt: Path, identity: dict[str, Any], shard: Shard, info: Callable[[str], None], model: nn.Module
 ) -> CollectState | None:
     sf = load_sums(ckpt)
+    check_model(sf.meta, model, path=ckpt, allow_subset=True, hint=RESUME_HINT)  # names the layers that differ
     extra = sf.meta.get("extra", {})
     bad = mismatch(extra.get("identity", {}), identity, ignore=("config",))  # damping etc. may change
     saved_world = extra.get("world_size", 1)
@@ -133,7 +141,7 @@ def collect_with_checkpoints(
     """
     state = None
     if resume and ckpt.exists():
-        state = _resume_state(ckpt, identity, shard, info)
+        state = _resume_state(ckpt, identity, shard, info, lm.model)
         bar.update(sum(sizes[shard.global_index(k)] for k in range(state.batches_done)))
     elif resume:
         info(f"  no checkpoint at {ckpt}: starting from the beginning")

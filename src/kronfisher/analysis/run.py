@@ -141,7 +141,7 @@ def analyze_model(
         reuse = not mismatch(read_metadata(factor_path).get("extra", {}).get("identity", {}), identity)
     if broadcast_object(reuse):  # rank 0 decides for all: a split decision would pair unrelated collectives
         console.info(f"  factors already complete in {factor_path}: reusing them")
-        fisher = load(factor_path, model=lm.model)
+        fisher = load(factor_path, model=lm.model, allow_subset=True)  # same identity: this run's own layers
     if fisher is None:
         t = time.monotonic()
         bar = console.bar(tb.tokens, "  K-FAC factors")

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 from .files import inspect_file, load, read_metadata, save, verify_file
+from .fingerprint import check_fingerprint, check_model, model_fingerprint
 from .merge import merge_files
-from .sums import SumsFile, check_fingerprint, load_sums, model_fingerprint, save_sums
+from .sums import SumsFile, load_sums, save_sums
 
 __all__ = [
     "SumsFile",
     "check_fingerprint",
+    "check_model",
     "inspect_file",
     "load",
     "load_sums",

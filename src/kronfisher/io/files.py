@@ -29,11 +29,11 @@ from ..algebra.lowrank import LowRankEigen
 from ..errors import FileFormatError
 from ..layers import LayerInfo
 from ..operator import KFAC
+from .fingerprint import check_model
 from .format import Header, LazyLayers, Payload, read_header, read_tensors, verify_payload
 from .sums import (
     PathLike,
     base_meta,
-    check_fingerprint,
     config_from_header,
     infos_from_header,
     read_layer_sums,
@@ -69,7 +69,9 @@ def save(
     Args:
         fisher: the operator (K-FAC or EK-FAC; dense and low-rank layers).
         path: destination (``.safetensors``).
-        model: when given, checked against the layer shapes and described in the metadata (weights never stored).
+        model: when given, checked against the layer shapes, described in the metadata, and a digest of a sample
+            of its weights stored (the weights themselves never are). Default: the weight digests the operator was
+            loaded or merged with, else the model :func:`~kronfisher.fit` attached.
         include_sums: also store the raw sums, so the file can be merged with files from disjoint data.
         extra_meta: JSON-serialisable data for the caller.
 
@@ -79,7 +81,9 @@ def save(
     """
     blocks = {n: fisher.block(n) for n in fisher.layer_names}
     infos = {n: fisher.infos[n] for n in blocks}
-    meta = base_meta("kfac", fisher.cfg, infos, fisher.report, model, extra_meta)
+    if model is None and fisher.weights_fingerprint is None:  # weight digests from the model fit() attached
+        model = fisher.attached_model
+    meta = base_meta("kfac", fisher.cfg, infos, fisher.report, model, extra_meta, weights=fisher.weights_fingerprint)
     payload = Payload()
     bmeta, rows = {}, {}
     for name, b in blocks.items():
@@ -220,17 +224,26 @@ class LoadedKFAC(KFAC):
 
 
 def load(
-    path: PathLike, *, model: nn.Module | None = None, device: torch.device | str = "cpu", verify: bool = False
+    path: PathLike,
+    *,
+    model: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    verify: bool = False,
+    allow_subset: bool = False,
 ) -> KFAC:
     """Load a factor file (docs/files.md). Layers load lazily: each layer's tensors are read on first use.
 
     Args:
         path: a file written by :func:`save` (or :func:`save_sums`, which is then decomposed here, eagerly).
-        model: when given, every layer of the file must exist in it with the same ``[out, in, has_bias]``
-            (:class:`FingerprintError` lists the mismatched layers); the model is attached for
-            :meth:`KFAC.natural_gradient`.
+        model: when given, every layer of the file must exist in it with the same ``[out, in, has_bias]`` and the
+            same weights (a digest of a strided sample of each layer's values; files written before the digests
+            existed are checked on shapes only), and the file must cover every layer of the model that its
+            include/exclude selection tracks (:class:`FingerprintError` lists the layers); the model is attached
+            for :meth:`KFAC.natural_gradient`.
         device: where the tensors go when they are read.
         verify: read every tensor now and check the payload checksum (otherwise each tensor is checked when read).
+        allow_subset: accept a model with more tracked layers than the file (natural gradients then cover the
+            file's layers only).
 
     Raises:
         FileFormatError: truncated, corrupted or unsupported file (the message names the file).
@@ -243,11 +256,13 @@ def load(
     cfg = config_from_header(header)
     infos = infos_from_header(header)
     if model is not None:
-        check_fingerprint(header.meta["fingerprint"], model, path=header.path)
+        check_model(header.meta, model, path=header.path, allow_subset=allow_subset)
     report = report_from_dict(header.meta.get("report", {}))
     if header.meta.get("kind") == "sums":
         sums = {n: read_layer_sums(header, n, cfg, device) for n in header.meta["sums"]}
-        return KFAC.from_sums(infos, sums, cfg, report=report, model=model)
+        fisher = KFAC.from_sums(infos, sums, cfg, report=report, model=model)
+        fisher.weights_fingerprint = header.meta.get("weights")
+        return fisher
     if header.meta.get("kind") != "kfac":
         raise FileFormatError(f"Factor file {header.path}: unknown kind {header.meta.get('kind')!r}.")
     names = list(header.meta["blocks"])
@@ -255,7 +270,7 @@ def load(
     sums = None
     if header.meta.get("sums"):
         sums = LazyLayers(header.meta["sums"], lambda n: read_layer_sums(header, n, cfg, device))
-    return LoadedKFAC(
+    fisher = LoadedKFAC(
         {n: infos[n] for n in names},
         blocks,  # type: ignore[arg-type]
         cfg,
@@ -265,6 +280,8 @@ def load(
         rows=header.meta["layers"],
         path=header.path,
     )
+    fisher.weights_fingerprint = header.meta.get("weights")
+    return fisher
 
 
 def verify_file(path: PathLike) -> dict[str, Any]:
@@ -277,6 +294,25 @@ def verify_file(path: PathLike) -> dict[str, Any]:
 def read_metadata(path: PathLike) -> dict[str, Any]:
     """The checked JSON metadata of a factor file, without reading any tensor."""
     return read_header(path).meta
+
+
+def ekfac_status(meta: Mapping[str, Any]) -> str:
+    """Whether every layer of a file holds EK-FAC eigenvalues (``kronfisher inspect``'s ``ekfac=``).
+
+    ``"True"``, or ``"False"`` followed by the reason when the configuration (or an input of a merge) asked for
+    EK-FAC: merged files are K-FAC, sums files hold no eigenvalues.
+    """
+    rows = list(meta.get("layers", {}).values())
+    held = bool(rows) and all(r.get("ekfac") for r in rows)
+    merged = (meta.get("extra") or {}).get("merged_from") or []
+    asked = bool((meta.get("config") or {}).get("ekfac")) or any(m.get("ekfac") for m in merged)
+    if held or not asked:
+        return str(held)
+    if merged:
+        return "False (merged: EK-FAC eigenvalues are not mergeable; rerun the EK-FAC pass on the merged factors)"
+    if meta.get("kind") == "sums":
+        return "False (raw sums only; EK-FAC eigenvalues come after the decomposition)"
+    return "False (K-FAC blocks; the EK-FAC pass did not run)"
 
 
 def inspect_file(path: PathLike) -> list[dict[str, Any]]:

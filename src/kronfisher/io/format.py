@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ..errors import FileFormatError
+from ..errors import CorruptedFileError, FileFormatError
 
 FORMAT_NAME = "kronfisher"
 
@@ -168,8 +168,17 @@ class Header:
     stamp: FileStamp
 
 
-def _fail(path: Path, what: str) -> FileFormatError:
-    return FileFormatError(f"Factor file {path}: {what}")
+FOREIGN_HINT = "Pass a factor file written by kronfisher (analyze, merge, or save in Python)."
+
+
+def _fail(path: Path, what: str) -> CorruptedFileError:
+    """A kronfisher file damaged after it was written (truncated, or bytes changed)."""
+    return CorruptedFileError(f"Factor file {path}: {what}")
+
+
+def _unusable(path: Path, what: str, hint: str | None = None) -> FileFormatError:
+    """A file that is intact as far as can be told, but not one this kronfisher can use."""
+    return FileFormatError(f"Factor file {path}: {what}", hint=hint)
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -200,7 +209,13 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise _fail(path, "corrupted safetensors header (not a JSON object).")
     block = index.pop("__metadata__", None)
     if not isinstance(block, dict) or not isinstance(block.get(META_KEY), str):
-        raise _fail(path, "not a kronfisher factor file (no kronfisher metadata in the safetensors header).")
+        # Our metadata names "kronfisher" in its keys and in its text: a header that still holds the name but not
+        # under the expected keys is one of our files with a damaged byte (a key or the "__metadata__" name).
+        if META_KEY.encode() in raw:
+            raise _fail(path, "corrupted safetensors header (the kronfisher metadata is not under its keys).")
+        raise _unusable(
+            path, "not a kronfisher factor file (no kronfisher metadata in the safetensors header).", FOREIGN_HINT
+        )
     text = block[META_KEY]
     if hashlib.sha256(text.encode()).hexdigest() != block.get(META_SHA_KEY):
         raise _fail(path, "metadata checksum mismatch (corrupted file).")
@@ -215,15 +230,16 @@ def read_header(path: str | os.PathLike[str]) -> Header:
 
 def _check_version(path: Path, meta: Any) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or not isinstance(meta.get("tensors"), dict):
-        raise _fail(path, "not a kronfisher factor file (unexpected metadata).")
+        raise _unusable(path, "not a kronfisher factor file (unexpected metadata).", FOREIGN_HINT)
     version = meta.get("format_version")
     if not isinstance(version, int) or version < 1:
-        raise _fail(path, f"invalid format version {version!r}.")
+        raise _unusable(path, f"invalid format version {version!r}.", FOREIGN_HINT)
     if version > FORMAT_VERSION:
-        raise _fail(
+        raise _unusable(
             path,
             f"format version {version} (written by kronfisher {meta.get('library_version')}); this kronfisher "
             f"reads format versions up to {FORMAT_VERSION}: upgrade kronfisher.",
+            "pip install --upgrade kronfisher",
         )
 
 
@@ -275,9 +291,13 @@ def _iter_tensors(header: Header, keys: list[str]) -> Iterator[tuple[str, Tensor
     try:
         now = FileStamp.of(path)
     except OSError as err:
-        raise _fail(path, f"cannot be read any more ({err}).") from err
+        raise _unusable(path, f"cannot be read any more ({err}).") from err
     if now != header.stamp:
-        raise _fail(path, "changed on disk since it was opened; load it again.")
+        raise _unusable(
+            path,
+            "changed on disk since it was opened; load it again.",
+            "Another process replaced the file after it was opened.",
+        )
     entries = header.meta["tensors"]
     try:
         f = safe_open(str(path), framework="pt", device="cpu")

@@ -23,71 +23,14 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..collection.sums import DenseSum, LayerSums, LowRankSum
 from ..config import KFACConfig
-from ..errors import ConfigError, FileFormatError, FingerprintError, KronfisherError
-from ..layers import LayerInfo, layer_kind
+from ..errors import ConfigError, FileFormatError, KronfisherError
+from ..layers import LayerInfo
 from ..report import CollectionReport
 from .atomic import atomic_write
+from .fingerprint import check_fingerprint, check_weights, model_fingerprint, weights_fingerprint
 from .format import FORMAT_NAME, FORMAT_VERSION, Header, Payload, payload_digest, read_header, read_tensors
 
 PathLike = str | os.PathLike[str]
-
-
-# Fingerprints ---------------------------------------------------------------------------------------------------
-def model_fingerprint(model_or_infos: Any) -> dict[str, list[int]]:
-    """Layer name -> ``[out, in, has_bias]`` (docs/files.md).
-
-    Args:
-        model_or_infos: a model (every ``nn.Linear`` / ``Conv1D``, frozen or not), a dict of
-            :class:`~kronfisher.layers.LayerInfo`, an object with ``.infos`` (a :class:`KFAC`, a :class:`SumsFile`)
-            or a fingerprint dict.
-
-    """
-    if isinstance(model_or_infos, nn.Module):
-        out: dict[str, list[int]] = {}
-        for name, module in model_or_infos.named_modules():
-            kind = layer_kind(module)
-            if kind is None:
-                continue
-            w = module.weight
-            in_f, out_f = (w.shape[1], w.shape[0]) if kind == "linear" else (w.shape[0], w.shape[1])
-            out[name] = [int(out_f), int(in_f), int(getattr(module, "bias", None) is not None)]
-        return out
-    infos = getattr(model_or_infos, "infos", model_or_infos)
-    if not isinstance(infos, Mapping):
-        raise TypeError(f"model_fingerprint needs a model, layer infos or a fingerprint, got {type(infos).__name__}.")
-    result = {}
-    for name, v in infos.items():
-        if isinstance(v, LayerInfo):
-            result[name] = [v.out_features, v.in_features, int(v.has_bias)]
-        else:
-            result[name] = [int(x) for x in v]
-    return result
-
-
-def fingerprint_mismatches(expected: Mapping[str, list[int]], model_or_infos: Any) -> list[tuple[str, str, str]]:
-    """``(layer, expected, found)`` for every layer of ``expected`` that the model lacks or shapes differently."""
-    found = model_fingerprint(model_or_infos)
-    bad = []
-    for name, want in expected.items():
-        have = found.get(name)
-        if have is None:
-            bad.append((name, str(list(want)), "missing"))
-        elif list(have) != list(want):
-            bad.append((name, str(list(want)), str(list(have))))
-    return bad
-
-
-def check_fingerprint(expected: Mapping[str, list[int]], model_or_infos: Any, *, path: PathLike = "?") -> None:
-    """Raise :class:`FingerprintError` listing every mismatched layer (``[out, in, has_bias]``)."""
-    bad = fingerprint_mismatches(expected, model_or_infos)
-    if bad:
-        shown = "; ".join(f"{n}: file {e}, model {f}" for n, e, f in bad[:20])
-        more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
-        raise FingerprintError(
-            f"Factor file {path} does not match the model: {len(bad)} mismatched layer(s) "
-            f"[out, in, has_bias]: {shown}{more}.",
-            bad,
-        )
 
 
 # Metadata helpers -----------------------------------------------------------------------------------------------
@@ -109,10 +52,20 @@ def base_meta(
     report: CollectionReport | None,
     model: nn.Module | None,
     extra: Mapping[str, Any] | None,
+    *,
+    weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Metadata common to every file kind; checks ``model`` against ``infos`` when given (docs/files.md)."""
+    """Metadata common to every file kind; checks ``model`` against ``infos`` when given (docs/files.md).
+
+    ``"weights"`` holds digests of ``model``'s weights for every layer of ``infos``; without a model, the given
+    ``weights`` (what a loaded or merged operator carries), restricted to those layers.
+    """
     if model is not None:
         check_fingerprint(model_fingerprint(infos), model, path="(being written)")
+        check_weights(weights, model, path="(being written)")
+        weights = weights_fingerprint(model, infos)
+    elif weights is not None:
+        weights = {**weights, "layers": {n: d for n, d in weights["layers"].items() if n in infos}}
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -123,6 +76,7 @@ def base_meta(
         "config": cfg.to_dict(),
         "report": (report or CollectionReport()).to_dict(),
         "fingerprint": model_fingerprint(infos),
+        "weights": weights,
         "infos": {n: info.to_dict() for n, info in infos.items()},
         "model": _model_meta(model),
         "extra": dict(extra or {}),
@@ -339,7 +293,11 @@ def load_sums(path: PathLike) -> SumsFile:
     """Read the raw sums of a ``"sums"`` file, or of a ``"kfac"`` file saved with its sums (eager, CPU)."""
     header = read_header(path)
     if not header.meta.get("sums"):
-        raise FileFormatError(f"Factor file {header.path} holds no raw sums (it was saved with include_sums=False).")
+        raise FileFormatError(
+            f"Factor file {header.path} holds no raw sums (it was saved with include_sums=False).",
+            hint="Only files with their raw sums merge: rerun kronfisher analyze without --no-sums "
+            "(in Python: save with include_sums=True).",
+        )
     cfg = config_from_header(header)
     infos = infos_from_header(header)
     sums = {n: read_layer_sums(header, n, cfg) for n in header.meta["sums"]}
