@@ -28,7 +28,7 @@ KILL_AT = 5  # batch index at which the subprocess kills itself; checkpoints eve
 KILLER = textwrap.dedent(
     f"""
     import importlib, os, signal, sys
-    fit = importlib.import_module("kronfisher.drivers.fit")  # the module (kronfisher.fit the attribute is the function)
+    fit = importlib.import_module("kronfisher.collection.passes")  # the module holding the one batch loop
     original = fit.run_batch
     def run_batch(model, batch, cap, cfg, index, *args, **kwargs):
         if index == {KILL_AT}:

@@ -123,7 +123,7 @@ def test_torchrun_two_processes_equal_one(reference: Path) -> None:
 KILLER = textwrap.dedent(
     """
     import importlib, os, signal, sys
-    fit = importlib.import_module("kronfisher.drivers.fit")
+    fit = importlib.import_module("kronfisher.collection.passes")
     original = fit.run_batch
     def run_batch(model, batch, cap, cfg, index, *args, **kwargs):
         if os.environ.get("RANK") == "1" and index == 5:  # global batch 5 is rank 1's third batch

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .basis import FactorBasis, Representation
 from .eigen import Eigen
 
 
@@ -16,8 +17,7 @@ class KronBlock:
 
     Attributes:
         A: eigenbasis of ``A`` (``[a_dim, a_dim]``).
-        G: eigenbasis of ``G`` (``[out, out]`` dense or ``[out, r]`` low-rank).
-        representation: ``"dense"`` or ``"lowrank"``.
+        G: eigenbasis of ``G`` (``[out, out]`` dense or ``[out, r]`` low-rank, :mod:`~kronfisher.algebra.basis`).
         corrected: EK-FAC eigenvalues ``Λ*`` on ``span(P) ⊗ span(Q_A)``, ``[r, a_dim]`` (docs/concepts.md), or None.
         corrected_tail: EK-FAC eigenvalue per ``q_j`` on the complement of a thin ``P`` (``[a_dim]``), or None.
         tokens: ``T`` and ``N`` counts the factors were normalised with.
@@ -25,12 +25,16 @@ class KronBlock:
     """
 
     A: Eigen
-    G: Eigen
-    representation: str
+    G: FactorBasis
     corrected: Tensor | None = None
     corrected_tail: Tensor | None = None
     tokens: dict[str, float] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def representation(self) -> Representation:
+        """How ``G`` is held: ``"dense"`` or ``"lowrank"`` (the basis' own ``kind``)."""
+        return self.G.kind
 
     @property
     def is_ekfac(self) -> bool:
@@ -39,7 +43,7 @@ class KronBlock:
 
     def with_correction(self, corrected: Tensor, corrected_tail: Tensor | None) -> KronBlock:
         """A new block (fresh cache) with EK-FAC eigenvalues."""
-        return KronBlock(self.A, self.G, self.representation, corrected, corrected_tail, dict(self.tokens))
+        return KronBlock(self.A, self.G, corrected, corrected_tail, dict(self.tokens))
 
     def kron_eigenvalues(self) -> tuple[Tensor, Tensor | None]:
         """Undamped eigenvalues: ``(span [r, a], tail [a] or None)``; EK-FAC ones when corrected (docs/concepts.md)."""

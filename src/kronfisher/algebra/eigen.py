@@ -31,7 +31,7 @@ class Eigen:
     values: Tensor
     tail: float = 0.0
 
-    implicit = False  # the low-rank eigenform (kronfisher.lowrank.LowRankEigen) keeps P = W C implicit
+    kind = "dense"  # the representation (algebra.basis); LowRankEigen keeps a thin P = W C implicit
 
     @property
     def device(self) -> torch.device:

@@ -13,7 +13,7 @@ from .eigen import Eigen
 
 def _left_factors(g: Any) -> tuple[ColumnStore, Tensor | None]:
     """``(B, C)`` with ``P = B C`` (``C`` None: ``P = B``), for implicit and explicit thin bases."""
-    if getattr(g, "implicit", False):
+    if g.kind == "lowrank":
         return g.columns, g.coeffs
     return ColumnStore([g.vectors.t()], g.dim), None
 
@@ -92,7 +92,7 @@ def kron_apply(v: Tensor, g: Eigen, a: Eigen, span: Tensor, tail: Tensor | None)
         tail: ``[a_dim]`` eigenvalues on ``span(P)^⊥ ⊗ q_j`` (ignored when ``P`` is square).
 
     """
-    if g.implicit or not g.full:  # thin or implicit P: blockwise, on the G side's device (docs/concepts.md)
+    if g.kind == "lowrank" or not g.full:  # thin or implicit P: blockwise, on the G side's device
         return thin_kron_apply(v, g, a, span, tail)
     p, q = g.vectors, a.vectors
     x = v @ q  # [out, a]

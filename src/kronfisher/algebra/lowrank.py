@@ -62,7 +62,7 @@ class LowRankEigen:
     tail: float = 0.0
     discarded: float = 0.0
 
-    implicit = True
+    kind = "lowrank"  # the representation (algebra.basis)
 
     @property
     def dim(self) -> int:

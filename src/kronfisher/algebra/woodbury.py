@@ -70,7 +70,7 @@ def woodbury_power(block: Any, v: Tensor, damping: Any, name: str) -> Tensor:
     a_shift = block.A.values.to(torch.float64) + d_a
     if d_g <= 0 or float(a_shift.min()) <= 0:
         raise ConfigError(f"lowrank_solver='woodbury' for layer {name!r} needs δ_G > 0 and A + δ_A > 0 (p = -1).")
-    if getattr(block.G, "implicit", False):  # G = W Wᵀ / N from the collected columns
+    if block.G.kind == "lowrank":  # G = W Wᵀ / N from the collected columns
         store, count = block.G.columns, float(block.tokens.get("N", 0.0))
     else:  # an explicit thin eigenbasis (e.g. loaded from a file): G = (P √λ)(P √λ)ᵀ
         store, count = ColumnStore([(block.G.vectors * block.G.values.sqrt()).t()], block.G.dim), 1.0

@@ -281,7 +281,7 @@ def top_eigenvectors(eig: Any, k: int) -> Tensor:
     """The ``k`` eigenvectors with the largest eigenvalues (``[d, k]``), without materialising the rest."""
     k = min(k, eig.rank)
     order = torch.argsort(eig.values, descending=True)[:k]
-    if getattr(eig, "implicit", False):  # low-rank eigenform P = W C: build only the k needed columns
+    if eig.kind == "lowrank":  # low-rank eigenform P = W C: build only the k needed columns
         return dataclasses.replace(eig, coeffs=eig.coeffs[:, order], values=eig.values[order]).vectors
     return eig.vectors[:, order]
 

@@ -147,7 +147,7 @@ class FactorCollector:
         else:
             rows = ctx.masked(g, info, "output gradient").sum(dim=1)
         lowrank = self.sums[info.name].G
-        if not isinstance(lowrank, LowRankSum):
+        if lowrank.kind == "dense":
             return gram(rows, False, self.cfg.accumulate_torch_dtype, scale=ctx.grad_scale)  # no scaled copy of ĝ
         # Scaled and cast to lowrank_dtype where the rows are (the device), before anything is copied.
         out = rows.to(compute_dtype(rows.dtype))

@@ -19,7 +19,7 @@ from ..comm import (
 )
 from ..report import CollectionReport
 from .corrector import EigenCorrector
-from .sums import DenseSum, LayerSums, LowRankSum
+from .sums import LayerSums, LowRankSum
 
 
 # K-FAC pass ------------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def reduce_collection(
         return fired
     names = list(sums)
     world, rank = get_world_size(), get_rank()
-    lowrank = [n for n in names if isinstance(sums[n].G, LowRankSum)]
+    lowrank = [n for n in names if sums[n].G.kind == "lowrank"]
     rows = {n: _local_rows(sums[n].G) for n in lowrank}  # type: ignore[arg-type]
     per_layer = 4  # A.count, G.count, batches, fired
     lr_base = per_layer * len(names)
@@ -125,7 +125,7 @@ def reduce_collection(
         scalars[rank_base + rank * len(lowrank) + j] = rows[n].shape[0]  # own slot: all-reduce = all-gather
     if report is not None:
         scalars[report_base:] = torch.tensor(report.counts(), dtype=torch.float64)
-    dense = [sums[n].A.sum for n in names] + [sums[n].G.sum for n in names if isinstance(sums[n].G, DenseSum)]
+    dense = [sums[n].A.sum for n in names] + [sums[n].G.sum for n in names if sums[n].G.kind == "dense"]
     all_reduce_tensors([*dense, scalars], bucket_bytes)
     values = scalars.tolist()
     merged: set[str] = set()

@@ -17,7 +17,7 @@ from ..algebra.block import KronBlock
 from ..algebra.eigen import Eigen, safe_eigh
 from ..algebra.lowrank import eigen_from_columns
 from ..collection.placement import on_cpu_after_oom
-from ..collection.sums import DenseSum, LayerSums, LowRankSum
+from ..collection.sums import DenseSum, LayerSums
 from ..config import KFACConfig
 
 
@@ -85,7 +85,7 @@ def decompose_G(name: str, sums: LayerSums, cfg: KFACConfig, gram: Tensor | None
 
     ``gram``: the low-rank ``G``'s ``Wᵀ W`` when already computed (consumed; see :func:`decompose_all`).
     """
-    if isinstance(sums.G, LowRankSum):
+    if sums.G.kind == "lowrank":
         work = torch.float64 if cfg.accumulate_torch_dtype == torch.float64 else torch.float32
         if gram is None:
             return sums.G.eigen(name=name, dtype=work)  # implicit thin basis from the float64 Gram, budget applied
@@ -112,13 +112,13 @@ def decompose_layer(
     """
     a_eig = shared_A or decompose_A(name, sums, cfg)
     g_eig = shared_G or decompose_G(name, sums, cfg)
-    rep = "lowrank" if isinstance(sums.G, LowRankSum) else "dense"
-    if rep == "dense" and a_eig.device != g_eig.device:  # one factor moved to CPU by an OOM: the layer's algebra too
+    # One factor moved to CPU by an OOM: the layer's algebra too.
+    if g_eig.kind == "dense" and a_eig.device != g_eig.device:
         cpu = torch.device("cpu")
         a_eig = Eigen(a_eig.vectors.to(cpu), a_eig.values.to(cpu), a_eig.tail)
         g_eig = Eigen(g_eig.vectors.to(cpu), g_eig.values.to(cpu), g_eig.tail)
     tokens = {"T": sums.A.count, "N": sums.G.count}
-    return KronBlock(a_eig, g_eig, rep, tokens=tokens)
+    return KronBlock(a_eig, g_eig, tokens=tokens)
 
 
 def shared_A_owners(sums: dict[str, LayerSums]) -> dict[str, str]:

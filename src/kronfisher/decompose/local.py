@@ -10,7 +10,7 @@ import torch
 
 from ..algebra.block import KronBlock
 from ..algebra.eigen import Eigen
-from ..collection.sums import LayerSums, LowRankSum
+from ..collection.sums import LayerSums
 from ..config import KFACConfig
 from .batched import decompose_batched
 from .layer import POOL_GRAM_MAX, decompose_A, decompose_G, decompose_layer, shared_A_owners
@@ -42,7 +42,7 @@ def decompose_local(
         for key in jobs:
             kind, name = key
             part = sums[name].A if kind == "A" else sums[name].G
-            if not isinstance(part, LowRankSum):
+            if part.kind == "dense":
                 cost[key] = float(part.dim) ** 3
             elif 0 < part.num_columns <= POOL_GRAM_MAX and part.count > 0:
                 gram = part.columns().gram()  # GEMM-bound: every thread, before the pool

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..algebra.block import KronBlock
 from ..algebra.eigen import Eigen
 from ..algebra.lowrank import LowRankEigen
-from ..collection.sums import LayerSums, LowRankSum
+from ..collection.sums import LayerSums
 from ..comm import comm_device, get_rank, get_world_size, is_distributed, is_main_process
 from ..config import KFACConfig
 from ..errors import DecompositionError
@@ -27,7 +27,7 @@ from .local import decompose_local
 
 def _task_cost(kind: str, s: LayerSums) -> float:
     """Rough flop count of one decomposition: ``9 d³`` for a dense eigh, Gram + eigh + ``P`` for a low-rank one."""
-    if kind == "G" and isinstance(s.G, LowRankSum):
+    if kind == "G" and s.G.kind == "lowrank":
         m = s.G.num_columns
         return 4.0 * s.G.dim * m * m + 9.0 * m**3
     return 9.0 * float(s.A.dim if kind == "A" else s.G.dim) ** 3
@@ -81,7 +81,7 @@ def _pack(tensors: list[tuple[Tensor, torch.dtype]]) -> Tensor:
 
 def _payload(eig: Eigen | LowRankEigen) -> list[Tensor]:
     """The tensors that describe a decomposition: ``(Q, λ)``, or ``(C, λ, [τ, tail mass])`` for ``P = W C``."""
-    if isinstance(eig, LowRankEigen):
+    if eig.kind == "lowrank":
         scalars = torch.tensor([eig.tail, eig.discarded], dtype=torch.float64)
         return [eig.coeffs, eig.values, scalars]
     return [eig.vectors, eig.values]
@@ -173,7 +173,7 @@ def _exchange(
     layout: list[list[tuple[int, list[tuple[tuple[int, ...], torch.dtype]]]]] = [[] for _ in range(world)]
     for t, (kind, i) in enumerate(tasks):
         s = sums[names[i]]
-        if kind == "G" and isinstance(s.G, LowRankSum):
+        if kind == "G" and s.G.kind == "lowrank":
             m, r = s.G.num_columns, int(ranks[t])
             spec = [((m, r), lowrank_work), ((r,), lowrank_work), ((2,), torch.float64)]
         else:
@@ -210,7 +210,7 @@ def _unpack(
             offset += _nbytes(shape, dtype)
         kind, i = tasks[t]
         s = sums[names[i]]
-        if kind == "G" and isinstance(s.G, LowRankSum):
+        if kind == "G" and s.G.kind == "lowrank":
             cols = s.G.columns()
             tail, mass = parts[2].tolist()
             results[(kind, i)] = LowRankEigen(cols, parts[0].to(cols.device), parts[1].to(cols.device), tail, mass)

@@ -21,7 +21,7 @@ from ..collection.forward import model_device
 from ..collection.hooks import Capture
 from ..collection.passes import LossFn, commit_batch, finish_report, run_pass
 from ..collection.reduce import reduce_collection
-from ..collection.sums import DenseSum, LayerSums
+from ..collection.sums import LayerSums
 from ..comm import unwrap_model
 from ..config import KFACConfig
 from ..errors import ConfigError, NoFactorsError
@@ -62,7 +62,7 @@ class CollectState:
             fresh = collector.sums[name]
             for which in ("A", "G"):
                 mine, theirs = getattr(fresh, which), getattr(saved, which)
-                if isinstance(mine, DenseSum) and isinstance(theirs, DenseSum):
+                if mine.kind == theirs.kind == "dense":
                     theirs.sum = theirs.sum.to(mine.sum.device)
             collector.sums[name] = saved
         return int(self.batches_done)

@@ -128,7 +128,7 @@ def _eigen_meta(payload: Payload, prefix: str, eig: Any) -> dict[str, Any]:
     ``P`` (``out × r``) is never needed.
     """
     meta: dict[str, Any] = {"tail": float(eig.tail), "values": payload.add(f"{prefix}.values", eig.values)}
-    if getattr(eig, "implicit", False):
+    if eig.kind == "lowrank":
         chunks = list(eig.columns.chunks)
         if len(chunks) == 1:
             cols = chunks[0]
@@ -191,7 +191,7 @@ class _BlockReader:
         corrected, tail = (
             None if bm[k] is None else read[bm[k]].to(self.device) for k in ("corrected", "corrected_tail")
         )
-        return KronBlock(a, g, bm["representation"], corrected, tail, tokens=dict(bm["tokens"]))
+        return KronBlock(a, g, corrected, tail, tokens=dict(bm["tokens"]))
 
 
 class LoadedKFAC(KFAC):
