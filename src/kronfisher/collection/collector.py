@@ -107,7 +107,7 @@ class FactorCollector:
         if layer not in self.sums:  # not yet when the sum's own allocation failed (it is then made on CPU)
             return
         part = getattr(self.sums[layer], factor)
-        if isinstance(part, LowRankSum):
+        if part.kind == "lowrank":
             self._columns_to_host(part, torch.device("cpu"), streamed=False)
         else:
             move_sum_to_cpu(self.sums[layer], factor)
@@ -167,7 +167,7 @@ class FactorCollector:
             staged.append((name, "A", a_sum, a_count))
         contribution = self.placement.run(info, "G", lambda t: self._G_contribution(t, ctx, info), g.detach())
         part = self.sums[name].G
-        if isinstance(part, LowRankSum) and part.residence is not None and part.residence.streamed:
+        if part.kind == "lowrank" and part.residence is not None and part.residence.streamed:
             if ctx.batch != self._pending_batch:  # copies of a batch that was never committed (dropped)
                 self._pending, self._pending_batch = {}, ctx.batch
             if contribution.device == part.residence.work:  # U in host memory: copy down now, asynchronously
@@ -182,7 +182,7 @@ class FactorCollector:
             wait(next(iter(self._pending.values()))[0].device)  # done already: the non-finite check synchronised
         for name, target, tensor, count in staged:
             part = getattr(self.sums[name], target)
-            if isinstance(part, LowRankSum):
+            if part.kind == "lowrank":
                 self._add_columns(name, part, tensor, count)
             else:
                 part.add(tensor, count)

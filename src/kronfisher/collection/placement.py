@@ -75,7 +75,7 @@ def columns_placement(
 
 def basis_on(eig: Any, device: torch.device) -> Any:
     """An eigenbasis (dense or low-rank) whose products run on ``device`` (a host fallback)."""
-    if getattr(eig, "implicit", False):
+    if eig.kind == "lowrank":
         cols = eig.columns.on(Residence(device))
         return dataclasses.replace(eig, columns=cols, coeffs=eig.coeffs.to(device), values=eig.values.to(device))
     if eig.vectors.device == device:
@@ -87,9 +87,7 @@ def block_on(block: KronBlock, device: torch.device) -> KronBlock:
     """The same block with every tensor's work on ``device`` (EK-FAC and operator fallbacks)."""
     corrected = None if block.corrected is None else block.corrected.to(device)
     tail = None if block.corrected_tail is None else block.corrected_tail.to(device)
-    return KronBlock(
-        basis_on(block.A, device), basis_on(block.G, device), block.representation, corrected, tail, dict(block.tokens)
-    )
+    return KronBlock(basis_on(block.A, device), basis_on(block.G, device), corrected, tail, dict(block.tokens))
 
 
 def _free_cached(device: torch.device) -> None:
