@@ -1,11 +1,13 @@
 """The decomposition fast paths of the benchmark issue (issue 6) give the answers of the plain formulas (SPEC §4, §6).
 
-* :func:`kronfisher.decompose.layer.symmetric_mean` is bit for bit ``DenseSum.mean(torch.float64)``, also for a sum that is
-  not symmetric, and :func:`kronfisher.algebra.eigen.safe_eigh` with ``symmetric=True`` is bit for bit the default on an
-  exactly symmetric matrix (the skipped symmetrisation is the identity there).
-* :func:`kronfisher.decompose.layer.shared_A_owners` (bucketed by the diagonal) equals the all-pairs ``torch.equal`` plan,
+* :func:`kronfisher.decompose.layer.symmetric_mean` is bit for bit the naive ``(S + Sᵀ) / 2c``, also for a sum
+  that is not symmetric, and :func:`kronfisher.algebra.eigen.safe_eigh` with ``symmetric=True`` is bit for bit the
+  default on an exactly symmetric matrix (the skipped symmetrisation is the identity there).
+* :func:`kronfisher.decompose.layer.shared_A_owners` (bucketed by the diagonal) equals the all-pairs ``torch.equal``
+  plan,
   including sums that agree on the diagonal but not elsewhere.
-* :func:`kronfisher.decompose.entry.decompose_all` with a low-rank ``G`` whose Gram is computed before the concurrent eighs
+* :func:`kronfisher.decompose.entry.decompose_all` with a low-rank ``G`` whose Gram is computed before the concurrent
+  eighs
   equals the sequential path, and the low-rank eigenform equals the dense eigendecomposition of ``U Uᵀ`` (float64).
 """
 
@@ -52,7 +54,8 @@ def test_symmetric_mean_is_bitwise_the_dense_mean() -> None:
     for dtype in (torch.float32, torch.float64):
         s = DenseSum(37, dtype)
         s.add(torch.randn(37, 37, generator=gen, dtype=dtype), 5.0)  # deliberately not symmetric
-        got, ref = factors.symmetric_mean(s), s.mean(torch.float64)
+        got = factors.symmetric_mean(s)
+        ref = (s.sum.double() + s.sum.double().t()) / (2.0 * s.count)
         assert got.dtype == torch.float64 and torch.equal(got, ref)  # bitwise: addition commutes
         assert torch.equal(got, got.t())
         assert s.sum.dtype == dtype and not torch.equal(s.sum, s.sum.t())  # the sum itself is untouched

@@ -3,7 +3,8 @@
 * :func:`kronfisher.algebra.eigen.all_finite` (one ``aminmax`` pass) against ``torch.isfinite(t).all()`` (SPEC §3.3).
 * :func:`kronfisher.algebra.gram.symmetric_gram` (upper block triangle on CPU) against a float64 ``XᵀX`` for sizes that
   cross the tile boundary (the tiny test models never do), with and without the bias augmentation (SPEC §3.1).
-* :func:`kronfisher.decompose.entry.decompose_all` with concurrent eighs (torch threads > 1; the suite runs with one) against
+* :func:`kronfisher.decompose.entry.decompose_all` with concurrent eighs (torch threads > 1; the suite runs with one)
+  against
   the sequential path: same factors, shared ``A`` kept, errors in layer order, thread count restored (SPEC §4).
 """
 

@@ -90,7 +90,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
 
 def _dataset_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # noqa: PLC0415 (optional dependency, imported when used)
     except ImportError as err:
         raise DataError(
             f"{path} is a folder; reading a saved Hugging Face dataset needs the 'datasets' package.",

@@ -20,6 +20,7 @@ import io
 import os
 import re
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ def resolve_source(spec: str | None) -> ModelSource:
 def _missing_in_cache(repo_id: str, what: str) -> str:
     """Which file of a hub model the local cache lacks (offline failures name the missing file)."""
     try:
-        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache  # noqa: PLC0415 (optional dependency, imported when used)
 
         cache = constants.HF_HUB_CACHE
         for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
@@ -228,7 +229,7 @@ def load_model(
     source = resolve_source(spec)
     dev = resolve_device(device)
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (optional dependency, imported when used)
     except ImportError as err:
         raise ModelLoadError(
             "Loading models needs the 'transformers' package.", hint="pip install 'kronfisher[hf]'."
@@ -257,6 +258,4 @@ def load_model(
 
 def embedded_text_path() -> Path:
     """The public-domain text shipped with the package (Pride and Prejudice, chapters 1-6)."""
-    from importlib.resources import files
-
     return Path(str(files("kronfisher") / "data" / "pride_and_prejudice.txt"))

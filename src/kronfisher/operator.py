@@ -308,7 +308,7 @@ class KFAC:
     def save(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, include_sums: bool = True) -> Path:
         """Write factors and raw sums to a safetensors file with JSON metadata (:func:`kronfisher.save`)."""
         # The one sanctioned upward import: io sits above the operator, and ``KFAC.save`` is public API.
-        from .io.files import save
+        from .io.files import save  # noqa: PLC0415
 
         return save(self, path, model=model, include_sums=include_sums)
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..comm import Shard
 
@@ -26,7 +27,6 @@ class Console:
         """A tqdm bar with rate and ETA (a no-op object when quiet)."""
         if self.quiet:
             return _NoBar()
-        from tqdm.auto import tqdm
 
         return tqdm(
             total=total,
@@ -67,7 +67,7 @@ class Tracked:
 def silence_transformers() -> None:
     """No progress bars or info logs from transformers / huggingface_hub (``--quiet``)."""
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415 (optional dependency, imported when used)
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from ..models import resolve_device
 
@@ -32,8 +33,6 @@ def process_group(device: str) -> Iterator[str]:
     Without ``torchrun`` (or when the caller already initialised a group) nothing changes and ``device`` is
     yielded as given. Under ``torchrun`` a CUDA device without an index becomes ``cuda:LOCAL_RANK``.
     """
-    import torch.distributed as dist
-
     if launched_world_size() <= 1 or dist.is_initialized():
         yield device
         return

@@ -45,8 +45,8 @@ class Plot:
 
 
 def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (optional dependency, imported when used)
+    from matplotlib.figure import Figure  # noqa: PLC0415 (optional dependency, imported when used)
 
     fig = Figure(figsize=(width, height), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
@@ -135,9 +135,9 @@ def spectra(series: Mapping[str, Any], factor: str, title: str) -> bytes:
     cols = min(4, max(1, len(types)))
     nrows = max(1, math.ceil(len(types) / cols))
     fig = _figure(3.2 * cols, 2.6 * nrows + 0.4)
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    from matplotlib import colormaps  # noqa: PLC0415 (optional dependency, imported when used)
+    from matplotlib.cm import ScalarMappable  # noqa: PLC0415 (optional dependency, imported when used)
+    from matplotlib.colors import Normalize  # noqa: PLC0415 (optional dependency, imported when used)
 
     cmap = colormaps["viridis"]
     all_depths = [d for lines in by_type.values() for d, _ in lines if d >= 0]

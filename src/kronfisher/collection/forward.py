@@ -96,7 +96,7 @@ def _accepts(model: nn.Module, name: str) -> bool:
     if name in params:
         return True
     try:
-        from transformers import PreTrainedModel
+        from transformers import PreTrainedModel  # noqa: PLC0415 (optional dependency, imported when used)
     except ImportError:  # pragma: no cover - transformers is a dependency of the hf extra
         return False
     return isinstance(model, PreTrainedModel) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -40,13 +40,6 @@ class DenseSum:
         """Add another sum over disjoint data (exact)."""
         self.add(other.sum, other.count)
 
-    def mean(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The normalised, symmetrised factor ``sum / count``."""
-        s = self.sum.to(dtype or self.sum.dtype)
-        if self.count <= 0:
-            return torch.zeros_like(s)
-        return (s + s.t()) / (2.0 * self.count)
-
     def state(self) -> dict[str, Tensor]:
         """Raw state as plain tensors (for files and distributed reduction)."""
         return {"sum": self.sum, "count": torch.tensor(self.count, dtype=torch.float64)}

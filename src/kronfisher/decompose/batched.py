@@ -4,8 +4,8 @@ Called once by :func:`~kronfisher.decompose.local.decompose_local` before its ow
 decomposed (the rest go the usual way). Three options of :class:`~kronfisher.config.KFACConfig` (docs/gpu.md):
 
 * ``eigh_batched`` (None: on for CUDA, off elsewhere): dense factors on an accelerator are grouped by size and each
-  group is one ``torch.linalg.eigh`` on a ``[k, d, d]`` stack (one launch instead of ``k`` latency-bound ones: the
-  H100 run of SmolLM2 spent 2.9 s on ~330 single eighs). While the device works, the host's threads decompose a
+  group is one ``torch.linalg.eigh`` on a ``[k, d, d]`` stack (one launch instead of ``k`` latency-bound ones;
+  ``benchmarks/CUDA.md``). While the device works, the host's threads decompose a
   share of the smallest factors (:func:`host_share`, copied down once and their eigenbases copied back). The CUDA
   speed-up and the right share are pending a GPU run (``benchmarks/CUDA.md``).
 * ``eigh_refine`` (off): a factor decomposed in float32 (``eigh_dtype="float32"`` or ``dim > eigh_max_dim``) gets one

@@ -31,10 +31,9 @@ POOL_GRAM_MAX = 4096  # low-rank G with at most this many columns join the concu
 def symmetric_mean(part: DenseSum) -> Tensor:
     """The normalised, symmetrised factor ``(S + Sᵀ) / (2c)`` in float64 (docs/concepts.md).
 
-    Bit for bit :meth:`DenseSum.mean(torch.float64) <kronfisher.accumulate.DenseSum.mean>` (addition commutes), but
-    the transpose is one contiguous copy followed by a contiguous add instead of a strided ``S + Sᵀ``: about 40 %
-    less time per factor (d = 1,536 float64: 15 ms instead of 24 ms, against a 550 ms eigh). The result is
-    exactly symmetric, so :func:`~kronfisher.linalg.safe_eigh` may skip its own symmetrisation.
+    Bit for bit ``(S + Sᵀ) / (2c)`` computed naively (addition commutes), but the transpose is one contiguous copy
+    followed by a contiguous add instead of a strided ``S + Sᵀ`` (cheaper; ``benchmarks/``). The result is exactly
+    symmetric, so :func:`~kronfisher.algebra.eigen.safe_eigh` may skip its own symmetrisation.
     """
     return _symmetric_mean(part.sum, part.count)
 
@@ -126,8 +125,7 @@ def shared_A_owners(sums: dict[str, LayerSums]) -> dict[str, str]:
 
     Candidates are bucketed by shape, count, dtype and the bytes of the diagonal, and only a candidate in the same
     bucket is compared in full (``torch.equal``): identical sums always share a bucket, so the result is the
-    all-pairs comparison's, without its cost (SmolLM2-135M, 210 layers: 8,595 full comparisons of 576² sums,
-    7.2 s before the first eigh; now one per shared layer).
+    all-pairs comparison's, without its cost (one full comparison per shared layer instead of one per pair).
     """
     owner: dict[str, str] = {}
     buckets: dict[tuple[Any, ...], list[tuple[str, Tensor]]] = {}

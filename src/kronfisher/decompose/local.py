@@ -91,9 +91,9 @@ def _run_jobs(
     ``on_done(key)`` is called in the caller's thread as each concurrent job finishes (progress bars).
 
     The jobs in ``concurrent`` (key → cost) run at once on CPU when torch has more than one thread: largest first,
-    one job per thread, BLAS single-threaded. LAPACK's eigh gains nothing from a second thread at these sizes
-    (6 × 1,536 + 12 × 576 float64 on 2 cores: 4.6 s with 2 threads, 4.2 s with 1) while independent eighs scale
-    (2.0 s). The thread count is restored afterwards. Every other job runs lazily in the caller's thread.
+    one job per thread, BLAS single-threaded: LAPACK's eigh gains little from a second thread at these sizes while
+    independent eighs scale (``benchmarks/RESULTS.md``). The thread count is restored afterwards. Every other
+    job runs lazily in the caller's thread.
     """
     out = {key: _lazy(job) for key, job in jobs.items()}
     workers = min(torch.get_num_threads(), len(concurrent))
