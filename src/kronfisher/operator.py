@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .algebra.block import KronBlock
+from .algebra.block import KronBlock, block_summary
 from .algebra.damping import Damping, spectrum
 from .algebra.kron import kron_apply
 from .algebra.woodbury import woodbury_power
@@ -321,20 +321,4 @@ class KFAC:
 
     def summary(self) -> dict[str, Any]:
         """Per-layer dims, representation, token counts and traces (plain data)."""
-        rows = {}
-        for name, b in self._blocks.items():
-            info = self.infos[name]
-            rows[name] = {
-                "in": info.in_features,
-                "out": info.out_features,
-                "bias": info.has_bias,
-                "representation": b.representation,
-                "rank_G": b.G.rank,
-                "T": b.tokens.get("T", 0.0),
-                "N": b.tokens.get("N", 0.0),
-                "trace_A": b.A.trace(),
-                "trace_G": b.G.trace(),
-                "discarded_G": float(getattr(b.G, "discarded", 0.0)),  # token-budget mass in the tail
-                "ekfac": b.is_ekfac,
-            }
-        return rows
+        return {name: block_summary(self.infos[name], b) for name, b in self._blocks.items()}

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..layers import LayerInfo
 from .basis import FactorBasis, Representation
 from .eigen import Eigen
 
@@ -53,3 +54,53 @@ class KronBlock:
         span = self.G.values.unsqueeze(1) * a_vals.unsqueeze(0)
         tail = None if self.G.full else self.G.tail * a_vals
         return span, tail
+
+
+def summary_row(
+    info: LayerInfo,
+    *,
+    representation: str,
+    rank_G: int | None,
+    tokens: tuple[float, float],
+    traces: tuple[float, float],
+    discarded_G: float = 0.0,
+    ekfac: bool = False,
+) -> dict[str, Any]:
+    """The per-layer row of ``KFAC.summary``, a file's ``layers`` metadata and ``kronfisher inspect``.
+
+    Args:
+        info: the layer.
+        representation: how ``G`` is held (``"dense"`` or ``"lowrank"``).
+        rank_G: explicit eigenpairs of ``G`` (None before decomposition).
+        tokens: ``(T, N)``.
+        traces: ``(tr A, tr G)``.
+        discarded_G: token-budget mass moved into the isotropic tail.
+        ekfac: EK-FAC eigenvalues present.
+
+    """
+    return {
+        "in": info.in_features,
+        "out": info.out_features,
+        "bias": info.has_bias,
+        "representation": representation,
+        "rank_G": rank_G,
+        "T": float(tokens[0]),
+        "N": float(tokens[1]),
+        "trace_A": float(traces[0]),
+        "trace_G": float(traces[1]),
+        "discarded_G": float(discarded_G),
+        "ekfac": bool(ekfac),
+    }
+
+
+def block_summary(info: LayerInfo, block: KronBlock) -> dict[str, Any]:
+    """:func:`summary_row` of a decomposed block."""
+    return summary_row(
+        info,
+        representation=block.representation,
+        rank_G=block.G.rank,
+        tokens=(block.tokens.get("T", 0.0), block.tokens.get("N", 0.0)),
+        traces=(block.A.trace(), block.G.trace()),
+        discarded_G=float(getattr(block.G, "discarded", 0.0)),
+        ekfac=block.is_ekfac,
+    )

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..algebra.block import KronBlock
+from ..algebra.block import KronBlock, block_summary
 from ..algebra.columns import ColumnStore
 from ..algebra.eigen import Eigen
 from ..algebra.lowrank import LowRankEigen
@@ -95,19 +95,7 @@ def save(
             t = getattr(b, which)
             entry[which] = None if t is None else payload.add(f"block:{name}:{which}", t)
         bmeta[name] = entry
-        rows[name] = {
-            "in": info.in_features,
-            "out": info.out_features,
-            "bias": info.has_bias,
-            "representation": b.representation,
-            "rank_G": b.G.rank,
-            "T": float(b.tokens.get("T", 0.0)),
-            "N": float(b.tokens.get("N", 0.0)),
-            "trace_A": b.A.trace(),
-            "trace_G": b.G.trace(),
-            "discarded_G": float(getattr(b.G, "discarded", 0.0)),  # token-budget mass in the tail
-            "ekfac": b.is_ekfac,
-        }
+        rows[name] = block_summary(info, b)
     meta["blocks"] = bmeta
     meta["layers"] = rows
     if include_sums and fisher.sums is not None:

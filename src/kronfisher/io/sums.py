@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._version import __version__
+from ..algebra.block import summary_row
 from ..collection.sums import DenseSum, LayerSums, LowRankSum
 from ..config import KFACConfig
 from ..errors import ConfigError, FileFormatError, KronfisherError
@@ -160,18 +161,13 @@ def _sums_rows(infos: Mapping[str, LayerInfo], smeta: Mapping[str, Any]) -> dict
     rows = {}
     for name, sm in smeta.items():
         t, n = sm["A"]["scalars"]["count"], sm["G"]["scalars"]["count"]
-        rows[name] = {
-            "in": infos[name].in_features,
-            "out": infos[name].out_features,
-            "bias": infos[name].has_bias,
-            "representation": sm["G"]["kind"],
-            "rank_G": None,
-            "T": t,
-            "N": n,
-            "trace_A": sm["A"]["trace_sum"] / t if t > 0 else 0.0,
-            "trace_G": sm["G"]["trace_sum"] / n if n > 0 else 0.0,
-            "ekfac": False,
-        }
+        rows[name] = summary_row(
+            infos[name],
+            representation=sm["G"]["kind"],
+            rank_G=None,
+            tokens=(t, n),
+            traces=(sm["A"]["trace_sum"] / t if t > 0 else 0.0, sm["G"]["trace_sum"] / n if n > 0 else 0.0),
+        )
     return rows
 
 
