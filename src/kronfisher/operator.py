@@ -12,7 +12,7 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +107,16 @@ class KFAC:
         model: nn.Module | None = None,
         *,
         spread: bool = False,
+        on_layer: Callable[[str], None] | None = None,
     ) -> KFAC:
         """Normalise and decompose accumulated sums (once) into an operator.
 
         ``spread=True`` spreads the eigendecompositions over the ranks of a process group (a collective: every rank
-        calls it).
+        calls it). ``on_layer(name)`` is called as each layer's factors are decomposed (progress bars). Layers
+        without tokens (never fired) are left out.
         """
         live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
-        blocks = decompose_all(live, cfg, spread=spread)
+        blocks = decompose_all(live, cfg, spread=spread, on_layer=on_layer)
         return cls({n: infos[n] for n in live}, blocks, cfg, sums=sums, report=report, model=model)
 
     def update_sums(self, sums: dict[str, LayerSums]) -> None:

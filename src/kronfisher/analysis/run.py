@@ -27,7 +27,6 @@ from .._version import __version__
 from ..comm import Shard, barrier, broadcast_object, get_world_size, is_main_process
 from ..config import KFACConfig
 from ..data import build_batches
-from ..decompose.entry import decompose_all
 from ..drivers.ekfac import correct
 from ..errors import InputError
 from ..io.files import load, read_metadata, save
@@ -164,10 +163,10 @@ def analyze_model(
         t = time.monotonic()
         live = {n: s for n, s in collector.sums.items() if s.A.count > 0 and s.G.count > 0}
         bar = console.bar(len(live), "  decompose", unit="layer")
-        blocks = decompose_all(live, cfg, spread=True, on_layer=lambda _: bar.update(1))  # spread
+        fisher = KFAC.from_sums(
+            discovery.infos, collector.sums, cfg, report, lm.model, spread=True, on_layer=lambda _: bar.update(1)
+        )
         bar.close()
-        fisher = KFAC({n: discovery.infos[n] for n in live}, blocks, cfg, sums=collector.sums, report=report)
-        fisher.attach_model(lm.model)
         timings["decompose"] = time.monotonic() - t
         if cfg.ekfac:
             t = time.monotonic()
