@@ -15,7 +15,20 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kronfisher"
 
 # Floors, bottom first. A module's floor is that of its first dotted part (``algebra.eigen`` -> ``algebra``).
 FLOORS: list[set[str]] = [
-    {"_version", "errors", "options", "config", "layers", "report", "comm", "data", "models", "plan", "transfer"},
+    {
+        "_version",
+        "errors",
+        "faults",
+        "options",
+        "config",
+        "layers",
+        "report",
+        "comm",
+        "data",
+        "models",
+        "plan",
+        "transfer",
+    },
     {"algebra"},
     {"collection"},
     {"decompose"},

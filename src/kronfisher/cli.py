@@ -23,10 +23,9 @@ import torch
 from ._version import __version__
 from .config import KFACConfig, config_fields
 from .errors import ConfigError, CorruptedFileError, FingerprintError, InputError, KronfisherError
+from .faults import EXIT_USER_ERROR, Terminated, run_reporting_faults
 from .options import NONE_WORDS, Rule
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 ALL = "'all'"  # how the command line spells None (no limit) for the optional integers
 MIN_ANALYZE_DAMPING = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 
@@ -167,7 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge factor files from disjoint data (adds sums and counts)")
     m.add_argument("output", help="merged factor file to write")
     m.add_argument("inputs", nargs="+", help="factor or sums files saved with their raw sums")
+    _add_debug(parser, (a, i, m))
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser, commands: Sequence[argparse.ArgumentParser]) -> None:
+    """``--debug`` (the traceback of an error instead of one line), before or after the command name."""
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
+    for command in commands:  # SUPPRESS: absent after the command, the value given before it is kept
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> KFACConfig:
@@ -254,6 +261,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.exists():
         raise InputError(f"Factor file {path} does not exist.", hint="Pass a file written by kronfisher analyze.")
+    if path.is_dir():
+        found = sorted((p.parent.name != "factors", str(p)) for p in path.glob("**/*.safetensors"))
+        found = [p for _, p in found]  # factor files of an output folder first
+        raise InputError(
+            f"{path} is a directory, not a factor file"
+            + (f"; it holds {len(found)} .safetensors file(s)." if found else "."),
+            hint=f"Pass one file, e.g. kronfisher inspect {found[0]}"
+            if found
+            else "Pass a file written by kronfisher analyze.",
+        )
     rows = inspect_file(path)
     if args.verify:
         verify_file(path)
@@ -321,8 +338,10 @@ def _reexec_with_passive_openmp(argv: list[str]) -> None:
 def _exit_on_sigterm() -> None:
     """Turn SIGTERM (``torchrun`` stopping the other workers after one failed, a job scheduler) into ``SystemExit``.
 
-    Python's default handling ends the process at once; as an exception, every ``finally`` runs, so an atomic write
-    in progress removes its temporary file (docs/files.md). Only from the main thread of the ``kronfisher`` command.
+    Python's default handling ends the process at once; as an exception (:class:`~kronfisher.faults.Terminated`,
+    a ``SystemExit`` with status 143), every ``finally`` runs, so an atomic write in progress removes its temporary
+    file and the output folder's lock is released, and :func:`main` prints one line saying how to resume. Only
+    from the main thread of the ``kronfisher`` command.
     """
     import signal
     import threading
@@ -331,13 +350,16 @@ def _exit_on_sigterm() -> None:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kronfisher`` command; returns the exit status."""
+    """Entry point of the ``kronfisher`` command; returns the exit status (``docs/errors.md``).
+
+    Errors are one line and status 2, never a traceback unless ``--debug`` (:func:`.faults.run_reporting_faults`).
+    """
     if argv is None:  # the console script (not a call from Python): OpenMP settings may still be chosen
         _reexec_with_passive_openmp(sys.argv[1:])
         _exit_on_sigterm()
@@ -354,24 +376,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("ignore")
         else:
             warnings.showwarning = _show_warning
-        try:
-            if args.command == "analyze":
-                return cmd_analyze(args, argv)
-            if args.command == "inspect":
-                return cmd_inspect(args)
-            return cmd_merge(args)
-        except KronfisherError as err:
-            print(f"kronfisher: error: {err}", file=sys.stderr)
-            hint = _hint_for(err)
-            if hint:
-                print(f"hint: {hint}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            print(
-                "kronfisher: interrupted; run again with --resume to continue from the last checkpoint.",
-                file=sys.stderr,
-            )
-            return EXIT_INTERRUPTED
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    def command() -> int:
+        if args.command == "analyze":
+            return cmd_analyze(args, argv)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        return cmd_merge(args)
+
+    return run_reporting_faults(command, debug=args.debug, resumable=args.command == "analyze", hint_for=_hint_for)
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

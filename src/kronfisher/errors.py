@@ -129,3 +129,35 @@ class DataError(InputError):
 
 class MemoryBudgetError(ConfigError):
     """A memory budget (``max_memory``) too small for even one layer: the message names the layer and the bytes."""
+
+
+class WriteError(KronfisherError, OSError):
+    """A file that could not be written: no space left, a read-only or unwritable folder (``docs/errors.md``).
+
+    The message names the file and the cause in one line; ``needed`` and ``free`` say how much space the write
+    needed and how much was left, when the cause is a full disk.
+
+    Attributes:
+        path: the file that could not be written.
+        needed: bytes the write needed (None when unknown).
+        free: bytes free on the file system of ``path`` when it failed (None when unknown).
+        hint: one line suggesting a fix, or None.
+
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        errno_code: int | None = None,
+        needed: int | None = None,
+        free: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno_code = errno_code
+        self.needed = needed
+        self.free = free
+        self.hint = hint

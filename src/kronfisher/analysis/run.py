@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from .._version import __version__
@@ -29,15 +30,26 @@ from ..config import KFACConfig
 from ..data import build_batches
 from ..drivers.ekfac import correct
 from ..errors import InputError
+from ..faults import write_error
 from ..io.files import load, read_metadata, save
 from ..layers import combine, discover_layers
-from ..models import LoadedModel, embedded_text_path, load_model
+from ..models import LoadedModel, check_seq_len, embedded_text_path, load_model
 from ..operator import KFAC
-from .checkpoint import checkpoint_path, collect_with_checkpoints, mismatch, remove_checkpoint, run_identity
+from .checkpoint import (
+    checkpoint_path,
+    collect_with_checkpoints,
+    keeping_sums,
+    mismatch,
+    remove_checkpoint,
+    run_identity,
+    sums_writer,
+)
 from .console import Console, Tracked, silence_transformers
 from .gradient import mean_gradient
 from .launch import process_group
 from .metrics import compare_layer, highlights, layer_metrics, natural_gradients, totals
+from .notes import GRADIENT_TEXT, describe_fisher, run_notes
+from .outdir import locked_output_dir
 from .plots import Plot, comparison_plots, model_plots
 from .report import write_report
 
@@ -116,6 +128,7 @@ def analyze_model(
     )
     timings["load"] = time.monotonic() - t0
     _check_selection(lm, cfg)
+    check_seq_len(lm, opts.seq_len)  # before the first batch, not an IndexError inside it
     label = f"{index}: {lm.source.name}"
     data_paths = opts.data or [str(embedded_text_path())]
     t = time.monotonic()
@@ -177,14 +190,15 @@ def analyze_model(
                 bar.close()
             timings["ekfac"] = time.monotonic() - t
         t = time.monotonic()
-        factor_path.parent.mkdir(parents=True, exist_ok=True)
-        save(  # on every rank: rank 0 writes, the others wait for the complete file
-            fisher,
-            factor_path,
-            model=lm.model,
-            include_sums=opts.save_sums,
-            extra_meta={"identity": identity, "data": tb.sources},
-        )
+        kept = sums_writer(lm, collector.infos, collector.sums, cfg, report, identity, shard)
+        with keeping_sums(factor_path, ckpt, kept, shard.world_size):  # a full disk: the sums are kept
+            save(  # on every rank: rank 0 writes, the others wait for the complete file
+                fisher,
+                factor_path,
+                model=lm.model,
+                include_sums=opts.save_sums,
+                extra_meta={"identity": identity, "data": tb.sources},
+            )
         remove_checkpoint(ckpt)  # each rank its own checkpoint
         barrier()
         if is_main_process() and ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
@@ -267,48 +281,6 @@ def compare_models(base: ModelResult, other: ModelResult, k: int) -> dict[str, A
     }
 
 
-def _notes(opts: AnalyzeOptions, results: list[dict[str, Any]]) -> list[str]:
-    cfg = opts.cfg
-    notes = []
-    for m in results:
-        tied = m["collection"].get("tied", {})
-        for layer, others in tied.items():
-            notes.append(
-                f"Model {m['index']}: {layer!r} shares its weight with {others} (tied). Its curvature and gradient "
-                "are those of the output-layer use only; the embedding use is not included (docs/concepts.md)."
-            )
-        for w in m["collection"].get("warnings", []):
-            if "Tied weights" not in w:
-                notes.append(f"Model {m['index']}: {w}")
-        if m["collection"].get("never_fired"):
-            notes.append(f"Model {m['index']}: layers whose hooks never fired: {m['collection']['never_fired']}.")
-    if cfg.eigh_max_dim < 8192 or cfg.eigh_dtype != "float64":
-        notes.append(
-            f"Eigendecompositions in {cfg.eigh_dtype} for factors up to {cfg.eigh_max_dim}, float32 above "
-            "(--eigh-dtype, --eigh-max-dim); factors are accumulated in "
-            f"{cfg.accumulate_dtype}, so eigenvalues below about 1e-6 of the largest carry rounding noise."
-        )
-    return notes
-
-
-def describe_fisher(cfg: KFACConfig) -> str:
-    """One sentence describing the curvature that was computed."""
-    kind = "EK-FAC (eigenvalue-corrected, George et al. 2018)" if cfg.ekfac else "K-FAC (Martens & Grosse 2015)"
-    fisher = "empirical Fisher (data targets)" if cfg.fisher == "empirical" else f"MC Fisher ({cfg.mc_samples} draws)"
-    damp = f"damping {cfg.damping:g} ({cfg.damping_mode})"
-    low = f"low-rank G for out > {cfg.lowrank_threshold}" + (
-        f" with a budget of {cfg.lowrank_max_rank} eigenpairs plus an isotropic tail" if cfg.lowrank_max_rank else ""
-    )
-    return f"{kind} of the {fisher}, {cfg.approx} approximation, {damp}, {low}."
-
-
-GRADIENT_TEXT = (
-    "mean-loss gradient (1/N) Σ_t ĝ_t a_tᵀ over the analysed data with the data targets (whatever the Fisher type), "
-    "computed in a separate forward/backward pass from each layer's own inputs and output gradients (for a tied "
-    "lm_head: the output-layer use); the natural gradient is (F + damping)⁻¹ g under the configured damping."
-)
-
-
 def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str, Any]:
     """Run the whole analysis and write factor files and reports into ``opts.output_dir``.
 
@@ -323,14 +295,16 @@ def analyze(opts: AnalyzeOptions, *, console: Console | None = None) -> dict[str
         opts = dataclasses.replace(opts, device=device)
         if not is_main_process():  # one progress display and one set of files, from rank 0
             console = Console(True)
-        return _analyze(opts, console or Console(opts.quiet))
+        console = console or Console(opts.quiet)
+        # checked before any model is loaded; locked against a second run; a killed run's temporaries removed
+        with locked_output_dir(Path(opts.output_dir), opts.command or "kronfisher analyze", console.info):
+            return _analyze(opts, console)
 
 
 def _analyze(opts: AnalyzeOptions, console: Console) -> dict[str, Any]:
     if opts.quiet or console.quiet:
         silence_transformers()
     out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.cfg.seed)
     results: list[ModelResult] = []
     comparisons: list[dict[str, Any]] = []
@@ -378,12 +352,19 @@ def _analyze(opts: AnalyzeOptions, console: Console) -> dict[str, Any]:
         "fisher": {"description": describe_fisher(opts.cfg), "config": opts.cfg.to_dict()},
         "gradient": GRADIENT_TEXT,
         "data": data_entry,
-        "notes": _notes(opts, [r.entry for r in results]),
+        "notes": run_notes(opts.cfg, [r.entry for r in results]),
         "models": [r.entry for r in results],
         "comparisons": comparisons,
     }
     if is_main_process():
-        paths = write_report(report, plots, out)
+        try:
+            paths = write_report(report, plots, out)
+        except (OSError, SafetensorError) as err:
+            lost = write_error(err, getattr(err, "filename", None) or out / "report.json", what="(report)")
+            lost.hint = f"The factor files in {out / 'factors'} are complete: free some space and run the same " + (
+                "command again with --resume, which reuses them and writes the report."
+            )
+            raise lost from err
         console.info(f"wrote {paths['html']}, {paths['md']}, {paths['json']}")
     barrier()  # no rank returns (and reads the report) before it is written
     return report

@@ -3,6 +3,14 @@
 A temporary file in the destination directory, ``fsync``, ``os.replace``, then ``fsync`` of the directory; on any
 failure (an exception, or SIGTERM turned into ``SystemExit`` by the command) the temporary file is removed and an
 existing destination is left untouched. Under ``torchrun`` only rank 0 writes shared files, and every rank waits.
+
+A write that fails for want of space or permission raises :class:`~kronfisher.errors.WriteError` naming the file,
+the cause and, on a full disk, the bytes needed and free (``docs/errors.md``). Files get the mode the umask
+gives (``0644`` under the usual ``022``), like any file the user creates.
+
+Temporary names: ``.<name>.<pid>.<hex>.tmp`` (ours), and, only after a ``SIGKILL`` in the middle of a write, the
+safetensors writer's own ``.tmpXXXXXX`` next to it; ``kronfisher analyze`` removes both from its output folder at
+its next start.
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..comm import barrier, is_main_process
 from ..errors import FileFormatError
+from ..faults import write_error
 from .format import META_KEY, META_SHA_KEY
 
 
@@ -83,20 +94,40 @@ def _atomic_write_local(path: Path, tensors: dict[str, Tensor], meta: dict[str, 
     text = json.dumps(meta)  # insertion order kept: layers stay in model order
     header_meta = {META_KEY: text, META_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp's 0600
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
+    except OSError as err:
+        raise write_error(err, path, needed=payload_bytes(tensors, header_meta)) from err
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what the umask gives a new file
     os.close(fd)
     try:
         write_safetensors(tensors, str(tmp), header_meta)
+        os.chmod(tmp, mode)  # the safetensors writer renames its own 0600 temporary file over ours
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        try:
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
+        if isinstance(err, (OSError, SafetensorError)):  # a full disk, a read-only file system: one clear line
+            raise write_error(err, path, needed=payload_bytes(tensors, header_meta)) from err
         raise
     _fsync_path(path.parent, directory=True)
     return path
+
+
+def payload_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> int:
+    """The size of the safetensors file of ``tensors`` and ``metadata``: data, JSON header and its length.
+
+    The header is rebuilt as the writer lays it out (``dtype``, ``shape``, ``data_offsets`` per tensor, then the
+    string metadata, JSON-escaped); the writer's padding to 8 bytes is the only difference.
+    """
+    index: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        index[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    return 8 + len(json.dumps(index, separators=(",", ":")).encode()) + offset
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -110,8 +141,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise write_error(err, path, needed=len(data)) from err
         raise
     return path
