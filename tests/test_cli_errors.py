@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -208,3 +209,13 @@ def test_failed_run_leaves_no_output_dir_or_empty_checkpoints(
     out = tmp_path / "new"
     rc, _ = run(analyze(work, out, data=tmp_path / "missing.txt"), capsys)
     assert rc == 2 and not out.exists()  # created for the run, removed with nothing in it
+
+
+def test_errors_md_names_only_tests_that_exist() -> None:
+    """Every test cited in docs/errors.md's table exists (the table is the index of what is covered)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    cited = re.findall(r"`(test_\w+\.py)::(test_\w+)`", text)
+    assert len(cited) >= 40
+    here = Path(__file__).resolve().parent
+    missing = [f"{f}::{t}" for f, t in cited if not re.search(rf"^def {t}\(", (here / f).read_text(), flags=re.M)]
+    assert not missing, missing

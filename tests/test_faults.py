@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -347,3 +348,24 @@ def test_written_files_honour_the_umask(tmp_path: Path, umask: int) -> None:
     finally:
         os.umask(previous)
     assert (f.stat().st_mode & 0o777) == 0o666 & ~umask and (r.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_checkpoint_write_failure_warns_and_the_run_finishes(
+    work: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint is insurance: when it cannot be written, one warning, and the run still ends with its result."""
+    real = io_atomic.write_safetensors
+
+    def no_room_for_checkpoints(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+        if Path(path).parent.name == "checkpoints":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, path, metadata)
+
+    monkeypatch.setattr(io_atomic, "write_safetensors", no_room_for_checkpoints)
+    out = tmp_path / "out"
+    argv = [a for a in analyze_args(work, out) if a != "--quiet"]
+    assert main([*argv, "--checkpoint-every", "1"]) == 0
+    warned = re.findall(r"warning: (Cannot write [^\n]*)", capsys.readouterr().err)  # may follow a progress bar
+    assert len(warned) == 1 and "No space left on device" in warned[0] and "without checkpoints" in warned[0]
+    assert_same_sums(out / "factors" / "0-qwen.safetensors", reference)
+    assert not (out / "checkpoints").exists() and leftovers(out) == []
