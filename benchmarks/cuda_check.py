@@ -15,6 +15,8 @@ independent (a failure is recorded with its traceback and the next section runs)
 * ``perf``: medium Qwen2 (8×256 tokens) and a SmolLM2-135M-shaped Llama (random weights, 4×256): plain
   forward+backward, K-FAC collection, decomposition, EK-FAC pass, natural gradient; medians of 3 after a warm-up,
   ratios to forward+backward, peak GPU memory.
+* ``stream`` / ``eigh``: streamed and device-resident ``U`` against the CPU fit; batched and refined eighs
+  (``cuda_paths.py``).
 * ``big``: a Qwen2-1.5B-shaped model (random weights, tied 151,936-row lm_head) on 4,096 tokens, K-FAC and EK-FAC
   with the lm_head: per phase time, ratio to forward+backward, peak device and host memory, host↔device bytes per
   batch (``cuda_big.py``).
@@ -47,6 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import kronfisher as kf  # noqa: E402
 from cuda_big import perf_big  # noqa: E402
+from cuda_paths import check_stream, eigh_timings  # noqa: E402
 from kronfisher.errors import PlacementWarning  # noqa: E402
 
 
@@ -109,13 +112,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def check_equal(device: str) -> dict[str, Any]:
-    """GPU fit equals CPU fit (float64)."""
-    data = _batches(300, 3, 3, 24)
+def check_equal(device: str, vocab: int = 300) -> dict[str, Any]:
+    """GPU fit equals CPU fit (float64); ``vocab`` 64 in quick mode (the dense lm_head block is ``(33 vocab)²``)."""
+    data = _batches(vocab, 3, 3, 24)
     cfg = kf.KFACConfig(ekfac=True, accumulate_dtype="float64", lowrank_layers=("lm_head",), lowrank_dtype="float64")
     fits = {}
     for dev in ("cpu", device):
-        model = _tiny_gpt2().to(torch.float64).to(dev)
+        model = _tiny_gpt2(vocab).to(torch.float64).to(dev)
         fits[dev] = (kf.fit(model, data, cfg), model)
     (ref, ref_model), (got, _) = fits["cpu"], fits[device]
     out: dict[str, Any] = {"layers": len(ref.layer_names)}
@@ -393,7 +396,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["equal", "mc", "cli", "oom", "perf", "big"])
+    parser.add_argument("--only", nargs="*", default=["equal", "stream", "mc", "cli", "oom", "eigh", "perf", "big"])
     parser.add_argument("--out", default=".")
     parser.add_argument("--perf-models", nargs="*", default=["qwen2", "smollm2"])
     parser.add_argument("--no-head", action="store_true", help="perf without the lm_head")
@@ -411,13 +414,16 @@ def main() -> int:
     except ImportError:
         pass
     results: dict[str, Any] = {"info": info}
+    vocab = 64 if args.quick else 300  # low-rank lm_head of the equal / stream checks
     sections = {
-        "equal": lambda: check_equal(args.device),
+        "equal": lambda: check_equal(args.device, vocab),
         "mc": lambda: check_mc(args.device),
         "cli": lambda: check_cli(args.device),
         "oom": lambda: check_oom(args.device),
         "perf": lambda: perf(args.device, args.quick, args.repeats, args.perf_models, not args.no_head),
         "big": lambda: perf_big(args.device, args.quick, args.repeats, args.big_dtype),
+        "stream": lambda: check_stream(args.device, lambda: _tiny_gpt2(vocab), _batches(vocab, 3, 3, 24), vocab // 5),
+        "eigh": lambda: eigh_timings(args.device, args.quick),
     }
     for name in args.only:
         t0 = time.perf_counter()

@@ -166,10 +166,23 @@ def test_operator_product_out_of_memory_is_computed_on_the_host(monkeypatch):
 def _fail_first(fn):
     calls = []
 
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("out of memory (injected)")
-        return fn(*args)
+        return fn(*args, **kwargs)
 
     return wrapped
+
+
+def test_lowrank_eigenform_out_of_memory_is_computed_on_the_host(monkeypatch):
+    import kronfisher.decompose.layer as layer
+
+    model = make_model("qwen2")
+    ref = kf.fit(model, BATCHES, CFG)
+    _simulate(monkeypatch)
+    monkeypatch.setattr(layer, "eigen_from_columns", _fail_first(layer.eigen_from_columns))
+    with pytest.warns(PlacementWarning, match=r"low-rank eigenform of G of layer 'lm_head' \(24 columns of out=40\)"):
+        got = kf.fit(model, BATCHES, CFG)
+    assert got.block("lm_head").G.columns.residence == Residence(torch.device("cpu"))
+    _same_fit(got, ref)

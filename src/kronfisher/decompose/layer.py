@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..algebra.block import KronBlock
+from ..algebra.columns import Residence
 from ..algebra.eigen import Eigen, safe_eigh
 from ..algebra.lowrank import eigen_from_columns
 from ..collection.placement import on_cpu_after_oom
@@ -86,13 +87,20 @@ def decompose_G(name: str, sums: LayerSums, cfg: KFACConfig, gram: Tensor | None
     """
     if sums.G.kind == "lowrank":
         work = torch.float64 if cfg.accumulate_torch_dtype == torch.float64 else torch.float32
-        if gram is None:
-            return sums.G.eigen(name=name, dtype=work)  # implicit thin basis from the float64 Gram, budget applied
+        g = sums.G  # the arguments of LowRankSum.eigen (implicit thin basis, budget applied), Gram handed over
+        cols = g.columns()
+        if gram is not None:
+            return eigen_from_columns(cols, g.count, g.tail_mass, max_rank=g.max_rank, dtype=work, name=name, gram=gram)
 
-        g = sums.G  # the arguments of LowRankSum.eigen, with the Gram handed over
-        return eigen_from_columns(
-            g.columns(), g.count, g.tail_mass, max_rank=g.max_rank, dtype=work, name=name, gram=gram
-        )
+        tries: list[torch.device] = []
+
+        def run(where: torch.device) -> Eigen:  # again on the host after a real out-of-memory error (docs/gpu.md)
+            tries.append(where)
+            store = cols if len(tries) == 1 else cols.on(Residence(where))
+            return eigen_from_columns(store, g.count, g.tail_mass, max_rank=g.max_rank, dtype=work, name=name)
+
+        what = f"the low-rank eigenform of G of layer {name!r} ({g.num_columns} columns of out={g.dim})"
+        return on_cpu_after_oom(run, cols.device, what)
     return decompose_dense(name, sums.G, "G", cfg)
 
 
