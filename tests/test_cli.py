@@ -307,6 +307,7 @@ def test_merge_of_disjoint_runs_equals_the_run_on_the_union(
     for tag, data in (("a", ["a.txt"]), ("b", ["b.txt"]), ("ab", ["a.txt", "b.txt"])):
         out = tmp_path / tag
         args = ["analyze", "--model", model, "--output-dir", str(out), "--no-plots", "--max-tokens", "all"]
+        args += ["--save-sums"]  # mergeable files
         for d in data:
             args += ["--data", str(workdir / d)]
         assert main(args + COMMON) == 0

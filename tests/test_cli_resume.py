@@ -46,7 +46,7 @@ def test_killed_run_resumes_to_the_uninterrupted_factors(tmp_path: Path) -> None
     (tmp_path / "t.txt").write_text(TEXT_A + TEXT_B)
     args = ["analyze", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "--no-plots", "--quiet"]
     args += ["--seq-len", "12", "--batch-size", "2", "--max-tokens", "all", "--fisher", "mc", "--seed", "3"]
-    args += ["--lowrank-threshold", "64", "--lowrank-rank", "10", "--checkpoint-every", "2"]
+    args += ["--lowrank-threshold", "64", "--lowrank-rank", "10", "--checkpoint-every", "2", "--save-sums"]
 
     whole = tmp_path / "whole"
     assert main([*args, "--output-dir", str(whole)]) == 0

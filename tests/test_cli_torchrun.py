@@ -33,7 +33,7 @@ def _args(tmp_path: Path) -> list[str]:
     args = ["analyze", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "--no-plots", "--quiet"]
     args += ["--seq-len", "12", "--batch-size", "2", "--max-tokens", "200", "--dtype", "float64"]
     args += ["--accumulate-dtype", "float64", "--fisher", "mc", "--mc-samples", "2", "--ekfac", "--seed", "5"]
-    args += ["--lowrank-threshold", "64", "--lowrank-rank", "all"]
+    args += ["--lowrank-threshold", "64", "--lowrank-rank", "all", "--save-sums"]
     return args
 
 

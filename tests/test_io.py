@@ -93,7 +93,7 @@ def test_roundtrip_dense_lowrank_ekfac(which, kfac_qwen, ekfac_qwen, tmp_path):
     lm = fisher.block("lm_head")
     assert lm.representation == "lowrank" and lm.G.rank < lm.G.dim  # thin P: the tail path is exercised
     assert fisher.is_ekfac == (which == "ekfac")
-    path = fisher.save(tmp_path / "f.safetensors", model=model)
+    path = fisher.save(tmp_path / "f.safetensors", model=model, include_sums=True)
     loaded = kf.load(path, model=model)
     assert loaded.is_ekfac == fisher.is_ekfac
     for name in fisher.layer_names:
@@ -139,7 +139,7 @@ def test_loaded_sums_from_sums_equals_original(max_rank, tmp_path):
     model, fisher = _fit("qwen2", BATCHES[:2], lowrank_max_rank=max_rank)
     if max_rank is not None:
         assert fisher.sums["lm_head"].G.tail_mass > 0
-    loaded = kf.load_sums(fisher.save(tmp_path / "f.safetensors"))
+    loaded = kf.load_sums(fisher.save(tmp_path / "f.safetensors", include_sums=True))
     for name, s in fisher.sums.items():
         t = loaded.sums[name]
         assert t.batches == s.batches
@@ -181,7 +181,7 @@ def test_merge_halves_equals_union(tmp_path):
     model = make_model("qwen2")
     cfg = kf.KFACConfig(**BASE)
     _, first = _fit("qwen2", BATCHES[:2])
-    p1 = first.save(tmp_path / "a.safetensors")  # a "kfac" file with its sums
+    p1 = first.save(tmp_path / "a.safetensors", include_sums=True)  # a "kfac" file with its sums
     disc, col, rep = collect(model, BATCHES[2:], cfg)
     p2 = kf.save_sums(tmp_path / "b.safetensors", disc.infos, col.sums, cfg, report=rep)  # a "sums" file
     out = kf.merge_files([p1, p2], tmp_path / "m.safetensors", model=model)
@@ -201,7 +201,7 @@ def test_merge_halves_equals_union(tmp_path):
 
 def test_merge_refuses_incompatible_and_drops_ekfac(kfac_qwen, ekfac_qwen, tmp_path):
     _, fisher = kfac_qwen
-    p1 = fisher.save(tmp_path / "a.safetensors")
+    p1 = fisher.save(tmp_path / "a.safetensors", include_sums=True)
     sums = {n: s for n, s in fisher.sums.items()}
     p2 = kf.save_sums(tmp_path / "b.safetensors", fisher.infos, sums, fisher.cfg.replace(approx="reduce"))
     with pytest.raises(kf.FileFormatError, match="approx"):
@@ -218,8 +218,8 @@ def test_merge_refuses_incompatible_and_drops_ekfac(kfac_qwen, ekfac_qwen, tmp_p
     with pytest.raises(kf.FileFormatError, match="counted twice"):
         kf.merge_files([p1, copy], tmp_path / "m.safetensors")
     # EK-FAC eigenvalues depend on the merged eigenbasis: the merged file is K-FAC, with a warning.
-    pe = ekfac_qwen[1].save(tmp_path / "e.safetensors")  # batches 0-1
-    pe2 = _fit("qwen2", BATCHES[2:3], ekfac=True)[1].save(tmp_path / "e2.safetensors")  # batch 2
+    pe = ekfac_qwen[1].save(tmp_path / "e.safetensors", include_sums=True)  # batches 0-1
+    pe2 = _fit("qwen2", BATCHES[2:3], ekfac=True)[1].save(tmp_path / "e2.safetensors", include_sums=True)  # batch 2
     out = kf.merge_files([pe, pe2], tmp_path / "me.safetensors")
     merged = kf.load(out)
     assert not merged.is_ekfac and any("EK-FAC" in w for w in merged.report.warnings)
@@ -267,7 +267,7 @@ def test_atomic_write_leaves_nothing_partial(kfac_qwen, tmp_path, monkeypatch):
 # Corruption -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(kfac_qwen, tmp_path_factory) -> Path:
-    return kfac_qwen[1].save(tmp_path_factory.mktemp("io") / "f.safetensors")
+    return kfac_qwen[1].save(tmp_path_factory.mktemp("io") / "f.safetensors", include_sums=True)
 
 
 def test_truncated_file_is_refused_on_open(saved, tmp_path):

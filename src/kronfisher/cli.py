@@ -151,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint the sums every N batches (default: every 5 minutes)",
     )
     r.add_argument("--overlap-k", type=_positive_int, default=16, help="top-k eigenvectors for subspace overlaps")
-    r.add_argument("--no-sums", action="store_true", help="do not store raw sums in factor files (no merge later)")
+    r.add_argument(
+        "--save-sums",
+        action="store_true",
+        help="also store the raw sums in the factor files (about twice the size), so they can be merged later",
+    )
+    r.add_argument("--no-sums", action="store_true", help="no raw sums in factor files (the default; kept for scripts)")
     r.add_argument("--no-plots", action="store_true", help="skip the plots")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
 
@@ -214,7 +219,7 @@ def cmd_analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         overlap_k=args.overlap_k,
-        save_sums=not args.no_sums,
+        save_sums=args.save_sums and not args.no_sums,
         plots=not args.no_plots,
         quiet=args.quiet,
         command=command_line(list(argv)),

@@ -307,8 +307,8 @@ class KFAC:
             raise ConfigError("The attached model has no .grad on any tracked parameter; run a backward first.")
         return grads
 
-    def save(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, include_sums: bool = True) -> Path:
-        """Write factors and raw sums to a safetensors file with JSON metadata (:func:`kronfisher.save`)."""
+    def save(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, include_sums: bool = False) -> Path:
+        """Write the factors (with ``include_sums``, also the raw sums) to a file (:func:`kronfisher.save`)."""
         # The one sanctioned upward import: io sits above the operator, and ``KFAC.save`` is public API.
         from .io.files import save  # noqa: PLC0415
 

@@ -72,7 +72,7 @@ class AnalyzeOptions:
     resume: bool = False
     checkpoint_every: int | None = None
     overlap_k: int = 16
-    save_sums: bool = True
+    save_sums: bool = False
     plots: bool = True
     quiet: bool = False
     command: str = ""

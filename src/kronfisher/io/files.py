@@ -61,7 +61,7 @@ def save(
     path: PathLike,
     *,
     model: nn.Module | None = None,
-    include_sums: bool = True,
+    include_sums: bool = False,
     extra_meta: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a :class:`KFAC` to a safetensors file with JSON metadata, atomically (docs/files.md).
@@ -72,7 +72,9 @@ def save(
         model: when given, checked against the layer shapes, described in the metadata, and a digest of a sample
             of its weights stored (the weights themselves never are). Default: the weight digests the operator was
             loaded or merged with, else the model :func:`~kronfisher.fit` attached.
-        include_sums: also store the raw sums, so the file can be merged with files from disjoint data.
+        include_sums: also store the raw sums (about doubles the file), so that the file can be merged with files
+            from disjoint data (:func:`kronfisher.merge_files`). Off by default: the blocks alone serve every
+            operator, and collection checkpoints keep their own sums (docs/files.md).
         extra_meta: JSON-serialisable data for the caller.
 
     Returns:

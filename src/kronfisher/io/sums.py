@@ -290,8 +290,9 @@ def load_sums(path: PathLike) -> SumsFile:
     header = read_header(path)
     if not header.meta.get("sums"):
         raise FileFormatError(
-            f"Factor file {header.path} holds no raw sums (it was saved with include_sums=False).",
-            hint="Only files with their raw sums merge: rerun kronfisher analyze without --no-sums "
+            f"Factor file {header.path} holds no raw sums, so it cannot be merged (it was saved without "
+            "include_sums=True).",
+            hint="Only files with their raw sums merge: rerun kronfisher analyze with --save-sums "
             "(in Python: save with include_sums=True).",
         )
     cfg = config_from_header(header)
