@@ -31,7 +31,7 @@ Q0 = "model.layers.0.self_attn.q_proj"
 
 
 def _save(model: torch.nn.Module, path: Path, batches: list = BATCHES[:2], **cfg) -> Path:
-    return kf.fit(model, batches, kf.KFACConfig(**{**CFG, **cfg})).save(path)
+    return kf.fit(model, batches, kf.KFACConfig(**{**CFG, **cfg})).save(path, include_sums=True)  # mergeable
 
 
 def _without_weight_digests(src: Path, dst: Path) -> Path:
@@ -206,7 +206,7 @@ def test_merge_refusals_carry_their_own_hint_not_truncated(
     cases = [
         ([qwen_file, reduce], "approx", "same options"),
         ([qwen_file, qwen_file], "counted twice", "once"),
-        ([qwen_file, nosums], "no raw sums", "--no-sums"),
+        ([qwen_file, nosums], "no raw sums", "--save-sums"),
         ([qwen_file, other], "different model weights", "same model weights"),
     ]
     for inputs, what, hint in cases:
@@ -267,6 +267,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _analyze(d: Path, model: str) -> list[str]:
     args = ["analyze", "--model", model, "--data", str(d / "t.txt"), "--output-dir", str(d / "out"), "--no-plots"]
+    args += ["--save-sums"]  # the resume test below builds a checkpoint from the file's sums
     return [*args, "--seq-len", "12", "--batch-size", "2", "--max-tokens", "120", "--lowrank-threshold", "64"]
 
 
