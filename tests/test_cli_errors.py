@@ -19,6 +19,7 @@ from kronfisher.cli import main
 from test_cli_helpers import TEXT_A, build_model, save_model
 
 ARGS = ["--seq-len", "16", "--batch-size", "2", "--max-tokens", "64", "--no-plots", "--quiet"]
+ARGS += ["--save-sums"]  # the merge test needs mergeable files
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
