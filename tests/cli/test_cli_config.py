@@ -14,7 +14,7 @@ import kronfisher as kf
 from kronfisher.cli import build_parser, config_from_args, main
 from kronfisher.config import config_fields
 
-# The options and defaults of the command before they were generated (tests/test_cli*.py rely on them).
+# The options and defaults of the command before they were generated (tests/cli/test_cli*.py rely on them).
 CLI_DEFAULTS = {
     "--fisher": "empirical",
     "--mc-samples": 1,
