@@ -1,10 +1,15 @@
-"""The prose of the ``kronfisher analyze`` report: what was computed, and notes on the run."""
+"""What the ``kronfisher analyze`` report says about each model: its entry, the prose, the notes on the run."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from ..config import KFACConfig
+from ..data import TextBatches
+from ..models import LoadedModel
+from .metrics import highlights, totals
 
 
 def run_notes(cfg: KFACConfig, results: list[dict[str, Any]]) -> list[str]:
@@ -47,3 +52,42 @@ GRADIENT_TEXT = (
     "computed in a separate forward/backward pass from each layer's own inputs and output gradients (for a tied "
     "lm_head: the output-layer use); the natural gradient is (F + damping)⁻¹ g under the configured damping."
 )
+
+
+def model_entry(
+    index: int,
+    lm: LoadedModel,
+    tb: TextBatches,
+    grad: Any,
+    collection: dict[str, Any],
+    rows: Mapping[str, dict[str, Any]],
+    factor_file: str,
+) -> dict[str, Any]:
+    """The report's entry of one analysed model (``report.json["models"][i]``), without its timings."""
+    params = next(lm.model.parameters())
+    return {
+        "index": index,
+        "name": lm.source.name,
+        "source": lm.source.spec if lm.source.kind != "default" else f"{lm.source.location}/{lm.source.gguf_file}",
+        "kind": lm.source.kind,
+        "model_class": type(lm.model).__name__,
+        "dtype": str(params.dtype).replace("torch.", ""),
+        "device": str(params.device),
+        "factor_file": factor_file,
+        "loss": grad.loss,
+        "perplexity": math.exp(grad.loss) if grad.loss < 700 else None,
+        "loss_terms": grad.loss_terms,
+        "tokens": grad.tokens,
+        "data": {
+            "sources": tb.sources,
+            "tokens": tb.tokens,
+            "sequences": tb.num_sequences,
+            "batches": len(tb.batches),
+            "fingerprint_sha256": tb.fingerprint,
+        },
+        "collection": collection,
+        "totals": totals(dict(rows)),
+        "highlights": highlights(dict(rows)),
+        "timings_s": {},
+        "layers": dict(rows),
+    }

@@ -12,7 +12,6 @@ Under ``torchrun --nproc_per_node=N`` every pass runs on each rank's shard of th
 from __future__ import annotations
 
 import dataclasses
-import math
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..comm import Shard, barrier, broadcast_object, get_world_size, is_main_process
 from ..config import KFACConfig
-from ..data import build_batches
+from ..data import TextBatches, build_batches
 from ..drivers.ekfac import correct
 from ..errors import InputError
 from ..faults import write_error
@@ -47,8 +46,8 @@ from .checkpoint import (
 from .console import Console, Tracked, silence_transformers
 from .gradient import mean_gradient
 from .launch import process_group
-from .metrics import compare_layer, highlights, layer_metrics, natural_gradients, totals
-from .notes import GRADIENT_TEXT, describe_fisher, run_notes
+from .metrics import compare_layer, layer_metrics, natural_gradients
+from .notes import GRADIENT_TEXT, describe_fisher, model_entry, run_notes
 from .outdir import locked_output_dir
 from .plots import Plot, comparison_plots, model_plots
 from .report import write_report
@@ -115,11 +114,22 @@ def _check_selection(lm: LoadedModel, cfg: KFACConfig) -> None:
     )
 
 
-def analyze_model(
-    index: int, spec: str | None, opts: AnalyzeOptions, console: Console, out: Path
-) -> tuple[LoadedModel, ModelResult]:
-    """Load, collect (resumable), decompose, save and measure one model."""
-    cfg = opts.cfg
+@dataclass
+class _ModelRun:
+    """One model of a run: what its phases share."""
+
+    index: int
+    lm: LoadedModel
+    tb: TextBatches
+    shard: Shard
+    identity: dict[str, Any]
+    factor_path: Path
+    ckpt: Path
+    timings: dict[str, float]
+
+
+def _load(index: int, spec: str | None, opts: AnalyzeOptions, console: Console, out: Path) -> _ModelRun:
+    """Load the model and its tokenizer, check the selection and the sequence length, tokenise the data."""
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     console.info(f"[{index}] loading model {spec or 'default (SmolLM2-135M-Instruct)'}")
@@ -127,14 +137,12 @@ def analyze_model(
         spec, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code, quiet=opts.quiet
     )
     timings["load"] = time.monotonic() - t0
-    _check_selection(lm, cfg)
+    _check_selection(lm, opts.cfg)
     check_seq_len(lm, opts.seq_len)  # before the first batch, not an IndexError inside it
-    label = f"{index}: {lm.source.name}"
-    data_paths = opts.data or [str(embedded_text_path())]
     t = time.monotonic()
     tb = build_batches(
         lm.tokenizer,
-        data_paths,
+        opts.data or [str(embedded_text_path())],
         seq_len=opts.seq_len,
         batch_size=opts.batch_size,
         max_tokens=opts.max_tokens,
@@ -142,73 +150,88 @@ def analyze_model(
     )
     timings["tokenize"] = time.monotonic() - t
     console.info(f"  data: {tb.tokens} tokens, {tb.num_sequences} sequences, {len(tb.batches)} batches")
-    identity = run_identity(lm, tb, cfg)
-    shard = Shard(tb.batches)  # under torchrun: every world_size-th batch; else all of them
     slug = f"{index}-{lm.source.slug}"
+    shard = Shard(tb.batches)  # under torchrun: every world_size-th batch; else all of them
     factor_path = out / "factors" / f"{slug}.safetensors"
     ckpt = checkpoint_path(out / "checkpoints", slug)
-    fisher = None
-    reuse = False
-    if opts.resume and factor_path.exists():
-        reuse = not mismatch(read_metadata(factor_path).get("extra", {}).get("identity", {}), identity)
-    if broadcast_object(reuse):  # rank 0 decides for all: a split decision would pair unrelated collectives
-        console.info(f"  factors already complete in {factor_path}: reusing them")
-        fisher = load(factor_path, model=lm.model, allow_subset=True)  # same identity: this run's own layers
-    if fisher is None:
+    return _ModelRun(index, lm, tb, shard, run_identity(lm, tb, opts.cfg), factor_path, ckpt, timings)
+
+
+def _fit_and_save(run: _ModelRun, opts: AnalyzeOptions, console: Console) -> KFAC:
+    """The K-FAC pass (resumable), decomposition, EK-FAC pass and factor file of one model."""
+    cfg, lm, shard, timings = opts.cfg, run.lm, run.shard, run.timings
+    t = time.monotonic()
+    bar = console.bar(run.tb.tokens, "  K-FAC factors")
+    try:
+        discovery, collector, report = collect_with_checkpoints(
+            lm,
+            shard,
+            run.tb.batch_tokens(),
+            cfg,
+            run.identity,
+            run.ckpt,
+            resume=opts.resume,
+            every=opts.checkpoint_every,
+            info=console.info,
+            bar=bar,
+        )
+    finally:
+        bar.close()
+    timings["collect"] = time.monotonic() - t
+    t = time.monotonic()
+    live = {n: s for n, s in collector.sums.items() if s.A.count > 0 and s.G.count > 0}
+    bar = console.bar(len(live), "  decompose", unit="layer")
+    fisher = KFAC.from_sums(
+        discovery.infos, collector.sums, cfg, report, lm.model, spread=True, on_layer=lambda _: bar.update(1)
+    )
+    bar.close()
+    timings["decompose"] = time.monotonic() - t
+    if cfg.ekfac:
         t = time.monotonic()
-        bar = console.bar(tb.tokens, "  K-FAC factors")
+        bar = console.bar(run.tb.tokens, "  EK-FAC eigenvalues")
         try:
-            discovery, collector, report = collect_with_checkpoints(
-                lm,
-                shard,
-                tb.batch_tokens(),
-                cfg,
-                identity,
-                ckpt,
-                resume=opts.resume,
-                every=opts.checkpoint_every,
-                info=console.info,
-                bar=bar,
-            )
+            correct(fisher, lm.model, Tracked(shard, bar))
         finally:
             bar.close()
-        timings["collect"] = time.monotonic() - t
-        t = time.monotonic()
-        live = {n: s for n, s in collector.sums.items() if s.A.count > 0 and s.G.count > 0}
-        bar = console.bar(len(live), "  decompose", unit="layer")
-        fisher = KFAC.from_sums(
-            discovery.infos, collector.sums, cfg, report, lm.model, spread=True, on_layer=lambda _: bar.update(1)
+        timings["ekfac"] = time.monotonic() - t
+    t = time.monotonic()
+    kept = sums_writer(lm, collector.infos, collector.sums, cfg, report, run.identity, shard)
+    with keeping_sums(run.factor_path, run.ckpt, kept, shard.world_size):  # a full disk: the sums are kept
+        save(  # on every rank: rank 0 writes, the others wait for the complete file
+            fisher,
+            run.factor_path,
+            model=lm.model,
+            include_sums=opts.save_sums,
+            extra_meta={"identity": run.identity, "data": run.tb.sources},
         )
-        bar.close()
-        timings["decompose"] = time.monotonic() - t
-        if cfg.ekfac:
-            t = time.monotonic()
-            bar = console.bar(tb.tokens, "  EK-FAC eigenvalues")
-            try:
-                correct(fisher, lm.model, Tracked(shard, bar))
-            finally:
-                bar.close()
-            timings["ekfac"] = time.monotonic() - t
-        t = time.monotonic()
-        kept = sums_writer(lm, collector.infos, collector.sums, cfg, report, identity, shard)
-        with keeping_sums(factor_path, ckpt, kept, shard.world_size):  # a full disk: the sums are kept
-            save(  # on every rank: rank 0 writes, the others wait for the complete file
-                fisher,
-                factor_path,
-                model=lm.model,
-                include_sums=opts.save_sums,
-                extra_meta={"identity": identity, "data": tb.sources},
-            )
-        remove_checkpoint(ckpt)  # each rank its own checkpoint
-        barrier()
-        if is_main_process() and ckpt.parent.is_dir() and not any(ckpt.parent.iterdir()):
-            ckpt.parent.rmdir()
-        timings["save"] = time.monotonic() - t
+    remove_checkpoint(run.ckpt)  # each rank its own checkpoint
+    barrier()
+    if is_main_process() and run.ckpt.parent.is_dir() and not any(run.ckpt.parent.iterdir()):
+        run.ckpt.parent.rmdir()
+    timings["save"] = time.monotonic() - t
+    return fisher
+
+
+def analyze_model(
+    index: int, spec: str | None, opts: AnalyzeOptions, console: Console, out: Path
+) -> tuple[LoadedModel, ModelResult]:
+    """Load, collect (resumable), decompose, save and measure one model."""
+    t0 = time.monotonic()
+    run = _load(index, spec, opts, console, out)
+    lm, tb, timings = run.lm, run.tb, run.timings
+    reuse = False
+    if opts.resume and run.factor_path.exists():
+        reuse = not mismatch(read_metadata(run.factor_path).get("extra", {}).get("identity", {}), run.identity)
+    if broadcast_object(reuse):  # rank 0 decides for all: a split decision would pair unrelated collectives
+        console.info(f"  factors already complete in {run.factor_path}: reusing them")
+        fisher = load(run.factor_path, model=lm.model, allow_subset=True)  # same identity: this run's own layers
+    else:
+        fisher = _fit_and_save(run, opts, console)
     fisher.sums = None  # saved; the raw sums are not needed for the analysis
     t = time.monotonic()
     bar = console.bar(tb.tokens, "  gradient")
     try:
-        grad = mean_gradient(lm.model, Tracked(shard, bar), cfg)  # all-reduced over ranks
+        grad = mean_gradient(lm.model, Tracked(run.shard, bar), opts.cfg)  # all-reduced over ranks
     finally:
         bar.close()
     timings["gradient"] = time.monotonic() - t
@@ -223,33 +246,9 @@ def analyze_model(
         spectra[name] = {"A": b.A.values.detach().cpu().numpy(), "G": b.G.values.detach().cpu().numpy()}
     timings["metrics"] = time.monotonic() - t
     timings["total"] = time.monotonic() - t0
-    entry = {
-        "index": index,
-        "name": lm.source.name,
-        "source": lm.source.spec if lm.source.kind != "default" else f"{lm.source.location}/{lm.source.gguf_file}",
-        "kind": lm.source.kind,
-        "model_class": type(lm.model).__name__,
-        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(lm.model.parameters()).device),
-        "factor_file": str(factor_path.relative_to(out)),
-        "loss": grad.loss,
-        "perplexity": math.exp(grad.loss) if grad.loss < 700 else None,
-        "loss_terms": grad.loss_terms,
-        "tokens": grad.tokens,
-        "data": {
-            "sources": tb.sources,
-            "tokens": tb.tokens,
-            "sequences": tb.num_sequences,
-            "batches": len(tb.batches),
-            "fingerprint_sha256": tb.fingerprint,
-        },
-        "collection": fisher.report.to_dict(),
-        "totals": totals(rows),
-        "highlights": highlights(rows),
-        "timings_s": timings,
-        "layers": rows,
-    }
-    return lm, ModelResult(label, fisher, layer_params(lm.model, fisher), entry, spectra)
+    entry = model_entry(index, lm, tb, grad, fisher.report.to_dict(), rows, str(run.factor_path.relative_to(out)))
+    entry["timings_s"] = timings
+    return lm, ModelResult(f"{index}: {lm.source.name}", fisher, layer_params(lm.model, fisher), entry, spectra)
 
 
 def compare_models(base: ModelResult, other: ModelResult, k: int) -> dict[str, Any]:
