@@ -4,8 +4,8 @@
     python examples/gpu.py cpu        # force a device
 
 The fit on the device is compared with a fit on the CPU (same weights, same batches): the factors agree to float32
-rounding. Dense factors live next to the model; the ``G`` side of huge layers (low-rank, here forced for ``lm_head``
-with ``lowrank_layers``) stays on the CPU. See docs/gpu.md. Runs in a few seconds on CPU.
+rounding. Dense factors live next to the model, and so does the low-rank ``G`` of huge layers (here forced for
+``lm_head`` with ``lowrank_layers``) when it fits. See docs/gpu.md. Runs in a few seconds on CPU.
 """
 
 from __future__ import annotations

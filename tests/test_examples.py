@@ -85,8 +85,8 @@ def test_files_merge_of_halves_equals_the_full_run(tmp_path: Path) -> None:
 def test_gpu_example_factors_agree_with_the_cpu() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = _main("gpu.py")(device)
-    assert result["lm_head_representation"] == "lowrank" and result["lm_head_G_device"] == "cpu"
-    assert result["A_device"].startswith(device)
+    assert result["lm_head_representation"] == "lowrank"
+    assert result["A_device"].startswith(device) and result["lm_head_G_device"].startswith(device)  # U fits
     assert result["max_relative_factor_difference"] < (1e-5 if device == "cuda" else 1e-12)
 
 
