@@ -36,9 +36,10 @@ from typing import Any
 import torch
 
 import kronfisher as kf
+from kronfisher.budget import activation_bytes, format_bytes
 from kronfisher.errors import MemoryBudgetError
 from kronfisher.layers import discover_layers
-from kronfisher.plan import activation_bytes, format_bytes, plan_memory
+from kronfisher.plan import plan_memory
 
 GIB = 2**30
 SHAPES = {
@@ -166,48 +167,51 @@ def timed(record: dict[str, Any], phase: str, fn: Callable[[], Any], on_phase: C
     return out
 
 
-def crossover(
-    out: int = 2048, a: int = 256, token_counts: tuple[int, ...] = (256, 512, 1024, 1536, 2048, 3072)
-) -> dict:
-    """Dense against exact low-rank ``G`` of one layer, K-FAC + EK-FAC, float32 (``--crossover``)."""
+def crossover_one(out: int, a: int, tokens: int, rep: str) -> dict[str, Any]:
+    """One ``kf.fit`` (K-FAC + EK-FAC, float32) of ``Linear(a, out)`` with a dense or low-rank ``G`` (child)."""
     from torch import nn
 
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(a, out))
+    g = torch.Generator().manual_seed(tokens)
+    batches = [
+        {"x": torch.randn(256, a, generator=g), "t": torch.randint(0, out, (256,), generator=g)}
+        for _ in range(tokens // 256)
+    ]
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         y = model(batch["x"])
-        return torch.nn.functional.cross_entropy(y, batch["t"], reduction="sum"), {
-            "num_terms": y.shape[0],
-            "reduction": "sum",
-        }
+        loss = torch.nn.functional.cross_entropy(y, batch["t"], reduction="sum")
+        return loss, {"num_terms": y.shape[0], "reduction": "sum"}
+
+    cfg = kf.KFACConfig(ekfac=True, lowrank_threshold=out, lowrank_layers=("0",) if rep == "lowrank" else ())
+    reset_peak()
+    base = peak_rss()
+    start, cpu = time.monotonic(), time.process_time()
+    fisher = kf.fit(layer, batches, cfg, loss_fn=loss_fn)
+    wall, cpu = time.monotonic() - start, time.process_time() - cpu
+    assert fisher.block("0").representation == rep
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_delta_bytes": peak_rss() - base}
+
+
+def crossover(
+    out: int = 2048, a: int = 256, token_counts: tuple[int, ...] = (256, 512, 1024, 1536, 2048, 3072)
+) -> dict:
+    """Dense against exact low-rank ``G`` of one layer, each fit in its own process (``--crossover``)."""
+    import subprocess
 
     rows = []
     for t in token_counts:
-        g = torch.Generator().manual_seed(t)
-        batches = [
-            {"x": torch.randn(256, a, generator=g), "t": torch.randint(0, out, (256,), generator=g)}
-            for _ in range(t // 256)
-        ]
         row: dict[str, Any] = {"tokens": t}
         for rep in ("dense", "lowrank"):
-            cfg = kf.KFACConfig(
-                ekfac=True, lowrank_threshold=out - 1, lowrank_layers=("0",) if rep == "lowrank" else ()
-            )
-            if rep == "dense":
-                cfg = cfg.replace(lowrank_threshold=out)
-            reset_peak()
-            base = peak_rss()
-            start = time.monotonic()
-            fisher = kf.fit(layer, batches, cfg, loss_fn=loss_fn)
-            row[rep] = {"wall_s": time.monotonic() - start, "peak_rss_delta_bytes": peak_rss() - base}
-            assert fisher.block("0").representation == rep
-            del fisher
+            cmd = [sys.executable, __file__, "--crossover-one", f"{out},{a},{t},{rep}"]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+            row[rep] = json.loads(done.stdout)
+        layer = {"0": discover_layers(torch.nn.Sequential(torch.nn.Linear(a, out, device="meta"))).infos["0"]}
         plan_cfg = kf.KFACConfig(ekfac=True, lowrank_threshold=out - 1, max_memory="8GiB")
-        row["plan"] = (
-            plan_memory(discover_layers(layer).infos, plan_cfg, tokens=t, batch_tokens=256).layers["0"].representation
-        )
+        row["plan"] = plan_memory(layer, plan_cfg, tokens=t, batch_tokens=256).layers["0"].representation
         rows.append(row)
+        print(f"crossover T={t}: {row}", file=sys.stderr)
     return {"out": out, "a": a, "rows": rows}
 
 
@@ -258,12 +262,18 @@ class PhaseLog:
             self.current = (f"group{m.group(1)}_{m.group(3)}", time.monotonic())
 
 
-def run(layers: int, tokens: int, max_memory: str, dtype: str, out_path: Path | None) -> dict[str, Any]:
+def current_rss() -> int:
+    """``VmRSS`` of this process in bytes."""
+    with open("/proc/self/status") as fh:
+        return int(re.search(r"VmRSS:\s+(\d+)", fh.read()).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def run(layers: int, tokens: int, max_memory: str, dtype: str, batch: int, out_path: Path | None) -> dict[str, Any]:
     """``kf.fit`` (EK-FAC) of the 1.5B-shaped model and a plain forward+backward of the same tokens (``--run``)."""
     from transformers import Qwen2ForCausalLM
 
     record: dict[str, Any] = {"layers": layers, "tokens": tokens, "max_memory": max_memory, "dtype": dtype}
-    record["machine"] = machine()
+    record.update(batch_tokens=batch, machine=machine())
     phases: dict[str, Any] = {}
     record["phases"] = phases
 
@@ -275,7 +285,7 @@ def run(layers: int, tokens: int, max_memory: str, dtype: str, out_path: Path | 
     model = timed(phases, "build", lambda: Qwen2ForCausalLM(qwen_config("qwen2.5-1.5b", layers)), flush)
     model = model.to(getattr(torch, dtype)).eval()
     g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(0, 151936, (2, 512), generator=g)} for _ in range(tokens // 1024)]
+    batches = [{"input_ids": torch.randint(0, 151936, (2, batch // 2), generator=g)} for _ in range(tokens // batch)]
 
     def plain() -> None:
         for b in batches:
@@ -284,13 +294,24 @@ def run(layers: int, tokens: int, max_memory: str, dtype: str, out_path: Path | 
 
     timed(phases, "forward_backward", plain, flush)
     cfg = kf.KFACConfig(ekfac=True, lowrank_max_rank=512, max_memory=max_memory)
-    with PhaseLog(phases, flush):
-        fisher = timed(phases, "fit", lambda: kf.fit(model, batches, cfg), flush)
+    gc.collect()
+    record["rss_before_fit_bytes"] = current_rss()
+    try:
+        with PhaseLog(phases, flush):
+            fisher = timed(phases, "fit", lambda: kf.fit(model, batches, cfg), flush)
+    except MemoryBudgetError as err:
+        record["error"] = str(err)
+        flush()
+        return record
     record["layers_tracked"] = len(fisher.layer_names)
     record["plan"] = fisher.report.to_dict().get("plan")
     fb = phases["forward_backward"]["wall_s"]
     record["ratio_fit_to_forward_backward"] = phases["fit"]["wall_s"] / fb
-    record["peak_rss_fit_bytes"] = max(v["peak_rss_bytes"] for k, v in phases.items() if k != "build")
+    peak = max(v["peak_rss_bytes"] for k, v in phases.items() if k.startswith("group"))
+    phases["fit"]["peak_rss_bytes"] = peak  # the group phases reset the high-water mark
+    record["peak_rss_fit_bytes"] = peak
+    record["peak_rss_fit_above_start_bytes"] = peak - record["rss_before_fit_bytes"]
+    record["planned_peak_bytes"] = max(max(p.values()) for p in record["plan"]["peaks"])
     flush()
     return record
 
@@ -322,12 +343,14 @@ def table(report: dict[str, Any]) -> str:
     if "crossover" in report:
         c = report["crossover"]
         lines.append(f"\n## crossover, Linear({c['a']}, {c['out']}), K-FAC + EK-FAC, float32")
-        lines.append("| T | dense s | low-rank s | dense peak Δ | low-rank peak Δ | plan |")
+        lines.append(
+            "| T | dense wall / CPU s | low-rank wall / CPU s | dense peak RSS Δ | low-rank peak RSS Δ | plan |"
+        )
         lines.append("|---:|---:|---:|---:|---:|---|")
         for r in c["rows"]:
             d, lo = r["dense"], r["lowrank"]
             lines.append(
-                f"| {r['tokens']:,} | {d['wall_s']:.2f} | {lo['wall_s']:.2f} "
+                f"| {r['tokens']:,} | {d['wall_s']:.2f} / {d['cpu_s']:.2f} | {lo['wall_s']:.2f} / {lo['cpu_s']:.2f} "
                 f"| {format_bytes(d['peak_rss_delta_bytes'])} | {format_bytes(lo['peak_rss_delta_bytes'])} "
                 f"| {r['plan']} |"
             )
@@ -341,8 +364,14 @@ def table(report: dict[str, Any]) -> str:
         for k, v in r["phases"].items():
             if isinstance(v, dict):
                 lines.append(f"| {k} | {v['wall_s']:.1f} | {format_bytes(v['peak_rss_bytes'])} |")
+        if "error" in r:
+            lines.append(f"error: {r['error']}")
         if "ratio_fit_to_forward_backward" in r:
             lines.append(f"fit / plain forward+backward: {r['ratio_fit_to_forward_backward']:.2f}")
+            lines.append(
+                f"peak RSS of fit {format_bytes(r['peak_rss_fit_bytes'])} ({format_bytes(r['rss_before_fit_bytes'])} "
+                f"before it); planned peak of the factors {format_bytes(r['planned_peak_bytes'])}"
+            )
     return "\n".join(lines)
 
 
@@ -354,11 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens (multiple of 1,024)")
     parser.add_argument("--max-memory", default="12GiB", help="kf.KFACConfig(max_memory=...) of --run")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model weights")
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="tokens per batch of --run (2 sequences)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here (partial during --run)")
+    parser.add_argument("--crossover-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.crossover_one:
+        out, a, t, rep = args.crossover_one.split(",")
+        print(json.dumps(crossover_one(int(out), int(a), int(t), rep)))
+        return 0
     report: dict[str, Any] = {"machine": machine()}
     if args.run:
-        report["run"] = run(args.layers, args.tokens, args.max_memory, args.dtype, args.out)
+        report["run"] = run(args.layers, args.tokens, args.max_memory, args.dtype, args.batch_tokens, args.out)
     elif args.crossover:
         report["crossover"] = crossover()
     else:

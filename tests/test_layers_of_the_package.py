@@ -28,6 +28,7 @@ FLOORS: list[set[str]] = [
         "models",
         "plan",
         "transfer",
+        "budget",
     },
     {"algebra"},
     {"collection"},

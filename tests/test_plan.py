@@ -9,6 +9,7 @@ import torch
 
 import kronfisher as kf
 from conftest import make_model, random_ids
+from kronfisher.drivers.fit import count_tokens
 from kronfisher.errors import ConfigError, MemoryBudgetError
 from kronfisher.layers import LayerInfo, discover_layers
 from kronfisher.plan import plan_memory
@@ -148,3 +149,90 @@ def test_plan_accounting_matches_allocations() -> None:
     for c in planned:
         assert abs(planned[c] - actual[c]) <= 0.1 * actual[c], (c, planned[c], actual[c])
     assert torch.get_num_threads() >= 1
+
+
+def _budget_for_groups(model: torch.nn.Module, batches: list, cfg: kf.KFACConfig) -> int:
+    """A max_memory that splits the tracked layers into several groups."""
+    infos = discover_layers(model, cfg.include, cfg.exclude).infos
+    tokens, largest = count_tokens(batches)
+    kw = {"tokens": tokens, "batch_tokens": largest, "budgets": {"cpu": 8 * GIB}}
+    whole = plan_memory(infos, cfg, **kw)
+    alone = max(plan_memory({n: i}, cfg, **kw).peaks[0]["cpu"] for n, i in infos.items())
+    assert alone < whole.peaks[0]["cpu"] - whole.result["cpu"]
+    return whole.result["cpu"] + alone  # every layer fits after all the others' factors; not all at once
+
+
+def _assert_same_blocks(one: kf.KFAC, grouped: kf.KFAC) -> None:
+    assert grouped.layer_names == one.layer_names
+    for name in one.layer_names:
+        a, b = one.block(name), grouped.block(name)
+        assert a.representation == b.representation, name
+        for x, y in ((a.A.values, b.A.values), (a.A.vectors, b.A.vectors), (a.G.values, b.G.values)):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-12, msg=name)
+        torch.testing.assert_close(b.G.to_dense(), a.G.to_dense(), rtol=0, atol=1e-12, msg=name)
+        if a.corrected is not None:
+            torch.testing.assert_close(b.corrected, a.corrected, rtol=0, atol=1e-12, msg=name)
+            if a.corrected_tail is not None:
+                torch.testing.assert_close(b.corrected_tail, a.corrected_tail, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"ekfac": True}, {"ekfac": True, "fisher": "mc", "mc_samples": 2, "seed": 3}],
+    ids=["kfac", "ekfac", "ekfac-mc"],
+)
+def test_grouped_run_equals_unpartitioned(kw: dict, tmp_path) -> None:
+    """Groups, each with its own passes over the same batches, give exactly one run's factors (float64)."""
+    model = make_model("qwen2")
+    batches = [{"input_ids": random_ids(2, 12, seed=s)} for s in range(3)]
+    cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_layers=("lm_head",), lowrank_dtype="float64", **kw)
+    cfg = cfg.replace(lowrank_max_rank=8)  # the lm_head compresses (its workspace stays below the groups)
+    one = kf.fit(model, batches, cfg)
+    assert len(one.report.plan["groups"]) == 1 and one.sums is not None
+    grouped = kf.fit(model, batches, cfg.replace(max_memory=_budget_for_groups(model, batches, cfg)))
+    groups = grouped.report.plan["groups"]
+    assert len(groups) >= 2 and [n for g in groups for n in g] == one.layer_names
+    assert grouped.sums is None  # each group's sums were freed once decomposed
+    _assert_same_blocks(one, grouped)
+    assert (grouped.report.tokens, grouped.report.loss_terms) == (one.report.tokens, one.report.loss_terms)
+    path = kf.save(grouped, tmp_path / "f.safetensors", include_sums=False)
+    assert kf.read_metadata(path)["report"]["plan"]["groups"] == groups  # the plan is in the file
+
+
+def test_representation_follows_token_count_in_a_run() -> None:
+    """gate/up (out 24 > lowrank_threshold 20): exact low-rank with few tokens, dense with many (same factors)."""
+    model = make_model("qwen2")
+    cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_threshold=20, lowrank_dtype="float64", max_memory="1GiB")
+    few = kf.fit(model, [{"input_ids": random_ids(1, 8)}], cfg)
+    many = kf.fit(model, [{"input_ids": random_ids(4, 16)}], cfg)
+    gate = "model.layers.0.mlp.gate_proj"
+    assert few.block(gate).representation == "lowrank" and few.block(gate).G.rank <= 8
+    assert many.block(gate).representation == "dense"
+    assert few.report.plan["layers"][gate]["max_rank"] is None  # exact: never a token budget
+    dense = kf.fit(model, [{"input_ids": random_ids(1, 8)}], cfg.replace(lowrank_threshold=8192))
+    torch.testing.assert_close(few.block(gate).G.to_dense(), dense.block(gate).G.to_dense(), rtol=0, atol=1e-12)
+
+
+def test_cli_max_memory_runs_groups(tmp_path) -> None:
+    """``kronfisher analyze --max-memory``: the plan in the report and the file, groups equal to one run."""
+    from kronfisher.cli import main
+    from test_cli_helpers import TEXT_A, build_model, load_saved, reference_batches, save_model
+
+    save_model(build_model("qwen2", seed=0, tie=True), tmp_path / "qwen")
+    (tmp_path / "a.txt").write_text(TEXT_A, encoding="utf-8")
+    args = ["analyze", "--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "a.txt"), "--seq-len", "16"]
+    args += ["--batch-size", "3", "--max-tokens", "120", "--dtype", "float64", "--accumulate-dtype", "float64"]
+    args += ["--ekfac", "--quiet", "--no-plots", "--exclude", "lm_head"]
+    batches = reference_batches(tmp_path / "qwen", [TEXT_A], 16, 3, max_tokens=120)
+    cfg = kf.KFACConfig(accumulate_dtype="float64", ekfac=True, lowrank_max_rank=512, exclude=("lm_head",))
+    budget = _budget_for_groups(load_saved(tmp_path / "qwen"), batches, cfg)
+    assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
+    assert main([*args, "--output-dir", str(tmp_path / "grouped"), "--max-memory", str(budget)]) == 0
+    files = {}
+    for run in ("one", "grouped"):
+        report = json.loads((tmp_path / run / "report.json").read_text())["models"][0]
+        files[run] = tmp_path / run / report["factor_file"]
+        plan = kf.read_metadata(files[run])["report"]["plan"]
+        assert report["collection"]["plan"]["groups"] == plan["groups"]
+        assert (len(plan["groups"]) > 1) == (run == "grouped")
+    _assert_same_blocks(kf.load(files["one"]), kf.load(files["grouped"]))

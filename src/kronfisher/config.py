@@ -208,11 +208,18 @@ class KFACConfig:
     lowrank_threshold: int = field(
         default=8192,
         metadata=_meta(
-            "Layers with more outputs than this keep G in low-rank form.", _POSINT, sums=True, cli="--lowrank-threshold"
+            "Layers with more outputs than this may keep G low-rank: exact while the planned tokens are below 0.9 out, "
+            "dense beyond; the lowrank_max_rank budget only when a dense G does not fit in max_memory.",
+            _POSINT,
+            sums=True,
+            cli="--lowrank-threshold",
         ),
     )
     lowrank_layers: tuple[str, ...] = field(
-        default=(), metadata=_meta("Regexes of layers whose G is low-rank whatever their size.", _REGEXES, sums=True)
+        default=(),
+        metadata=_meta(
+            "Regexes of layers whose G is low-rank whatever their size.", _REGEXES, sums=True, cli="--lowrank-layers"
+        ),
     )
     lowrank_dtype: str = field(
         default="float32",
@@ -261,6 +268,7 @@ class KFACConfig:
             "{device: size}. Default (None): what each device has free once the model is loaded, less its "
             "activations. Layers that do not fit together run in groups, each with its own passes (docs/concepts.md).",
             Rule("bytes", optional=True, none_means="what each device has free"),
+            cli="--max-memory",
         ),
     )
 

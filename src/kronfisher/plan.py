@@ -1,64 +1,40 @@
-"""The memory plan of a run: representation per layer and layer groups that fit a budget (docs/concepts.md).
+"""The memory plan of a run: each layer's G and layer groups within a budget (docs/concepts.md, memory plan).
 
-Before the first batch, the plan computes what every tracked layer needs on each device (sums, one layer's staged
-contribution, eigenbases, decomposition workspace, EK-FAC sums, low-rank columns) for the planned token count
-``T``, chooses the representation of each layer's ``G`` and splits the layers into groups whose passes fit
-``max_memory`` (kronfluence's module partitions; Grosse et al. 2023). Each group runs its own passes over the same
-batches with only its layers hooked, so a grouped run gives exactly the factors of one pass over every layer.
+Before the first batch: what every tracked layer needs per device (sums, one staged contribution, eigenbases,
+decomposition workspace, EK-FAC sums, low-rank columns) for the planned token count ``T``; each layer's ``G``; and
+groups whose passes fit ``max_memory`` (kronfluence's module partitions, Grosse et al. 2023).
 
-**Representation of G** (Martens & Grosse 2015 keep ``G`` dense; a low-rank ``G = U Uᵀ`` with ``U = [ĝ_1 … ĝ_T]/√N``
-is exact, docs/concepts.md). For a layer with ``out > lowrank_threshold``:
+**G** (``out > lowrank_threshold``). Dense: ``out²`` twice, an ``out³`` eigh (~32 ``out²`` bytes of workspace),
+``out² T`` to accumulate, ``2 out² T`` in EK-FAC. Exact low-rank: ``out T + T²``, an ``out T²`` Gram and a ``T³``
+eigh (~40 ``T²`` bytes), ``2 (out T + T²) T`` in EK-FAC. Symmetric in ``out`` and ``T``: flops cross at ``T = out``,
+memory near ``0.9 out``. Low-rank when it needs less memory *and* fewer flops, dense beyond (both exact); the token
+budget only when a dense ``G`` cannot be held at all, or for ``lowrank_layers``; ``T`` unknown: dense if it fits.
 
-* dense ``G`` costs ``out²`` twice (sum and eigenbasis), an ``out³`` eigendecomposition with ~32 ``out²`` bytes of
-  workspace, ``out² T`` to accumulate and ``2 out² T`` in the EK-FAC pass;
-* exact low-rank costs ``out T`` for ``U`` plus ``T²`` for its coefficients, a ``[T, T]`` float64 Gram
-  (``out T²``) and its eigendecomposition (``T³``, ~40 ``T²`` bytes), and ``2 (out T + T²) T`` in the EK-FAC pass.
-
-Both models are symmetric in ``out`` and ``T``: their flops cross at ``T = out``, their memory (with the
-workspace) near ``T ≈ 0.9 out``. Low-rank is chosen when it needs less memory *and* fewer flops at the planned
-``T`` (so while ``T`` is below ~0.9 ``out``), dense beyond; both are exact, nothing is truncated. The approximate
-token budget (``lowrank_max_rank``: top-``k`` plus an exact-trace tail) is used only for a layer whose dense ``G``
-cannot be held at all within the budget (the lm_head of a 150k vocabulary: ``out² ≈ 92 GB``), and
-``lowrank_layers`` forces low-rank. Layers with ``out ≤ lowrank_threshold`` stay dense. With ``T`` unknown (an
-iterator, a user loop) a layer is dense when its dense ``G`` fits. ``benchmarks/bench_scale.py --crossover``
-measures the crossover.
-
-**Groups.** Layers reading the same input (q/k/v, gate/up: one ``A`` decomposed for all) stay in one group. Groups
-are filled in model order; a group's peak is the largest of its phases (collection: sums plus one staged
-contribution; decomposition: sums, eigenbases and the largest concurrent workspaces; EK-FAC: eigenbases, EK-FAC
-sums and one staged contribution), on top of the factors the earlier groups keep (their eigenbases, low-rank
-columns and EK-FAC eigenvalues: the result). A layer that does not fit alone raises
-:class:`~kronfisher.errors.MemoryBudgetError` naming the layer and the bytes it needs.
+**Groups.** Layers reading one input (q/k/v, gate/up) stay together; groups fill in model order; a group's peak is
+its largest phase (collect: sums + one staged contribution; decompose: sums, eigenbases, the largest concurrent
+workspaces; EK-FAC: eigenbases, EK-FAC sums + one staged contribution) on top of the earlier groups' result.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .budget import format_bytes, format_plan, resolve_budgets
 from .config import KFACConfig
-from .errors import ConfigError, MemoryBudgetError
+from .errors import MemoryBudgetError
 from .layers import LayerInfo
 
 EIGH_FLOPS = 32.0  # an eigh with vectors of n costs ~32 n³ GEMM flops (LAPACK syevd measured against GEMM on CPU)
 GRAM_WORK = 40  # bytes per m² while a [m, m] float64 Gram is decomposed (Gram, eigh copy, vectors, workspace)
-COMPONENTS = ("sums", "staging", "eigen", "workspace", "ekfac", "ekfac_staging", "result")
+COMPONENTS = ("sums", "columns", "staging", "eigen", "workspace", "ekfac", "ekfac_staging", "result")
 
 
 def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def format_bytes(n: float) -> str:
-    """``1.23 GiB`` style."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass
@@ -74,13 +50,10 @@ class LayerPlan:
     """The plan of one layer.
 
     Attributes:
-        name: layer name.
-        a_dim: dimension of ``A``; ``out``: output dimension.
-        representation: ``"dense"`` or ``"lowrank"`` (of ``G``).
-        max_rank: token budget ``k`` of a low-rank ``G`` (None: exact, every token kept).
-        columns: columns of ``U`` held at the peak (low-rank), or 0.
-        reason: why this representation.
-        unit: key of the layers sharing this layer's input (and so its ``A``); ``owner``: decomposes that ``A``.
+        name, a_dim, out: the layer, the dimension of ``A``, the output dimension.
+        representation, max_rank, columns, reason: ``G`` is ``"dense"`` or ``"lowrank"`` with token budget ``k``
+            (None: exact) and ``columns`` held at the peak, and why.
+        unit, owner: key of the layers sharing this layer's input (and ``A``); whether this one decomposes it.
         sides: ``"A"`` and ``"G"`` :class:`Side` (devices and bytes).
         flops: ``{"dense": f, "lowrank": f}`` of ``G`` over the run (None when ``T`` is unknown).
 
@@ -107,18 +80,11 @@ class LayerPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {
-            "representation": self.representation,
-            "max_rank": self.max_rank,
-            "columns": self.columns,
-            "reason": self.reason,
-            "unit": self.unit,
-            "bytes": {c: self.total(c) for c in COMPONENTS},
-            "flops": self.flops,
-        }
+        keys = ("representation", "max_rank", "columns", "reason", "unit", "flops")
+        return {**{k: getattr(self, k) for k in keys}, "bytes": {c: self.total(c) for c in COMPONENTS}}
 
 
-def _dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int, ekfac_rank: int | None) -> Side:
+def _dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int) -> Side:
     acc = _size(cfg.accumulate_torch_dtype)
     eigh64 = dim <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64"
     side = Side(device)
@@ -135,7 +101,7 @@ def _lowrank_side(out: int, m: int, r: int, cfg: KFACConfig, device: str, rows: 
     lr = _size(cfg.lowrank_torch_dtype)
     work = 8 if cfg.accumulate_dtype == "float64" else 4
     side = Side(device)
-    side.bytes["sums"] = out * m * lr
+    side.bytes["sums"] = side.bytes["columns"] = out * m * lr
     side.bytes["staging"] = rows * out * (4 + lr) + (GRAM_WORK * m * m if budget else 0)  # rows (+ compression)
     side.bytes["eigen"] = (m * r + r) * work  # C [m, r] and λ; U itself is the sum, kept by the eigenbasis
     side.bytes["workspace"] = GRAM_WORK * m * m
@@ -157,8 +123,8 @@ def unit_key(info: LayerInfo) -> str:
     return f"{parent}|{info.a_dim}"
 
 
-def _peak(layers: list[LayerPlan], workers: int, ekfac: bool) -> dict[str, int]:
-    """Peak bytes per device of one group's passes (module docstring)."""
+def _peak(layers: list[LayerPlan], workers: int, ekfac: bool, keep_sums: bool = False) -> dict[str, int]:
+    """Peak bytes per device of one group's passes (module docstring); ``keep_sums``: dense sums kept to the end."""
     devices = {s.device for lp in layers for s in lp.sides.values()}
     out = {}
     for dev in devices:
@@ -172,49 +138,9 @@ def _peak(layers: list[LayerPlan], workers: int, ekfac: bool) -> dict[str, int]:
 
         collect = tot("sums") + top("staging", 1)
         decompose = tot("sums") + tot("eigen") + top("workspace", workers)
-        correct = tot("result") + tot("ekfac") + top("ekfac_staging", 1) if ekfac else 0
+        kept = tot("result") + (tot("sums") - tot("columns") if keep_sums else 0)
+        correct = kept + tot("ekfac") + top("ekfac_staging", 1) if ekfac else 0
         out[dev] = max(collect, decompose, correct)
-    return out
-
-
-def available_memory(device: str | torch.device) -> int:
-    """Free memory of a device now: ``MemAvailable`` of ``/proc/meminfo`` on the host, ``mem_get_info`` on CUDA."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
-def activation_bytes(infos: dict[str, LayerInfo], batch_tokens: int) -> int:
-    """Rough activations of one batch: each tracked layer's input and output, plus 4 copies of the widest output."""
-    if not infos:
-        return 0
-    widest = max(i.out_features for i in infos.values())
-    return 4 * batch_tokens * (4 * widest + sum(i.a_dim + i.out_features for i in infos.values()))
-
-
-def resolve_budgets(
-    cfg: KFACConfig, devices: list[str], infos: dict[str, LayerInfo], batch_tokens: int
-) -> dict[str, int]:
-    """Budget per device: ``cfg.max_memory`` (one size for all, or per device), else free memory less activations."""
-    mm = cfg.max_memory
-    out = {}
-    for dev in devices:
-        if isinstance(mm, dict):
-            if dev not in mm:
-                raise ConfigError(f"Invalid max_memory: no budget for device {dev!r} (given: {sorted(mm)}).")
-            out[dev] = int(mm[dev])
-        elif mm is not None:
-            out[dev] = int(mm)
-        else:
-            out[dev] = max(available_memory(dev) - activation_bytes(infos, batch_tokens), 0)
     return out
 
 
@@ -223,9 +149,8 @@ class MemoryPlan:
     """Representation per layer, groups and bytes per device of a run (JSON-able with :meth:`to_dict`).
 
     Attributes:
-        tokens: planned token count ``T`` (None: unknown); ``batch_tokens``: tokens of the largest batch.
-        ekfac: whether an EK-FAC pass follows each group's K-FAC pass.
-        budgets: ``max_memory`` in bytes per device.
+        tokens, batch_tokens: planned token count ``T`` (None: unknown), tokens of the largest batch.
+        ekfac, budgets: whether an EK-FAC pass follows each K-FAC pass; ``max_memory`` in bytes per device.
         layers: :class:`LayerPlan` by name (model order).
         groups: layer names of each group (model order); one group is an unpartitioned run.
         peaks: peak bytes per device of each group's passes, including what earlier groups keep.
@@ -247,6 +172,10 @@ class MemoryPlan:
         """Passes over the data: one K-FAC pass (and one EK-FAC pass) per group."""
         return len(self.groups) * (2 if self.ekfac else 1)
 
+    def host_columns(self) -> list[str]:
+        """Low-rank layers whose ``U`` lives in host memory while the rest of the run is on an accelerator."""
+        return [n for n, lp in self.layers.items() if lp.sides["G"].device == "cpu" != lp.sides["A"].device]
+
     def lowrank(self) -> dict[str, int | None]:
         """Low-rank layers with their token budget (None: exact), for the collector."""
         return {n: lp.max_rank for n, lp in self.layers.items() if lp.representation == "lowrank"}
@@ -266,35 +195,8 @@ class MemoryPlan:
         }
 
     def format(self) -> str:
-        """Readable summary: representations, groups with their peak per device, passes."""
-        t = "unknown" if self.tokens is None else f"{self.tokens:,}"
-        lines = [
-            f"memory plan: {len(self.layers)} layers, T = {t} tokens (batches of {self.batch_tokens:,}), "
-            f"{'EK-FAC' if self.ekfac else 'K-FAC'}; budget "
-            + ", ".join(f"{d} {format_bytes(b)}" for d, b in self.budgets.items())
-        ]
-        kinds: dict[str, list[str]] = {}
-        for n, lp in self.layers.items():
-            key = (
-                "dense"
-                if lp.representation == "dense"
-                else ("low-rank exact" if lp.max_rank is None else f"low-rank, budget k = {lp.max_rank}")
-            )
-            kinds.setdefault(key, []).append(n)
-        for key, names in kinds.items():
-            example = self.layers[names[-1]]
-            lines.append(f"  G {key}: {len(names)} layers (e.g. {names[-1]}: {example.reason})")
-        for i, (group, peak) in enumerate(zip(self.groups, self.peaks, strict=True)):
-            span = group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
-            lines.append(
-                f"  group {i + 1}/{len(self.groups)}: {len(group)} layers ({span}), peak "
-                + ", ".join(f"{d} {format_bytes(b)}" for d, b in peak.items())
-            )
-        lines.append(
-            f"  passes over the data: {self.passes} ({len(self.groups)} group(s) × {2 if self.ekfac else 1}); "
-            "factors kept at the end: " + ", ".join(f"{d} {format_bytes(b)}" for d, b in self.result.items())
-        )
-        return "\n".join(lines)
+        """Readable summary: representations, groups with their peak per device, passes (:func:`format_plan`)."""
+        return format_plan(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -306,22 +208,25 @@ class _Ctx:
     g_device: str  # where a low-rank G lives
     budgets: dict[str, int]
     workers: int
+    host: str | None  # where a low-rank U goes (streamed) when it does not fit on the accelerator, or None
 
 
-def _build(info: LayerInfo, ctx: _Ctx, rep: str, max_rank: int | None, owner: bool, reason: str) -> LayerPlan:
+def _build(
+    info: LayerInfo, ctx: _Ctx, rep: str, max_rank: int | None, owner: bool, reason: str, g_device: str | None = None
+) -> LayerPlan:
     cfg, t, rows = ctx.cfg, ctx.tokens, ctx.rows
     a, out = info.a_dim, info.out_features
     acc = _size(cfg.accumulate_torch_dtype)
     if rep == "dense":
         m, r = 0, out
-        g = _dense_side(out, cfg, ctx.device, True, rows, None)
+        g = _dense_side(out, cfg, ctx.device, True, rows)
     else:
         m = t if t is not None else rows  # exact: every token (unknown T: one batch, grows with T)
         if max_rank is not None:
             m = min(m, 2 * max_rank + rows)  # compression when more than 2k columns are held
         r = min(m, out, max_rank if max_rank is not None else m)
-        g = _lowrank_side(out, m, r, cfg, ctx.g_device, rows, max_rank is not None)
-    side_a = _dense_side(a, cfg, ctx.device, owner, rows, None)
+        g = _lowrank_side(out, m, r, cfg, g_device or ctx.g_device, rows, max_rank is not None)
+    side_a = _dense_side(a, cfg, ctx.device, owner, rows)
     if cfg.ekfac:
         thin = rep != "dense" and r < out
         side_a.bytes["ekfac"] = (r * a + (a if thin else 0)) * acc  # span (and tail) sums
@@ -342,8 +247,22 @@ def _fits(peak: dict[str, int], kept: dict[str, int], budgets: dict[str, int]) -
     return all(kept.get(d, 0) + b <= budgets[d] for d, b in peak.items())
 
 
+def _on_host(lp: LayerPlan, info: LayerInfo, ctx: _Ctx) -> LayerPlan | None:
+    """The same low-rank layer with ``U`` in host memory (streamed through the accelerator), or None."""
+    if lp.representation == "dense" or ctx.host is None or lp.sides["G"].device == ctx.host:
+        return None
+    why = f"{lp.reason}; U in host memory"
+    return _build(info, ctx, "lowrank", lp.max_rank, lp.owner, why, g_device=ctx.host)
+
+
 def _choose(info: LayerInfo, ctx: _Ctx, owner: bool) -> LayerPlan:
-    """The representation of one layer's ``G`` (module docstring)."""
+    """The representation of one layer's ``G`` (module docstring); a ``U`` that does not fit the device: host."""
+    lp = _represent(info, ctx, owner)
+    host = None if _fits(_alone(lp, ctx), {}, ctx.budgets) else _on_host(lp, info, ctx)
+    return lp if host is None else host
+
+
+def _represent(info: LayerInfo, ctx: _Ctx, owner: bool) -> LayerPlan:
     cfg, out, t = ctx.cfg, info.out_features, ctx.tokens
     if any(re.search(p, info.name) for p in cfg.lowrank_layers):
         return _build(info, ctx, "lowrank", cfg.lowrank_max_rank, owner, "named by lowrank_layers")
@@ -366,13 +285,6 @@ def _choose(info: LayerInfo, ctx: _Ctx, owner: bool) -> LayerPlan:
     return _build(info, ctx, "dense", None, owner, f"T = {t:,}, out = {out:,}: {sizes}")
 
 
-def _model_devices(device: str, lowrank_device: str | None) -> tuple[str, str]:
-    dev = str(torch.device(device))
-    if lowrank_device is not None:
-        return dev, str(torch.device(lowrank_device))
-    return dev, "cpu" if torch.device(dev).type not in ("cpu", "meta") else dev  # huge G on the host
-
-
 def plan_memory(
     infos: dict[str, LayerInfo],
     cfg: KFACConfig,
@@ -392,7 +304,8 @@ def plan_memory(
         tokens: planned token count ``T`` (None: unknown).
         batch_tokens: tokens of the largest batch (default ``min(T, 2048)``).
         device: the model's device, where ``A`` and dense ``G`` live.
-        lowrank_device: where low-rank ``G`` lives (default: the host when ``device`` is an accelerator).
+        lowrank_device: where low-rank ``G`` lives (default: ``device``; on an accelerator, a ``U`` that does not
+            fit goes to host memory and is streamed, :meth:`MemoryPlan.host_columns`).
         budgets: bytes per device (default: from ``cfg.max_memory``, see :func:`resolve_budgets`).
         workers: concurrent eigendecompositions (default: torch's threads on CPU, 1 on an accelerator).
 
@@ -401,23 +314,37 @@ def plan_memory(
 
     """
     rows = int(batch_tokens or min(tokens or 2048, 2048))
-    dev, g_dev = _model_devices(str(device), None if lowrank_device is None else str(lowrank_device))
-    devices = sorted({dev, g_dev})
+    dev = str(torch.device(device))
+    g_dev = dev if lowrank_device is None else str(torch.device(lowrank_device))
+    accelerator = torch.device(dev).type not in ("cpu", "meta")
+    host = "cpu" if accelerator and lowrank_device is None else None
+    devices = sorted({dev, g_dev} | ({"cpu"} if accelerator else set()))
     budgets = dict(budgets) if budgets is not None else resolve_budgets(cfg, devices, infos, rows)
     for d in devices:
         budgets.setdefault(d, max(budgets.values()))
     if workers is None:
         workers = torch.get_num_threads() if torch.device(dev).type == "cpu" else 1
-    ctx = _Ctx(cfg, tokens, rows, dev, g_dev, budgets, max(int(workers), 1))
+    ctx = _Ctx(cfg, tokens, rows, dev, g_dev, budgets, max(int(workers), 1), host)
     units: dict[str, list[LayerPlan]] = {}
-    for info in infos.values():
-        key = unit_key(info)
-        owner = key not in units
-        units.setdefault(key, []).append(_choose(info, ctx, owner=owner))
-    groups, peaks, kept = _pack(list(units.values()), ctx, infos)
+    for info in infos.values():  # the first layer of a unit decomposes the shared A
+        units.setdefault(unit_key(info), []).append(_choose(info, ctx, owner=unit_key(info) not in units))
+    every = [lp for unit in units.values() for lp in unit]
+    single = _peak(every, ctx.workers, cfg.ekfac, keep_sums=True)  # one group: the operator keeps its sums
+    if _fits(single, {}, budgets):
+        groups, peaks, kept = [every], [single], _result(every)
+    else:
+        groups, peaks, kept = _pack(list(units.values()), ctx, infos)
     layers = {lp.name: lp for g in groups for lp in g}
-    layers = {n: layers[n] for n in infos}
-    return MemoryPlan(tokens, rows, cfg.ekfac, budgets, layers, [[lp.name for lp in g] for g in groups], peaks, kept)
+    names = [[lp.name for lp in g] for g in groups]
+    return MemoryPlan(tokens, rows, cfg.ekfac, budgets, {n: layers[n] for n in infos}, names, peaks, kept)
+
+
+def _result(layers: list[LayerPlan], kept: dict[str, int] | None = None) -> dict[str, int]:
+    kept = dict(kept or {})
+    for lp in layers:
+        for d, b in lp.total("result").items():
+            kept[d] = kept.get(d, 0) + b
+    return kept
 
 
 def _pack(
@@ -437,9 +364,7 @@ def _pack(
             peak = _peak(current, ctx.workers, ctx.cfg.ekfac)
             peaks.append({d: kept.get(d, 0) + b for d, b in peak.items()})
             groups.append(list(current))
-            for lp in current:
-                for d, b in lp.total("result").items():
-                    kept[d] = kept.get(d, 0) + b
+            kept.update(_result(current, kept))
             current.clear()
 
     for unit in units:
@@ -452,6 +377,7 @@ def _pack(
         for lp in pieces:  # layers sharing an input, split: each decomposes its own copy of that A
             if not fits([*current, lp]):
                 close()
+            lp = lp if fits([lp]) else (_on_host(lp, infos[lp.name], ctx) or lp)
             if not fits([lp]):
                 raise _too_small(lp, ctx, kept)
             current.append(lp)

@@ -20,6 +20,7 @@ class CollectionReport:
             the batches the factors describe.
         warnings: other messages (tied weights, placement).
         tied: tracked layers whose weight is also another parameter, ``{layer: [other names]}`` (docs/concepts.md).
+        plan: the memory plan of the run (:meth:`~kronfisher.plan.MemoryPlan.to_dict`), or None.
 
     """
 
@@ -33,6 +34,7 @@ class CollectionReport:
     loss_sum: float = 0.0
     warnings: list[str] = field(default_factory=list)
     tied: dict[str, list[str]] = field(default_factory=dict)
+    plan: dict | None = None
 
     def add_batch(self, loss_terms: int, loss_sum: float, tokens: int) -> None:
         """Count one committed batch: its loss terms, its summed data loss (same counting) and attended tokens."""
@@ -68,4 +70,5 @@ class CollectionReport:
             "loss_sum": self.loss_sum,
             "warnings": list(self.warnings),
             "tied": {k: list(v) for k, v in self.tied.items()},
+            "plan": self.plan,
         }

@@ -30,6 +30,8 @@ CLI_DEFAULTS = {
     "--eigh-dtype": "float64",
     "--eigh-max-dim": 8192,
     "--seed": 0,
+    "--lowrank-layers": [],
+    "--max-memory": None,
 }
 
 

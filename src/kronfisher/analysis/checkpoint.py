@@ -139,6 +139,7 @@ def collect_with_checkpoints(
     every: int | None,
     info: Callable[[str], None],
     bar: Any,
+    plan: Any = None,
 ) -> tuple[Any, Any, CollectionReport]:
     """The K-FAC pass over this rank's ``shard`` with checkpoints every ``every`` batches (or 5 minutes).
 
@@ -153,6 +154,7 @@ def collect_with_checkpoints(
         every: checkpoint every N batches of this rank (None: every :data:`CHECKPOINT_SECONDS`; 0: never).
         info: status-line printer.
         bar: progress bar with ``update(tokens)``.
+        plan: the run's memory plan (:func:`~kronfisher.drivers.fit.plan_run`): the representation of the sums.
 
     Returns:
         ``(discovery, collector, report)`` of :func:`~kronfisher.fit.collect`, reduced over ranks.
@@ -198,7 +200,7 @@ def collect_with_checkpoints(
                 )
             last = time.monotonic()
 
-    return collect(lm.model, shard, cfg, resume=state, on_batch_end=on_batch_end)
+    return collect(lm.model, shard, cfg, resume=state, on_batch_end=on_batch_end, plan=plan)
 
 
 def sums_writer(

@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from .console import Console, Tracked, silence_transformers
 from .gradient import mean_gradient
+from .groups import fit_groups, plan_for
 from .launch import process_group
 from .metrics import compare_layer, layer_metrics, natural_gradients
 from .notes import GRADIENT_TEXT, describe_fisher, model_entry, run_notes
@@ -160,6 +161,9 @@ def _load(index: int, spec: str | None, opts: AnalyzeOptions, console: Console, 
 def _fit_and_save(run: _ModelRun, opts: AnalyzeOptions, console: Console) -> KFAC:
     """The K-FAC pass (resumable), decomposition, EK-FAC pass and factor file of one model."""
     cfg, lm, shard, timings = opts.cfg, run.lm, run.shard, run.timings
+    plan = plan_for(lm, shard, cfg, console.info)  # printed before the first batch
+    if len(plan.groups) > 1:  # layer groups, each with its own passes; no checkpoints, no sums in the file
+        return fit_groups(lm, shard, cfg, plan, console.info, timings, run.factor_path, run.identity, run.tb.sources)
     t = time.monotonic()
     bar = console.bar(run.tb.tokens, "  K-FAC factors")
     try:
@@ -174,6 +178,7 @@ def _fit_and_save(run: _ModelRun, opts: AnalyzeOptions, console: Console) -> KFA
             every=opts.checkpoint_every,
             info=console.info,
             bar=bar,
+            plan=plan,
         )
     finally:
         bar.close()

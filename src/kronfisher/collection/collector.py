@@ -13,7 +13,7 @@ while the backward goes on, and committed after the batch's one synchronising no
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -29,8 +29,14 @@ from .placement import Placement, columns_placement, move_sum_to_cpu, sum_device
 from .sums import DenseSum, LayerSums, LowRankSum
 
 
-def is_lowrank(info: LayerInfo, cfg: KFACConfig) -> bool:
-    """Whether ``G`` of this layer is kept low-rank (docs/concepts.md): ``out > lowrank_threshold`` or named."""
+def is_lowrank(info: LayerInfo, cfg: KFACConfig, lowrank: Mapping[str, int | None] | None = None) -> bool:
+    """Whether ``G`` of this layer is kept low-rank (docs/concepts.md).
+
+    ``lowrank``: the memory plan's choice (:meth:`~kronfisher.plan.MemoryPlan.lowrank`, layer → token budget);
+    without it, ``out > lowrank_threshold`` or named by ``lowrank_layers``.
+    """
+    if lowrank is not None:
+        return info.name in lowrank
     if info.out_features > cfg.lowrank_threshold:
         return True
     return any(re.search(p, info.name) for p in cfg.lowrank_layers)
@@ -42,8 +48,9 @@ def new_layer_sums(
     device: torch.device | str = "cpu",
     placement: Placement | None = None,
     host_columns: Collection[str] = (),
+    lowrank: Mapping[str, int | None] | None = None,
 ) -> LayerSums:
-    """Empty sums for one layer, with the representation the config selects.
+    """Empty sums for one layer, with the representation the plan (``lowrank``, see :func:`is_lowrank`) selects.
 
     With ``placement``, a dense sum that does not fit on the accelerator (a real out-of-memory error) is allocated
     on CPU and that factor's work runs on CPU from then on (docs/gpu.md). A low-rank ``U`` is kept on ``device`` unless
@@ -59,9 +66,10 @@ def new_layer_sums(
 
     a = dense("A", info.a_dim)
     g: DenseSum | LowRankSum
-    if is_lowrank(info, cfg):  # on the device, or in host memory streamed through it (docs/gpu.md)
+    if is_lowrank(info, cfg, lowrank):  # on the device, or in host memory streamed through it (docs/gpu.md)
         where, residence = columns_placement(info, device, host_columns)
-        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, where, residence)
+        k = cfg.lowrank_max_rank if lowrank is None else lowrank[info.name]
+        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, k, where, residence)
     else:
         g = dense("G", info.out_features)
     return LayerSums(A=a, G=g)
@@ -91,8 +99,9 @@ class FactorCollector:
         cfg: KFACConfig,
         device: torch.device | str = "cpu",
         host_columns: Collection[str] = (),
+        lowrank: Mapping[str, int | None] | None = None,
     ) -> None:
-        """``host_columns``: low-rank layers whose ``U`` the memory plan keeps in host memory (streamed)."""
+        """``host_columns``: low-rank layers whose ``U`` stays in host memory; ``lowrank``: see :func:`is_lowrank`."""
         self.infos = infos
         self.cfg = cfg
         self.sums: dict[str, LayerSums] = {}
@@ -101,7 +110,7 @@ class FactorCollector:
         self._pending: dict[int, tuple[Tensor, Tensor]] = {}  # id(device rows) -> (device rows, host copy)
         self._pending_batch = -1
         for name, info in infos.items():
-            self.sums[name] = new_layer_sums(info, cfg, device, self.placement, host_columns)
+            self.sums[name] = new_layer_sums(info, cfg, device, self.placement, host_columns, lowrank)
 
     def _move_to_cpu(self, layer: str, factor: str) -> None:
         if layer not in self.sums:  # not yet when the sum's own allocation failed (it is then made on CPU)

@@ -10,7 +10,7 @@ only hooks in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +22,12 @@ from ..collection.hooks import Capture
 from ..collection.passes import LossFn, commit_batch, finish_report, run_pass
 from ..collection.reduce import reduce_collection
 from ..collection.sums import LayerSums
-from ..comm import unwrap_model
+from ..comm import broadcast_object, unwrap_model
 from ..config import KFACConfig
 from ..errors import ConfigError, NoFactorsError
 from ..layers import Discovery, discover_layers
 from ..operator import KFAC
+from ..plan import MemoryPlan, plan_memory
 from ..report import CollectionReport
 from .ekfac import correct
 
@@ -80,8 +81,10 @@ def collect(
     progress: bool = False,
     resume: CollectState | None = None,
     on_batch_end: BatchEnd | None = None,
+    plan: MemoryPlan | None = None,
+    layers: Sequence[str] | None = None,
 ) -> tuple[Discovery, FactorCollector, CollectionReport]:
-    """The K-FAC pass: sums and counts for every tracked layer (no decomposition).
+    """The K-FAC pass: sums and counts for every tracked layer, or for one group of them (no decomposition).
 
     Args:
         model: the model (see :func:`fit`).
@@ -97,14 +100,20 @@ def collect(
             the number of this process's batches consumed so far, the global index of the batch just processed,
             and the (local, unreduced) sums and report, for example to checkpoint them with
             :func:`kronfisher.save_sums` (``local=True`` under ``torchrun``).
+        plan: the memory plan (each layer's ``G`` and where a low-rank ``U`` lives); default: :func:`plan_run`.
+        layers: hook only these tracked layers (one group of the plan); default: every tracked layer.
 
     """
     model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks
-    discovery = discover_layers(model, cfg.include, cfg.exclude)
-    if not discovery.infos:
-        raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
-    collector = FactorCollector(discovery.infos, cfg, device=model_device(model))
-    report = CollectionReport()
+    discovery = tracked_layers(model, cfg)
+    plan = plan or plan_run(model, discovery, batches, cfg)
+    if layers is not None:
+        keep = [n for n in discovery.infos if n in set(layers)]
+        modules = {n: discovery.modules[n] for n in keep}
+        discovery = Discovery(modules, {n: discovery.infos[n] for n in keep}, discovery.skipped)
+    host, lowrank = plan.host_columns(), plan.lowrank()
+    collector = FactorCollector(discovery.infos, cfg, device=model_device(model), host_columns=host, lowrank=lowrank)
+    report = CollectionReport(plan=plan.to_dict())
     start = 0
     if resume is not None:
         start = resume.install(collector)
@@ -170,6 +179,45 @@ def _few(indices: list[int], n: int = 8) -> str:
     return f"[{', '.join(map(str, indices[:n]))}, …] ({len(indices)} in all)"
 
 
+def tracked_layers(model: nn.Module, cfg: KFACConfig) -> Discovery:
+    """The tracked layers of ``model`` under ``cfg.include`` / ``cfg.exclude``; an error when there are none."""
+    discovery = discover_layers(model, cfg.include, cfg.exclude)
+    if not discovery.infos:
+        raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
+    return discovery
+
+
+def count_tokens(batches: Iterable[Any]) -> tuple[int | None, int | None]:
+    """Attended tokens of all batches and of the largest one, for a list of causal-LM batches (else None).
+
+    A :class:`~kronfisher.comm.Shard` counts the whole list (every rank's batches: the sums are reduced over
+    ranks, docs/distributed.md). Other iterables are not iterated here (a DataLoader would cost a pass).
+    """
+    data = getattr(batches, "batches", batches)
+    if not isinstance(data, (list, tuple)) or not all(isinstance(b, Mapping) and "input_ids" in b for b in data):
+        return None, None
+    sizes = [int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel()) for b in data]
+    return (sum(sizes), max(sizes)) if sizes else (None, None)
+
+
+def plan_run(model: nn.Module, discovery: Discovery, batches: Iterable[Any] | None, cfg: KFACConfig) -> MemoryPlan:
+    """The memory plan of a run over ``batches`` (:func:`~kronfisher.plan.plan_memory`), the same on every rank."""
+    tokens, largest = count_tokens(batches) if batches is not None else (None, None)
+    plan = plan_memory(discovery.infos, cfg, tokens=tokens, batch_tokens=largest, device=str(model_device(model)))
+    return broadcast_object(plan)  # free memory differs between ranks; their passes must not
+
+
+def _merge_reports(into: CollectionReport | None, part: CollectionReport) -> CollectionReport:
+    """One report for the groups of a run: counts from the first group (the same batches), the rest merged."""
+    if into is None:
+        return part
+    into.never_fired.extend(n for n in part.never_fired if n not in into.never_fired)
+    into.nonfinite_batches.extend(b for b in part.nonfinite_batches if b not in into.nonfinite_batches)
+    into.warnings.extend(w for w in part.warnings if w not in into.warnings)
+    into.tied.update(part.tied)
+    return into
+
+
 def fit(
     model: nn.Module,
     batches: Iterable[Any],
@@ -180,10 +228,16 @@ def fit(
 ) -> KFAC:
     """Collect, decompose and (with ``cfg.ekfac``) correct: the whole pipeline (docs/library.md).
 
+    Before the first batch the run is planned against ``cfg.max_memory`` (:func:`plan_run`, logged): when the
+    tracked layers do not fit together, each group of layers runs its own passes over the same batches (collect,
+    decompose, EK-FAC), and its sums are freed once decomposed; the factors are exactly those of one unpartitioned
+    run (same batches, same order, same MC seeds). Then the operator keeps no sums (``fisher.sums`` is None).
+
     Args:
         model: a causal LM (batches with ``input_ids``, optional ``attention_mask`` / ``labels``) or any model with
             ``loss_fn(model, batch) -> (loss, {"num_terms": N, "attention_mask": mask, "reduction": ...})``.
-        batches: an iterable of batches; re-iterable (a list, a DataLoader) when ``cfg.ekfac`` is set.
+        batches: an iterable of batches; re-iterable (a list, a DataLoader) when ``cfg.ekfac`` is set or the plan
+            has several groups.
         cfg: configuration (default :class:`KFACConfig`).
         loss_fn: optional user loss (empirical Fisher only).
         progress: show progress bars.
@@ -194,13 +248,69 @@ def fit(
     """
     cfg = cfg or KFACConfig()
     model = unwrap_model(model)
-    if cfg.ekfac and iter(batches) is batches:  # type: ignore[comparison-overlap]
+    once = iter(batches) is batches  # type: ignore[comparison-overlap]
+    if cfg.ekfac and once:
         raise ConfigError("ekfac=True needs two passes over the data: pass a list or a DataLoader, not an iterator.")
-    discovery, collector, report = collect(model, batches, cfg, loss_fn=loss_fn, progress=progress)
-    fisher = KFAC.from_sums(discovery.infos, collector.sums, cfg, report=report, model=model, spread=True)
-    if cfg.ekfac:
-        correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
-    return fisher
+    discovery = tracked_layers(model, cfg)
+    plan = plan_run(model, discovery, None if once else batches, cfg)
+    logger.info("%s", plan.format())
+    if len(plan.groups) > 1 and once:
+        raise ConfigError(
+            f"The memory plan has {len(plan.groups)} groups, each with its own pass over the data: "
+            "pass a list or a DataLoader, not an iterator (or raise max_memory)."
+        )
+    return run_groups(model, batches, cfg, discovery, plan, loss_fn=loss_fn, progress=progress)
+
+
+Phase = Callable[[int, int, str], None]
+
+
+def run_groups(
+    model: nn.Module,
+    batches: Iterable[Any],
+    cfg: KFACConfig,
+    discovery: Discovery,
+    plan: MemoryPlan,
+    *,
+    loss_fn: LossFn | None = None,
+    progress: bool = False,
+    on_phase: Phase | None = None,
+) -> KFAC:
+    """The passes of each group of ``plan``: collect, decompose, (EK-FAC); one operator for all (see :func:`fit`).
+
+    ``on_phase(group, groups, phase)`` is called as each phase starts (``"collect"``, ``"decompose"``, ``"ekfac"``)
+    and once with ``"done"``; the same events are logged as ``group i/n: phase``.
+    """
+    n = len(plan.groups)
+
+    def phase(k: int, name: str) -> None:
+        logger.info("group %d/%d: %s", k, n, name)
+        if on_phase is not None:
+            on_phase(k, n, name)
+
+    blocks: dict[str, Any] = {}
+    report: CollectionReport | None = None
+    for k, names in enumerate(plan.groups, start=1):
+        phase(k, "collect")
+        _, collector, part = collect(
+            model, batches, cfg, loss_fn=loss_fn, progress=progress, plan=plan, layers=None if n == 1 else names
+        )
+        phase(k, "decompose")
+        infos = {name: discovery.infos[name] for name in names}
+        fisher = KFAC.from_sums(infos, collector.sums, cfg, report=part, model=model, spread=True)
+        del collector  # a grouped run frees each group's sums once decomposed
+        if cfg.ekfac:
+            phase(k, "ekfac")
+            correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
+        if n == 1:
+            phase(k, "done")
+            return fisher  # unpartitioned: the operator keeps its sums, as always
+        blocks.update({name: fisher.block(name) for name in fisher.layer_names})
+        report = _merge_reports(report, fisher.report)
+    phase(n, "done")
+    assert report is not None
+    live = {name: discovery.infos[name] for name in discovery.infos if name in blocks}
+    return KFAC(live, {name: blocks[name] for name in live}, cfg, report=report, model=model)
 
 
 class CaptureSession:
@@ -214,11 +324,11 @@ class CaptureSession:
     def __init__(self, model: nn.Module, cfg: KFACConfig | None = None) -> None:
         self.model = model = unwrap_model(model)
         self.cfg = cfg or KFACConfig()
-        self.discovery = discover_layers(model, self.cfg.include, self.cfg.exclude)
-        if not self.discovery.infos:
-            raise ConfigError(f"No tracked layers: {self.discovery.skipped}")
-        self.collector = FactorCollector(self.discovery.infos, self.cfg, device=model_device(model))
-        self.report = CollectionReport()
+        self.discovery = tracked_layers(model, self.cfg)
+        self.plan = plan = plan_run(model, self.discovery, None, self.cfg)  # T unknown: dense G wherever it fits
+        kw = {"host_columns": plan.host_columns(), "lowrank": plan.lowrank()}
+        self.collector = FactorCollector(self.discovery.infos, self.cfg, device=model_device(model), **kw)
+        self.report = CollectionReport(plan=plan.to_dict())
         self._cap = Capture(self.discovery.modules, self.discovery.infos, self.collector, self.cfg.on_nonfinite)
         self._index = 0
         self._reduced = False

@@ -1,0 +1,89 @@
+"""Budgets per device, sizes and the printed form of the memory plan (docs/concepts.md, memory plan)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .config import KFACConfig
+from .errors import ConfigError
+from .layers import LayerInfo
+
+
+def format_bytes(n: float) -> str:
+    """``1.23 GiB`` style."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def available_memory(device: str | torch.device) -> int:
+    """Free memory of a device now: ``MemAvailable`` of ``/proc/meminfo`` on the host, ``mem_get_info`` on CUDA."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def activation_bytes(infos: dict[str, LayerInfo], batch_tokens: int) -> int:
+    """Rough activations of one batch: each tracked layer's input and output, plus 4 copies of the widest output."""
+    if not infos:
+        return 0
+    widest = max(i.out_features for i in infos.values())
+    return 4 * batch_tokens * (4 * widest + sum(i.a_dim + i.out_features for i in infos.values()))
+
+
+def resolve_budgets(
+    cfg: KFACConfig, devices: list[str], infos: dict[str, LayerInfo], batch_tokens: int
+) -> dict[str, int]:
+    """Budget per device: ``cfg.max_memory`` (one size for all, or per device), else free memory less activations."""
+    mm = cfg.max_memory
+    out = {}
+    for dev in devices:
+        if isinstance(mm, dict):
+            if dev not in mm:
+                raise ConfigError(f"Invalid max_memory: no budget for device {dev!r} (given: {sorted(mm)}).")
+            out[dev] = int(mm[dev])
+        elif mm is not None:
+            out[dev] = int(mm)
+        else:
+            out[dev] = max(available_memory(dev) - activation_bytes(infos, batch_tokens), 0)
+    return out
+
+
+def _per_device(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{d} {format_bytes(b)}" for d, b in sizes.items())
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """Readable summary of a plan's dict (:meth:`~kronfisher.plan.MemoryPlan.to_dict`): G per layer, groups, passes."""
+    t = "unknown" if plan["tokens"] is None else f"{plan['tokens']:,}"
+    kind = "EK-FAC" if plan["ekfac"] else "K-FAC"
+    lines = [f"memory plan: {len(plan['layers'])} layers, T = {t} tokens (batches of {plan['batch_tokens']:,}), {kind}"]
+    lines[0] += f"; budget {_per_device(plan['budgets'])}"
+    kinds: dict[str, list[str]] = {}
+    for name, lp in plan["layers"].items():
+        key = "low-rank exact" if lp["max_rank"] is None else f"low-rank, budget k = {lp['max_rank']}"
+        kinds.setdefault("dense" if lp["representation"] == "dense" else key, []).append(name)
+    for key, names in kinds.items():
+        lines.append(f"  G {key}: {len(names)} layers (e.g. {names[-1]}: {plan['layers'][names[-1]]['reason']})")
+    groups = plan["groups"]
+    for i, (group, peak) in enumerate(zip(groups, plan["peaks"], strict=True)):
+        span = group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
+        lines.append(f"  group {i + 1}/{len(groups)}: {len(group)} layers ({span}), peak {_per_device(peak)}")
+    per = 2 if plan["ekfac"] else 1
+    lines.append(
+        f"  passes over the data: {plan['passes']} ({len(groups)} group(s) × {per}); factors kept at the end: "
+    )
+    lines[-1] += _per_device(plan["result"])
+    return "\n".join(lines)
