@@ -9,7 +9,7 @@ import torch
 
 import kronfisher as kf
 from conftest import make_model, random_ids
-from kronfisher.drivers.fit import count_tokens
+from kronfisher.drivers.planning import count_tokens
 from kronfisher.errors import ConfigError, MemoryBudgetError
 from kronfisher.layers import LayerInfo, discover_layers
 from kronfisher.plan import plan_memory

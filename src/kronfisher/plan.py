@@ -341,9 +341,8 @@ def plan_memory(
 
 def _result(layers: list[LayerPlan], kept: dict[str, int] | None = None) -> dict[str, int]:
     kept = dict(kept or {})
-    for lp in layers:
-        for d, b in lp.total("result").items():
-            kept[d] = kept.get(d, 0) + b
+    for d, b in ((d, b) for lp in layers for d, b in lp.total("result").items()):
+        kept[d] = kept.get(d, 0) + b
     return kept
 
 

@@ -154,7 +154,7 @@ def collect_with_checkpoints(
         every: checkpoint every N batches of this rank (None: every :data:`CHECKPOINT_SECONDS`; 0: never).
         info: status-line printer.
         bar: progress bar with ``update(tokens)``.
-        plan: the run's memory plan (:func:`~kronfisher.drivers.fit.plan_run`): the representation of the sums.
+        plan: the run's memory plan (:func:`~kronfisher.drivers.planning.plan_run`): the representation of the sums.
 
     Returns:
         ``(discovery, collector, report)`` of :func:`~kronfisher.fit.collect`, reduced over ranks.

@@ -1,6 +1,6 @@
 """``kronfisher analyze`` under a memory budget: the plan before the first batch, and runs in layer groups.
 
-The plan (:func:`~kronfisher.drivers.fit.plan_run`, docs/concepts.md#memory-plan-and-module-groups) is printed
+The plan (:func:`~kronfisher.drivers.planning.plan_run`, docs/concepts.md#memory-plan-and-module-groups) is printed
 before the first batch. When it has several groups, each group runs its own passes over the same batches (collect,
 decompose, EK-FAC) without checkpoints, and its raw sums are freed once decomposed: the factor file holds no sums.
 """
@@ -14,7 +14,8 @@ from typing import Any
 
 from ..comm import Shard
 from ..config import KFACConfig
-from ..drivers.fit import plan_run, run_groups, tracked_layers
+from ..drivers.fit import run_groups
+from ..drivers.planning import plan_run, tracked_layers
 from ..io.files import save
 from ..models import LoadedModel
 from ..operator import KFAC

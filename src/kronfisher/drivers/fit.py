@@ -10,7 +10,7 @@ only hooks in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +22,15 @@ from ..collection.hooks import Capture
 from ..collection.passes import LossFn, commit_batch, finish_report, run_pass
 from ..collection.reduce import reduce_collection
 from ..collection.sums import LayerSums
-from ..comm import broadcast_object, unwrap_model
+from ..comm import unwrap_model
 from ..config import KFACConfig
 from ..errors import ConfigError, NoFactorsError
-from ..layers import Discovery, discover_layers
+from ..layers import Discovery
 from ..operator import KFAC
-from ..plan import MemoryPlan, plan_memory
+from ..plan import MemoryPlan
 from ..report import CollectionReport
 from .ekfac import correct
+from .planning import plan_run, tracked_layers
 
 logger = logging.getLogger("kronfisher")
 
@@ -177,34 +178,6 @@ def _few(indices: list[int], n: int = 8) -> str:
     if len(indices) <= n:
         return str(indices)
     return f"[{', '.join(map(str, indices[:n]))}, …] ({len(indices)} in all)"
-
-
-def tracked_layers(model: nn.Module, cfg: KFACConfig) -> Discovery:
-    """The tracked layers of ``model`` under ``cfg.include`` / ``cfg.exclude``; an error when there are none."""
-    discovery = discover_layers(model, cfg.include, cfg.exclude)
-    if not discovery.infos:
-        raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
-    return discovery
-
-
-def count_tokens(batches: Iterable[Any]) -> tuple[int | None, int | None]:
-    """Attended tokens of all batches and of the largest one, for a list of causal-LM batches (else None).
-
-    A :class:`~kronfisher.comm.Shard` counts the whole list (every rank's batches: the sums are reduced over
-    ranks, docs/distributed.md). Other iterables are not iterated here (a DataLoader would cost a pass).
-    """
-    data = getattr(batches, "batches", batches)
-    if not isinstance(data, (list, tuple)) or not all(isinstance(b, Mapping) and "input_ids" in b for b in data):
-        return None, None
-    sizes = [int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel()) for b in data]
-    return (sum(sizes), max(sizes)) if sizes else (None, None)
-
-
-def plan_run(model: nn.Module, discovery: Discovery, batches: Iterable[Any] | None, cfg: KFACConfig) -> MemoryPlan:
-    """The memory plan of a run over ``batches`` (:func:`~kronfisher.plan.plan_memory`), the same on every rank."""
-    tokens, largest = count_tokens(batches) if batches is not None else (None, None)
-    plan = plan_memory(discovery.infos, cfg, tokens=tokens, batch_tokens=largest, device=str(model_device(model)))
-    return broadcast_object(plan)  # free memory differs between ranks; their passes must not
 
 
 def _merge_reports(into: CollectionReport | None, part: CollectionReport) -> CollectionReport:

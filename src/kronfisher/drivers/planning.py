@@ -1,0 +1,43 @@
+"""Before the first batch: the tracked layers, the token count and the memory plan of a run (docs/concepts.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from ..collection.forward import model_device
+from ..comm import broadcast_object
+from ..config import KFACConfig
+from ..errors import ConfigError
+from ..layers import Discovery, discover_layers
+from ..plan import MemoryPlan, plan_memory
+
+
+def tracked_layers(model: nn.Module, cfg: KFACConfig) -> Discovery:
+    """The tracked layers of ``model`` under ``cfg.include`` / ``cfg.exclude``; an error when there are none."""
+    discovery = discover_layers(model, cfg.include, cfg.exclude)
+    if not discovery.infos:
+        raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
+    return discovery
+
+
+def count_tokens(batches: Iterable[Any]) -> tuple[int | None, int | None]:
+    """Attended tokens of all batches and of the largest one, for a list of causal-LM batches (else None).
+
+    A :class:`~kronfisher.comm.Shard` counts the whole list (every rank's batches: the sums are reduced over
+    ranks, docs/distributed.md). Other iterables are not iterated here (a DataLoader would cost a pass).
+    """
+    data = getattr(batches, "batches", batches)
+    if not isinstance(data, (list, tuple)) or not all(isinstance(b, Mapping) and "input_ids" in b for b in data):
+        return None, None
+    sizes = [int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel()) for b in data]
+    return (sum(sizes), max(sizes)) if sizes else (None, None)
+
+
+def plan_run(model: nn.Module, discovery: Discovery, batches: Iterable[Any] | None, cfg: KFACConfig) -> MemoryPlan:
+    """The memory plan of a run over ``batches`` (:func:`~kronfisher.plan.plan_memory`), the same on every rank."""
+    tokens, largest = count_tokens(batches) if batches is not None else (None, None)
+    plan = plan_memory(discovery.infos, cfg, tokens=tokens, batch_tokens=largest, device=str(model_device(model)))
+    return broadcast_object(plan)  # free memory differs between ranks; their passes must not
