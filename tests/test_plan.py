@@ -123,16 +123,16 @@ def _allocated(fisher: kf.KFAC) -> dict[str, int]:
         sums += s.A.sum.nbytes
         sums += s.G.sum.nbytes if s.G.kind == "dense" else sum(c.nbytes for c in s.G.columns().chunks)
     seen: set[int] = set()
-    eigen = ekfac = 0
+    eigen_a = eigen_g = ekfac = 0
     for name in fisher.layer_names:
         b = fisher.block(name)
-        if id(b.A.vectors) not in seen:
+        if id(b.A.vectors) not in seen:  # q/k/v and gate/up share one A eigenbasis
             seen.add(id(b.A.vectors))
-            eigen += b.A.vectors.nbytes + b.A.values.nbytes
+            eigen_a += b.A.vectors.nbytes + b.A.values.nbytes
         g = b.G
-        eigen += (g.coeffs.nbytes if hasattr(g, "coeffs") else g.vectors.nbytes) + g.values.nbytes
+        eigen_g += (g.coeffs.nbytes if hasattr(g, "coeffs") else g.vectors.nbytes) + g.values.nbytes
         ekfac += b.corrected.nbytes + (0 if b.corrected_tail is None else b.corrected_tail.nbytes)
-    return {"sums": sums, "eigen": eigen, "ekfac": ekfac}
+    return {"sums": sums, "eigen_A": eigen_a, "eigen_G": eigen_g, "ekfac": ekfac}
 
 
 def test_plan_accounting_matches_allocations() -> None:
@@ -144,7 +144,9 @@ def test_plan_accounting_matches_allocations() -> None:
     infos = discover_layers(model).infos
     plan = plan_memory(infos, cfg, tokens=144, batch_tokens=48, budgets={"cpu": 8 * GIB}, workers=1)
     assert plan.layers["lm_head"].representation == "lowrank"
-    planned = {c: sum(sum(lp.total(c).values()) for lp in plan.layers.values()) for c in ("sums", "eigen", "ekfac")}
+    planned = {c: sum(sum(lp.total(c).values()) for lp in plan.layers.values()) for c in ("sums", "ekfac")}
+    for side in ("A", "G"):
+        planned[f"eigen_{side}"] = sum(lp.sides[side].bytes["eigen"] for lp in plan.layers.values())
     actual = _allocated(fisher)
     for c in planned:
         assert abs(planned[c] - actual[c]) <= 0.1 * actual[c], (c, planned[c], actual[c])
@@ -236,3 +238,16 @@ def test_cli_max_memory_runs_groups(tmp_path) -> None:
         assert report["collection"]["plan"]["groups"] == plan["groups"]
         assert (len(plan["groups"]) > 1) == (run == "grouped")
     _assert_same_blocks(kf.load(files["one"]), kf.load(files["grouped"]))
+
+
+def test_lowrank_columns_go_to_host_memory_when_the_accelerator_cannot_hold_them() -> None:
+    """On an accelerator a low-rank U stays on the device when the layer fits there, else in host memory."""
+    infos = {"lm_head": _info("lm_head", 64, 100_000)}
+    cfg = kf.KFACConfig(lowrank_max_rank=64)
+    roomy = plan_memory(infos, cfg, tokens=4096, batch_tokens=256, device="cuda:0", budgets={"cuda:0": GIB, "cpu": GIB})
+    assert roomy.host_columns() == [] and roomy.layers["lm_head"].sides["G"].device == "cuda:0"
+    small = {"cuda:0": 40 * 2**20, "cpu": GIB}
+    tight = plan_memory(infos, cfg, tokens=4096, batch_tokens=256, device="cuda:0", budgets=small)
+    assert tight.host_columns() == ["lm_head"] and "U in host memory" in tight.layers["lm_head"].reason
+    assert all(peak["cuda:0"] <= small["cuda:0"] for peak in tight.peaks)
+    assert plan_memory(infos, cfg, tokens=4096, batch_tokens=256, budgets={"cpu": GIB}).host_columns() == []

@@ -327,7 +327,8 @@ def plan_memory(
     ctx = _Ctx(cfg, tokens, rows, dev, g_dev, budgets, max(int(workers), 1), host)
     units: dict[str, list[LayerPlan]] = {}
     for info in infos.values():  # the first layer of a unit decomposes the shared A
-        units.setdefault(unit_key(info), []).append(_choose(info, ctx, owner=unit_key(info) not in units))
+        lp = _choose(info, ctx, owner=unit_key(info) not in units)
+        units.setdefault(lp.unit, []).append(lp)
     every = [lp for unit in units.values() for lp in unit]
     single = _peak(every, ctx.workers, cfg.ekfac, keep_sums=True)  # one group: the operator keeps its sums
     if _fits(single, {}, budgets):
