@@ -119,8 +119,7 @@ def _g_flops(out: int, a: int, t: int, m: int, ekfac: bool) -> tuple[float, floa
 
 def unit_key(info: LayerInfo) -> str:
     """Layers of one parent module with the same input width read the same input (q/k/v, gate/up)."""
-    parent = info.name.rsplit(".", 1)[0] if "." in info.name else ""
-    return f"{parent}|{info.a_dim}"
+    return f"{info.name.rsplit('.', 1)[0] if '.' in info.name else ''}|{info.a_dim}"
 
 
 def _peak(layers: list[LayerPlan], workers: int, ekfac: bool, keep_sums: bool = False) -> dict[str, int]:
