@@ -23,7 +23,7 @@ import torch
 from ._version import __version__
 from .config import KFACConfig, config_fields
 from .errors import ConfigError, CorruptedFileError, FingerprintError, InputError, KronfisherError
-from .faults import EXIT_USER_ERROR, Terminated, run_reporting_faults
+from .faults import EXIT_USER_ERROR, Terminated, add_debug_option, run_reporting_faults
 from .options import NONE_WORDS, Rule
 
 ALL = "'all'"  # how the command line spells None (no limit) for the optional integers
@@ -171,15 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge factor files from disjoint data (adds sums and counts)")
     m.add_argument("output", help="merged factor file to write")
     m.add_argument("inputs", nargs="+", help="factor or sums files saved with their raw sums")
-    _add_debug(parser, (a, i, m))
+    add_debug_option(parser, (a, i, m))
     return parser
-
-
-def _add_debug(parser: argparse.ArgumentParser, commands: Sequence[argparse.ArgumentParser]) -> None:
-    """``--debug`` (the traceback of an error instead of one line), before or after the command name."""
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
-    for command in commands:  # SUPPRESS: absent after the command, the value given before it is kept
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> KFACConfig:

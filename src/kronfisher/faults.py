@@ -7,13 +7,14 @@ their text ends in ``(os error N)``, from which the error number is read back.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -199,3 +200,10 @@ def _stdout_gone() -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     return EXIT_BROKEN_PIPE
+
+
+def add_debug_option(parser: argparse.ArgumentParser, commands: Sequence[argparse.ArgumentParser]) -> None:
+    """``--debug`` (the traceback of an error instead of one line), before or after the command name."""
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
+    for command in commands:  # SUPPRESS: absent after the command, the value given before it is kept
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
