@@ -225,3 +225,20 @@ def test_errors_md_names_only_tests_that_exist() -> None:
         if f not in files or not re.search(rf"^def {t}\(", files[f].read_text(), flags=re.M)
     ]
     assert not missing, missing
+
+
+def test_file_system_without_locks_runs_unlocked_with_a_note(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Some network mounts refuse flock (ENOLCK): that is not "in use by another run"; the run goes on, says so."""
+    import errno
+
+    import kronfisher.analysis.outdir as outdir
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outdir.fcntl, "flock", no_locks)
+    out = tmp_path / "o"
+    assert main([a for a in analyze(work, out) if a != "--quiet"]) == 0
+    assert "does not support locks" in capsys.readouterr().err and (out / "report.json").exists()

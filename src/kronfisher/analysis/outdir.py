@@ -112,6 +112,7 @@ class OutputLock:
         self.path = out / LOCK_NAME
         self.command = command
         self._fd: int | None = None
+        self.unsupported = False  # the file system refused the lock: concurrent runs are not detected
 
     def acquire(self) -> LockOwner | None:
         """Take the lock, or raise :class:`InputError` naming the run that holds it.
@@ -129,7 +130,7 @@ class OutputLock:
                 raise _unusable(self.path.parent, err) from err
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 owner = _read_owner(fd)
                 os.close(fd)
                 raise InputError(
@@ -137,6 +138,10 @@ class OutputLock:
                     f"{owner.describe() if owner else 'owner unknown'}.",
                     hint="Wait for that run to finish, or pass another --output-dir.",
                 ) from None
+            except OSError:  # a file system without locks (some network mounts): run, but unlocked
+                os.close(fd)
+                self.unsupported = True
+                return None
             if _same_file(fd, self.path):
                 break
             os.close(fd)
@@ -238,6 +243,8 @@ def locked_output_dir(out: Path, command: str, info: Callable[[str], None]) -> I
         try:
             created = check_output_dir(out)
             previous = lock.acquire()
+            if lock.unsupported:
+                notes.append("the file system does not support locks: a second run into it is not detected")
             if previous is not None:
                 notes.append(f"took over the lock of a run that has ended: {previous.describe()}")
             removed = remove_stale_temporaries(out)
