@@ -9,10 +9,12 @@ import torch
 
 import kronfisher as kf
 from conftest import make_model, random_ids
+from kronfisher.cli import main
 from kronfisher.drivers.planning import count_tokens
 from kronfisher.errors import ConfigError, MemoryBudgetError
 from kronfisher.layers import LayerInfo, discover_layers
 from kronfisher.plan import plan_memory
+from test_cli_helpers import TEXT_A, build_model, load_saved, reference_batches, save_model
 
 GIB = 2**30
 
@@ -217,9 +219,6 @@ def test_representation_follows_token_count_in_a_run() -> None:
 
 def test_cli_max_memory_runs_groups(tmp_path) -> None:
     """``kronfisher analyze --max-memory``: the plan in the report and the file, groups equal to one run."""
-    from kronfisher.cli import main
-    from test_cli_helpers import TEXT_A, build_model, load_saved, reference_batches, save_model
-
     save_model(build_model("qwen2", seed=0, tie=True), tmp_path / "qwen")
     (tmp_path / "a.txt").write_text(TEXT_A, encoding="utf-8")
     args = ["analyze", "--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "a.txt"), "--seq-len", "16"]
@@ -251,3 +250,22 @@ def test_lowrank_columns_go_to_host_memory_when_the_accelerator_cannot_hold_them
     assert tight.host_columns() == ["lm_head"] and "U in host memory" in tight.layers["lm_head"].reason
     assert all(peak["cuda:0"] <= small["cuda:0"] for peak in tight.peaks)
     assert plan_memory(infos, cfg, tokens=4096, batch_tokens=256, budgets={"cpu": GIB}).host_columns() == []
+
+
+def test_cli_budget_too_small_is_one_line_naming_the_layer(tmp_path, capsys) -> None:
+    save_model(build_model("qwen2", seed=0, tie=True), tmp_path / "qwen")
+    (tmp_path / "a.txt").write_text(TEXT_A, encoding="utf-8")
+    args = ["analyze", "--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "a.txt"), "--seq-len", "16"]
+    args += [
+        "--max-tokens",
+        "64",
+        "--quiet",
+        "--no-plots",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--max-memory",
+        "1kB",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Layer 'model.layers.0.self_attn.q_proj'" in err and "bytes" in err and "Traceback" not in err
