@@ -81,7 +81,8 @@ class LayerPlan:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         keys = ("representation", "max_rank", "columns", "reason", "unit", "flops")
-        return {**{k: getattr(self, k) for k in keys}, "bytes": {c: self.total(c) for c in COMPONENTS}}
+        sizes = {c: {d: b for d, b in self.total(c).items() if b} for c in COMPONENTS}
+        return {**{k: getattr(self, k) for k in keys}, "bytes": {c: v for c, v in sizes.items() if v}}
 
 
 def _dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int) -> Side:
@@ -181,17 +182,10 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the report and the factor file's metadata)."""
-        return {
-            "tokens": self.tokens,
-            "batch_tokens": self.batch_tokens,
-            "ekfac": self.ekfac,
-            "budgets": dict(self.budgets),
-            "passes": self.passes,
-            "groups": [list(g) for g in self.groups],
-            "peaks": [dict(p) for p in self.peaks],
-            "result": dict(self.result),
-            "layers": {n: lp.to_dict() for n, lp in self.layers.items()},
-        }
+        out = {k: getattr(self, k) for k in ("tokens", "batch_tokens", "ekfac", "passes")}
+        out.update(budgets=dict(self.budgets), groups=[list(g) for g in self.groups], result=dict(self.result))
+        out.update(peaks=[dict(p) for p in self.peaks], layers={n: lp.to_dict() for n, lp in self.layers.items()})
+        return out
 
     def format(self) -> str:
         """Readable summary: representations, groups with their peak per device, passes (:func:`format_plan`)."""

@@ -32,7 +32,10 @@ def count_tokens(batches: Iterable[Any]) -> tuple[int | None, int | None]:
     data = getattr(batches, "batches", batches)
     if not isinstance(data, (list, tuple)) or not all(isinstance(b, Mapping) and "input_ids" in b for b in data):
         return None, None
-    sizes = [int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel()) for b in data]
+    try:
+        sizes = [int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel()) for b in data]
+    except (AttributeError, TypeError):  # not tensors: the batch loop says what is wrong with them
+        return None, None
     return (sum(sizes), max(sizes)) if sizes else (None, None)
 
 
