@@ -184,6 +184,9 @@ def _merge_reports(into: CollectionReport | None, part: CollectionReport) -> Col
     """One report for the groups of a run: counts from the first group (the same batches), the rest merged."""
     if into is None:
         return part
+    mine, theirs = {b for b, _ in into.nonfinite_batches}, {b for b, _ in part.nonfinite_batches}
+    if mine != theirs:  # on_nonfinite="skip" drops a batch only where it is non-finite: groups saw other batches
+        into.warnings.append(f"Batches {sorted(mine ^ theirs)} were dropped as non-finite by some layer groups only.")
     into.never_fired.extend(n for n in part.never_fired if n not in into.never_fired)
     into.nonfinite_batches.extend(b for b in part.nonfinite_batches if b not in into.nonfinite_batches)
     into.warnings.extend(w for w in part.warnings if w not in into.warnings)
