@@ -17,6 +17,7 @@ from torch import Tensor, nn
 import kronfisher as kf
 from conftest import make_model, random_ids, right_pad
 from kronfisher.algebra.damping import pi_factor
+from kronfisher.drivers.ekfac import correct
 from kronfisher.layers import LayerInfo
 
 CFG = kf.KFACConfig(accumulate_dtype="float64", damping=1e-2)
@@ -331,3 +332,64 @@ def test_natural_gradient_without_args_reads_model_grad() -> None:
     assert not torch.equal(
         again["model.layers.0.self_attn.q_proj.weight"], implicit["model.layers.0.self_attn.q_proj.weight"]
     )
+
+
+def test_stale_inverse_cache() -> None:
+    """Updating the factors changes the natural gradient, which then equals a fresh fit's; new sums drop EK-FAC
+    eigenvalues of the old bases; another damping at use is never served from the cache of the first."""
+    model = make_model("qwen2")
+    first = [{"input_ids": random_ids(2, 7, seed=30 + i)} for i in range(2)]
+    second = [{"input_ids": random_ids(2, 7, seed=40 + i)} for i in range(2)]
+    fisher = kf.fit(model, first, CFG)
+    g = random_vectors(fisher, model)
+    before = fisher.natural_gradient(g)  # fills the spectrum cache
+    assert all(fisher.natural_gradient(g)[n].equal(before[n]) for n in g)
+    _, more, _ = kf.collect(model, second, CFG)
+    for name, sums in fisher.sums.items():
+        sums.merge(more.sums[name])
+    fisher.update_sums(fisher.sums)
+    after = fisher.natural_gradient(g)
+    fresh = kf.fit(model, first + second, CFG).natural_gradient(g)
+    for name in g:
+        assert rel(after[name], before[name]) > 1e-3, name  # the update is visible
+        assert rel(after[name], fresh[name]) < 1e-9, name  # float64, merged sums vs one pass
+
+    # EK-FAC: a new correction pass replaces the eigenvalues; the damped inverse follows the new block.
+    ek = kf.fit(model, first, CFG.replace(ekfac=True, damping_mode="exact", damping=1e-3))
+    before = ek.natural_gradient(g)
+    correct(ek, model, second)
+    after = ek.natural_gradient(g)
+    w = "lm_head.weight"  # the layer whose EK-FAC eigenvalues (up to ~2) dominate δ in these tiny models
+    f = ek.to_dense("lm_head")
+    ref = torch.linalg.solve(f + 1e-3 * torch.eye(f.shape[0], dtype=f.dtype), g[w].reshape(-1)).reshape(g[w].shape)
+    assert rel(after[w], before[w]) > 1e-3
+    assert rel(after[w], ref) < 1e-8  # float64 dense solve, condition <= ~1e4
+
+    # New sums on an EK-FAC operator: the corrected eigenvalues belong to the old bases, so they are dropped with a
+    # warning and the operator is plain K-FAC of the new sums (never EK-FAC values in a foreign basis).
+    with pytest.warns(kf.errors.KronfisherWarning, match="EK-FAC eigenvalues .* dropped"):
+        ek.update_sums(fisher.sums)
+    assert not ek.is_ekfac and all(ek.block(n).corrected is None for n in ek.layer_names)
+    for name in fisher.layer_names:  # the same sums decomposed the same way
+        assert torch.equal(ek.block(name).G.values, fisher.block(name).G.values), name
+
+    # A different damping at use is never served from the cache of another damping.
+    assert rel(fisher.power(g, -1.0, damping=0.5)[w], fisher.natural_gradient(g)[w]) > 1e-2
+
+
+def test_no_eigenvalue_correction_keeps_matrix_information() -> None:
+    """K-FAC without EK-FAC keeps the factors' eigenbases: its natural gradient is the damped Kronecker solve, far
+    from ``grad / damping`` (what identity eigenvectors with constant eigenvalues would give)."""
+    model = make_model("llama")
+    fisher = kf.fit(model, [{"input_ids": random_ids(2, 7, seed=60 + i)} for i in range(3)], CFG)
+    assert not fisher.is_ekfac
+    g = random_vectors(fisher, model)
+    ng = fisher.natural_gradient(g)
+    for name in LAYERS:
+        w = f"{name}.weight"
+        a, gg = fisher.factors(name)
+        m = torch.kron(gg + 1e-2 * eye_like(gg), a + 1e-2 * eye_like(a))
+        assert rel(ng[w], torch.linalg.solve(m, g[w].reshape(-1)).reshape(g[w].shape)) < 1e-8  # float64 dense solve
+        assert rel(ng[w], g[w] / 1e-2) > 0.5
+        block = fisher.block(name)
+        assert not torch.allclose(block.A.vectors.abs(), eye_like(block.A.vectors)) and block.A.values.std() > 0

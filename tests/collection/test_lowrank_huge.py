@@ -2,16 +2,21 @@
 
 ``out² = 4·10¹⁰`` elements (160 GB in float32) cannot be allocated on the test machines, so a single such tensor
 fails the test; on top of that a dispatch mode records every tensor an op produces and the test bounds the largest
-by ``64 · out`` elements, far below ``out²``.
+by ``64 · out`` elements, far below ``out²``. A 3000-wide low-rank ``lm_head`` goes through every operator with
+``torch.kron`` / ``diag`` forbidden and its largest tensor bounded by ``out × (T + in)``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import kronfisher as kf
+from conftest import random_ids, tiny_llama
 
 VOCAB = 200_000
 
@@ -26,7 +31,7 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
+        for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.numel() > self.largest:
                 self.largest, self.op = t.numel(), str(func)
         return out
@@ -95,3 +100,38 @@ def test_vocab_200k_end_to_end_without_out_squared():
         fisher.to_dense("lm_head")
     with pytest.raises(kf.KronfisherError, match="diagnostic for small layers"):
         b.G.to_dense()
+
+
+def test_operators_never_materialise_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a 3000-wide low-rank lm_head, no op during fit (EK-FAC included) or in any operator returns anything
+    near ``out × out`` (9e6); the largest tensor is ``O(out × (T + in))``."""
+    torch.manual_seed(0)
+    vocab = 3000
+    model = tiny_llama(vocab=vocab).double().eval()
+    cfg = kf.KFACConfig(accumulate_dtype="float64", damping=1e-2, lowrank_threshold=1000, ekfac=True)
+    data = [{"input_ids": random_ids(2, 8, seed=s, vocab=vocab)} for s in range(2)]
+    tokens, hidden = 32, 16
+    bound = vocab * (tokens + hidden)  # 144000, against out × out = 9,000,000
+    with LargestTensor() as mode:
+        fisher = kf.fit(model, data, cfg)
+        plain = kf.fit(model, data, cfg.replace(ekfac=False))
+    assert fisher.block("lm_head").representation == "lowrank" and fisher.is_ekfac and not plain.is_ekfac
+    # Thin basis [out, r]: r = 28 = 32 tokens minus the 4 last positions, whose lm_head gradient is 0 (no target).
+    assert fisher.block("lm_head").G.vectors.shape == (vocab, tokens - 4)
+    assert mode.largest <= bound, mode.op
+
+    def forbidden(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("dense Kronecker/diagonal matrix built by an operator")
+
+    for fn in ("kron", "diag", "diag_embed"):
+        monkeypatch.setattr(torch, fn, forbidden)
+    gen = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    names = [p for i in fisher.infos.values() for p in (i.weight_name, i.bias_name) if p]
+    g = {n: torch.randn(params[n].shape, generator=gen, dtype=torch.float64) for n in names}
+    pi = kf.KFAC(plain.infos, plain.blocks, cfg.replace(ekfac=False, damping_mode="pi", max_condition_number=100.0))
+    for fish in (fisher, plain, pi):
+        with LargestTensor() as mode:
+            outs = [fish.natural_gradient(g), fish.fvp(g), fish.whiten(g), fish.power(g, 0.3)]
+        assert mode.largest <= bound, mode.op
+        assert all(o["lm_head.weight"].shape == (vocab, hidden) for o in outs)

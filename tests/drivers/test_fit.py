@@ -1,16 +1,9 @@
-"""Regression tests for three bugs a review found in the torchrun / resume / left-padding changes (each test failed
-before the fix: non-finite batches are now recorded in the report when they are dropped, and ``position_ids`` go
-only to a forward that names them or to a transformers model).
+"""``kf.collect`` / ``kf.fit``: one forward per batch, and the report of dropped batches over ranks and resumes.
 
-1. ``reduce_collection`` merges ``report.nonfinite_batches`` over ranks (``merge_report_lists``), but ``collect``
-   only copies the capture's non-finite batches into the report *after* the reduction (``_finish_report``): under
-   ``torchrun`` each rank reports its own dropped batches only, so rank 0's report (and factor file) misses the
-   others' (SPEC §8: the report equals one process).
-2. The same ordering loses, on ``--resume``, the non-finite batches dropped before the interruption: the
-   checkpointed report never holds them (SPEC §9: a resumed run equals the uninterrupted one).
-3. ``model_inputs`` adds ``position_ids`` for a left-padded batch to any forward with ``**kwargs``; a model whose
-   ``**kwargs`` are not meant for ``position_ids`` (here: passed on to an inner call that does not take them) now
-   fails with ``TypeError`` where it worked before.
+A batch dropped as non-finite (``on_nonfinite="skip"``) must be in the report that the pass returns, whatever the
+shape of the run: under ``torchrun`` every rank reports what one process reports, and a resumed pass reports what
+the uninterrupted one does. Both once failed because the dropped batches were copied into the report only after
+the reduction over ranks and never into the checkpointed report.
 """
 
 from __future__ import annotations
@@ -70,7 +63,7 @@ def nonfinite_worker(rank: int, world_size: int) -> dict[str, Any]:
 
 
 def test_nonfinite_batches_of_other_ranks_reach_the_report(tmp_path: Any) -> None:
-    """SPEC §8: under torchrun every rank's report lists the batch rank 1 dropped, like one process does."""
+    """Under torchrun every rank's report lists the batch rank 1 dropped, like one process (docs/distributed.md)."""
     model = make_model("qwen2")
     handle = _poison(model)
     try:
@@ -81,12 +74,12 @@ def test_nonfinite_batches_of_other_ranks_reach_the_report(tmp_path: Any) -> Non
     results = distributed_test(2, nonfinite_worker, tmp_path, timeout=120)
     for rank, res in enumerate(results):
         assert res["batches"] == one.batches == 3, rank  # the reduced count: sums and counts do merge
-        # Exact list equality: batch indices are global with a Shard. Fails: rank 0 reports [] (its own list only).
+        # Exact list equality: batch indices are global with a Shard. The bug: rank 0 reported [] (its own list).
         assert res["dropped"] == [1], f"rank {rank} reports dropped batches {res['dropped']}"
 
 
 def test_resume_keeps_nonfinite_batches_dropped_before_the_interruption(tmp_path: Any) -> None:
-    """SPEC §9: a pass checkpointed after batch 2 and resumed reports the same dropped batches as one pass."""
+    """A pass checkpointed after batch 2 and resumed reports the same dropped batches as one pass."""
     model = make_model("qwen2")
     handle = _poison(model)
     path = tmp_path / "ckpt.sums.safetensors"
@@ -103,45 +96,37 @@ def test_resume_keeps_nonfinite_batches_dropped_before_the_interruption(tmp_path
     finally:
         handle.remove()
     assert _dropped(full) == [1]
-    # The sums agree (float64, same batches in the same order: bit-identical), so only the report is wrong.
+    # The sums agree (float64, same batches in the same order: bit-identical), so only the report could be wrong.
     for name, s in full_collector.sums.items():
         assert torch.equal(s.A.sum, collector.sums[name].A.sum), name
     assert resumed.batches == full.batches == 3
-    # Fails: the resumed report says no batch was dropped.
+    # The bug: the resumed report said no batch was dropped.
     assert _dropped(resumed) == _dropped(full)
 
 
-class _Inner(nn.Module):
-    """A causal LM core whose forward takes ids and mask only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lm = make_model("gpt2")
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, use_cache: bool = False) -> Any:
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
-
-
-class _Wrapper(nn.Module):
-    """A wrapper that forwards its extra keyword options (``use_cache`` ...) to the core, a common pattern."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.core = _Inner()
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
-        return self.core(input_ids, attention_mask, **kwargs)
-
-
-def test_model_with_kwargs_but_no_position_ids_still_fits_left_padded_batches() -> None:
-    """Before 176e257 this fit ran; ``model_inputs`` now passes ``position_ids`` into ``**kwargs`` (TypeError).
-
-    The check is the count of attended positions (exact integer), reached only if the forward does not raise.
-    """
-    torch.manual_seed(0)
-    model = _Wrapper().to(torch.float64)
-    ids = random_ids(2, 6, seed=3)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    batch = {"input_ids": ids, "attention_mask": mask}
-    fisher = kf.fit(model, [batch], kf.KFACConfig(accumulate_dtype="float64"))  # TypeError on the reviewed code
-    assert fisher.report.tokens == int(mask.sum())  # T counts attended positions only (SPEC §3.1)
+def test_no_double_forward_pass() -> None:
+    """``kf.fit`` runs exactly one forward per batch and pass (K-FAC; plus one per batch for EK-FAC, also with
+    several MC samples); ``kf.capture`` runs none of its own."""
+    model = make_model("qwen2")
+    cfg = kf.KFACConfig(accumulate_dtype="float64", damping=1e-2)
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        data = [{"input_ids": random_ids(2, 7, seed=70 + i)} for i in range(3)]
+        kf.fit(model, data, cfg)
+        assert len(calls) == 3
+        calls.clear()
+        kf.fit(model, data, cfg.replace(fisher="mc", mc_samples=3))
+        assert len(calls) == 3
+        calls.clear()
+        kf.fit(model, data, cfg.replace(ekfac=True))
+        assert len(calls) == 6  # two passes (collection, then the EK-FAC correction), one forward each
+        calls.clear()
+        with kf.capture(model, cfg) as cap:
+            for b in data:
+                loss = model(**b, labels=b["input_ids"]).loss
+                cap.backward(loss, num_terms=12, reduction="mean")
+            cap.finalize()
+        assert len(calls) == 3
+    finally:
+        handle.remove()
