@@ -186,3 +186,23 @@ def test_lowrank_eigenform_out_of_memory_is_computed_on_the_host(monkeypatch):
         got = kf.fit(model, BATCHES, CFG)
     assert got.block("lm_head").G.columns.residence == Residence(torch.device("cpu"))
     _same_fit(got, ref)
+
+
+def test_resumed_sums_keep_the_placement_of_U(monkeypatch, tmp_path):
+    from kronfisher.collection.collector import FactorCollector
+    from kronfisher.drivers.fit import CollectState
+
+    _simulate(monkeypatch)
+    monkeypatch.setattr(placement, "columns_on_device", lambda info, device, host_columns: False)
+    model = make_model("qwen2")
+    disc, col, rep = kf.collect(model, BATCHES[:1], CFG)
+    assert col.sums["lm_head"].G.columns().streamed
+    kf.save_sums(tmp_path / "s.safetensors", disc.infos, col.sums, CFG, report=rep)
+    loaded = kf.load_sums(tmp_path / "s.safetensors").sums
+    assert not loaded["lm_head"].G.columns().streamed  # a file knows nothing of devices
+    fresh = FactorCollector(disc.infos, CFG)
+    CollectState(loaded, rep, 1).install(fresh)
+    assert fresh.sums["lm_head"].G.columns().streamed
+    assert torch.equal(
+        fresh.sums["lm_head"].G.raw_columns(torch.float64), col.sums["lm_head"].G.raw_columns(torch.float64)
+    )

@@ -73,6 +73,14 @@ def columns_placement(
     return torch.device("cpu"), Residence(dev, streamed=True)
 
 
+def columns_like(saved: Any, fresh: Any) -> None:
+    """Put a loaded low-rank sum's ``U`` where the collector keeps ``fresh``'s (its device and residence)."""
+    saved.chunks = [c.to(fresh.device) for c in saved.chunks]
+    if saved.basis is not None:
+        saved.basis = saved.basis.to(fresh.device)
+    saved.device, saved.residence = fresh.device, fresh.residence
+
+
 def basis_on(eig: Any, device: torch.device) -> Any:
     """An eigenbasis (dense or low-rank) whose products run on ``device`` (a host fallback)."""
     if eig.kind == "lowrank":

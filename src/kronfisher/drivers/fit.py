@@ -20,6 +20,7 @@ from ..collection.collector import FactorCollector
 from ..collection.forward import model_device
 from ..collection.hooks import Capture
 from ..collection.passes import LossFn, commit_batch, finish_report, run_pass
+from ..collection.placement import columns_like
 from ..collection.reduce import reduce_collection
 from ..collection.sums import LayerSums
 from ..comm import unwrap_model
@@ -60,12 +61,14 @@ class CollectState:
                 "Cannot resume: the saved sums cover layers "
                 f"{sorted(set(self.sums) ^ set(collector.sums))} that differ from the tracked layers."
             )
-        for name, saved in self.sums.items():  # dense sums go where the collector keeps them
+        for name, saved in self.sums.items():  # sums (and low-rank U) go where the collector keeps them
             fresh = collector.sums[name]
             for which in ("A", "G"):
                 mine, theirs = getattr(fresh, which), getattr(saved, which)
                 if mine.kind == theirs.kind == "dense":
                     theirs.sum = theirs.sum.to(mine.sum.device)
+                elif mine.kind == theirs.kind == "lowrank":
+                    columns_like(theirs, mine)
             collector.sums[name] = saved
         return int(self.batches_done)
 
