@@ -4,7 +4,7 @@
   and streamed through the GPU in blocks of 60 rows (the side stream, events and pinned buffers of
   :func:`kronfisher.transfer.stream_blocks`) against the same fit on the CPU: max relative error of every dense
   EK-FAC block and of the natural gradient, and the bytes that crossed; then the same with ``U`` on the device
-  (nothing may cross).
+  (nothing may cross). With ``--device cpu`` the accelerator is simulated on the CPU, as in the tests.
 * ``eigh``: float64 eighs of SmolLM2- and Qwen2-1.5B-sized factor sets one by one and stacked (``eigh_batched``),
   and float32 eigh + one float64 refinement step (``eigh_refine``) against float64 eigh for single large factors:
   the figures that decide the defaults of those options on CUDA.
@@ -40,7 +40,9 @@ def check_stream(
     probe = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in ref_model.named_parameters()}
     nat_ref = ref.natural_gradient(probe)
     out: dict[str, Any] = {}
-    saved = (placement.columns_on_device, columns.MIN_BLOCK_ROWS, columns.BLOCK_BYTES)
+    saved = (placement.columns_on_device, columns.MIN_BLOCK_ROWS, columns.BLOCK_BYTES, placement.is_accelerator)
+    if device == "cpu":  # dry run: the CPU simulates an accelerator, as the tests do (same copies, same counts)
+        placement.is_accelerator = lambda dev: True  # type: ignore[assignment]
     for where in ("streamed", "device"):
         if where == "streamed":
             placement.columns_on_device = lambda info, dev, host: False  # type: ignore[assignment]
@@ -51,7 +53,9 @@ def check_stream(
             got = kf.fit(model, batches, cfg)
             nat = got.natural_gradient({k: v.to(device) for k, v in probe.items()})
         finally:
-            placement.columns_on_device, columns.MIN_BLOCK_ROWS, columns.BLOCK_BYTES = saved  # type: ignore[assignment]
+            placement.columns_on_device, columns.MIN_BLOCK_ROWS, columns.BLOCK_BYTES = saved[:3]  # type: ignore[assignment]
+            if where == "device":
+                placement.is_accelerator = saved[3]  # type: ignore[assignment]
         moved = STATS.snapshot()
         out[where] = {
             "max_rel_dense_ekfac": max(_rel(got.to_dense(n), ref.to_dense(n)) for n in ref.layer_names),
