@@ -160,9 +160,9 @@ def reset_peak() -> None:
 def timed(record: dict[str, Any], phase: str, fn: Callable[[], Any], on_phase: Callable[[], None]) -> Any:
     """Run ``fn`` with wall time and peak RSS recorded as ``record[phase]``."""
     reset_peak()
-    t = time.monotonic()
+    t, cpu = time.monotonic(), time.process_time()
     out = fn()
-    record[phase] = {"wall_s": time.monotonic() - t, "peak_rss_bytes": peak_rss()}
+    record[phase] = {"wall_s": time.monotonic() - t, "cpu_s": time.process_time() - cpu, "peak_rss_bytes": peak_rss()}
     on_phase()
     return out
 
@@ -224,7 +224,7 @@ class PhaseLog:
         import logging
 
         self.record, self.flush = record, flush
-        self.current: tuple[str, float] | None = None
+        self.current: tuple[str, float, float] | None = None
         self.handler = logging.Handler()
         self.handler.emit = self._emit  # type: ignore[method-assign]
         self.logger = logging.getLogger("kronfisher")
@@ -244,8 +244,9 @@ class PhaseLog:
 
     def _close(self) -> None:
         if self.current is not None:
-            name, start = self.current
-            self.record[name] = {"wall_s": time.monotonic() - start, "peak_rss_bytes": peak_rss()}
+            name, start, cpu = self.current
+            wall, cpu = time.monotonic() - start, time.process_time() - cpu
+            self.record[name] = {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak_rss()}
             self.current = None
             self.flush()
 
@@ -259,7 +260,7 @@ class PhaseLog:
         self._close()
         if m.group(3) != "done":
             reset_peak()
-            self.current = (f"group{m.group(1)}_{m.group(3)}", time.monotonic())
+            self.current = (f"group{m.group(1)}_{m.group(3)}", time.monotonic(), time.process_time())
 
 
 def current_rss() -> int:
@@ -285,7 +286,8 @@ def run(layers: int, tokens: int, max_memory: str, dtype: str, batch: int, out_p
     model = timed(phases, "build", lambda: Qwen2ForCausalLM(qwen_config("qwen2.5-1.5b", layers)), flush)
     model = model.to(getattr(torch, dtype)).eval()
     g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(0, 151936, (2, batch // 2), generator=g)} for _ in range(tokens // batch)]
+    vocab = SHAPES["qwen2.5-1.5b"]["vocab"]
+    batches = [{"input_ids": torch.randint(0, vocab, (2, batch // 2), generator=g)} for _ in range(tokens // batch)]
 
     def plain() -> None:
         for b in batches:
@@ -307,6 +309,7 @@ def run(layers: int, tokens: int, max_memory: str, dtype: str, batch: int, out_p
     record["plan"] = fisher.report.to_dict().get("plan")
     fb = phases["forward_backward"]["wall_s"]
     record["ratio_fit_to_forward_backward"] = phases["fit"]["wall_s"] / fb
+    record["cpu_ratio_fit_to_forward_backward"] = phases["fit"]["cpu_s"] / phases["forward_backward"]["cpu_s"]
     peak = max(v["peak_rss_bytes"] for k, v in phases.items() if k.startswith("group"))
     phases["fit"]["peak_rss_bytes"] = peak  # the group phases reset the high-water mark
     record["peak_rss_fit_bytes"] = peak
@@ -359,15 +362,18 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"\n## run: {r['layers']} layers, {r['tokens']:,} tokens, --max-memory {r['max_memory']}, {r['dtype']}"
         )
-        lines.append("| phase | wall s | peak RSS |")
-        lines.append("|---|---:|---:|")
+        lines.append("| phase | wall s | CPU s | peak RSS |")
+        lines.append("|---|---:|---:|---:|")
         for k, v in r["phases"].items():
             if isinstance(v, dict):
-                lines.append(f"| {k} | {v['wall_s']:.1f} | {format_bytes(v['peak_rss_bytes'])} |")
+                lines.append(f"| {k} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {format_bytes(v['peak_rss_bytes'])} |")
         if "error" in r:
             lines.append(f"error: {r['error']}")
         if "ratio_fit_to_forward_backward" in r:
-            lines.append(f"fit / plain forward+backward: {r['ratio_fit_to_forward_backward']:.2f}")
+            lines.append(
+                f"fit / plain forward+backward: wall {r['ratio_fit_to_forward_backward']:.2f}, "
+                f"CPU {r['cpu_ratio_fit_to_forward_backward']:.2f}"
+            )
             lines.append(
                 f"peak RSS of fit {format_bytes(r['peak_rss_fit_bytes'])} ({format_bytes(r['rss_before_fit_bytes'])} "
                 f"before it); planned peak of the factors {format_bytes(r['planned_peak_bytes'])}"
