@@ -114,8 +114,9 @@ def test_max_memory_config_and_budgets() -> None:
     infos = _block(0)
     default = plan_memory(infos, kf.KFACConfig(), tokens=64)  # what the host has free, less activations
     assert 0 < default.budgets["cpu"] < 2**50
-    with pytest.raises(ConfigError, match="no budget for device 'cpu'"):
+    with pytest.raises(ConfigError, match=r"devices \['cuda:0'\] are not used by this run"):
         plan_memory(infos, kf.KFACConfig(max_memory={"cuda:0": "1GB"}), tokens=64)
+    assert plan_memory(infos, kf.KFACConfig(max_memory={"cpu": "1GB"}), tokens=64).budgets == {"cpu": 10**9}
 
 
 def _allocated(fisher: kf.KFAC) -> dict[str, int]:

@@ -46,15 +46,20 @@ def activation_bytes(infos: dict[str, LayerInfo], batch_tokens: int) -> int:
 def resolve_budgets(
     cfg: KFACConfig, devices: list[str], infos: dict[str, LayerInfo], batch_tokens: int
 ) -> dict[str, int]:
-    """Budget per device: ``cfg.max_memory`` (one size for all, or per device), else free memory less activations."""
+    """Budget per device: ``cfg.max_memory`` (one size for all, or per device), else free memory less activations.
+
+    A device a ``{device: size}`` mapping leaves out gets its free memory; one it names that the run does not use is
+    an error (a typo such as ``"cuda"`` for ``"cuda:0"``).
+    """
     mm = cfg.max_memory
+    if isinstance(mm, dict) and set(mm) - set(devices):
+        unused = sorted(set(mm) - set(devices))
+        raise ConfigError(f"Invalid max_memory: devices {unused} are not used by this run (it uses {devices}).")
     out = {}
     for dev in devices:
-        if isinstance(mm, dict):
-            if dev not in mm:
-                raise ConfigError(f"Invalid max_memory: no budget for device {dev!r} (given: {sorted(mm)}).")
+        if isinstance(mm, dict) and dev in mm:
             out[dev] = int(mm[dev])
-        elif mm is not None:
+        elif mm is not None and not isinstance(mm, dict):
             out[dev] = int(mm)
         else:
             out[dev] = max(available_memory(dev) - activation_bytes(infos, batch_tokens), 0)
