@@ -1,6 +1,6 @@
 """The memory plan of a run: each layer's G and layer groups within a budget (docs/concepts.md, memory plan).
 
-Before the first batch: what every tracked layer needs per device (sums, one staged contribution, eigenbases,
+Before the first batch: what every tracked layer needs per device (sums, its staged contribution, eigenbases,
 decomposition workspace, EK-FAC sums, low-rank columns) for the planned token count ``T``; each layer's ``G``; and
 groups whose passes fit ``max_memory`` (kronfluence's module partitions, Grosse et al. 2023).
 
@@ -11,8 +11,8 @@ memory near ``0.9 out``. Low-rank when it needs less memory *and* fewer flops, d
 budget only when a dense ``G`` cannot be held at all, or for ``lowrank_layers``; ``T`` unknown: dense if it fits.
 
 **Groups.** Layers reading one input (q/k/v, gate/up) stay together; groups fill in model order; a group's peak is
-its largest phase (collect: sums + one staged contribution; decompose: sums, eigenbases, the largest concurrent
-workspaces; EK-FAC: eigenbases, EK-FAC sums + one staged contribution) on top of the earlier groups' result.
+its largest phase (collect: sums + a batch's staged contributions; decompose: sums, eigenbases, the largest concurrent
+workspaces; EK-FAC: eigenbases, EK-FAC sums + staged contributions) on top of the earlier groups' result.
 """
 
 from __future__ import annotations
@@ -136,10 +136,10 @@ def _peak(layers: list[LayerPlan], workers: int, ekfac: bool, keep_sums: bool = 
         def top(c: str, k: int, sides: list[Side] = sides) -> int:
             return sum(sorted((s.bytes[c] for s in sides), reverse=True)[:k])
 
-        collect = tot("sums") + top("staging", 1)
+        collect = tot("sums") + tot("staging")  # a batch's contributions are staged, then checked and committed
         decompose = tot("sums") + tot("eigen") + top("workspace", workers)
         kept = tot("result") + (tot("sums") - tot("columns") if keep_sums else 0)
-        correct = kept + tot("ekfac") + top("ekfac_staging", 1) if ekfac else 0
+        correct = kept + tot("ekfac") + tot("ekfac_staging") if ekfac else 0
         out[dev] = max(collect, decompose, correct)
     return out
 
