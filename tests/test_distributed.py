@@ -109,29 +109,23 @@ def _summary(fisher: kf.KFAC, model: torch.nn.Module) -> dict[str, Any]:
 
 
 class _EighCounter:
-    """Counts eigendecompositions (dense eigh, low-rank Gram eigh) done in this process."""
+    """Counts the eigendecompositions done in this process: every dense factor and every low-rank Gram goes through
+    ``torch.linalg.eigh`` (the counter replaces it while active; each rank is its own process)."""
 
     def __init__(self) -> None:
-        import kronfisher.algebra.eigen as linalg
-        import kronfisher.algebra.lowrank as lowrank
-        import kronfisher.decompose.layer as factors
-
         self.calls = 0
-        self._orig = linalg.safe_eigh
-        self._mods = [m for m in (factors, linalg, lowrank) if getattr(m, "safe_eigh", None) is self._orig]
+        self._orig = torch.linalg.eigh
 
     def __enter__(self) -> _EighCounter:
         def counted(*args: Any, **kw: Any) -> Any:
             self.calls += 1
             return self._orig(*args, **kw)
 
-        for m in self._mods:
-            m.safe_eigh = counted
+        torch.linalg.eigh = counted
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for m in self._mods:
-            m.safe_eigh = self._orig
+        torch.linalg.eigh = self._orig
 
 
 def _summed_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -342,13 +336,13 @@ def save_worker(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     import kronfisher.io.atomic as io_atomic
 
     writes = []
-    original = io_atomic._atomic_write_local
+    original = io_atomic.write_safetensors  # the atomic writer's one call that writes the file's bytes
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         writes.append(rank)
         return original(*args, **kwargs)
 
-    io_atomic._atomic_write_local = spy
+    io_atomic.write_safetensors = spy  # this rank's own process: nothing to restore
     model = make_model("llama", seed=3)
     fisher = kf.fit(model, [{"input_ids": random_ids(2, 5, seed=rank)}], kf.KFACConfig(accumulate_dtype="float64"))
     path = os.path.join(out_dir, "f.safetensors")

@@ -10,9 +10,9 @@ import torch
 import kronfisher as kf
 import kronfisher.collection.placement as placement
 from conftest import make_model, random_ids
-from kronfisher.collection.collector import FactorCollector
 from kronfisher.drivers.ekfac import correct
 from kronfisher.errors import PlacementWarning, TiedWeightsWarning
+from placement_faults import oom_once
 
 BATCHES = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(2)]
 OTHER = [{"input_ids": random_ids(3, 5, seed=10 + s)} for s in range(2)]
@@ -115,21 +115,6 @@ def test_capture_session_warns_tied_once_across_finalize_calls(recwarn):
     assert second.report.tied == first.report.tied
 
 
-class _OOMOnce:
-    """Wraps a work function: raises torch.OutOfMemoryError the first ``times`` calls for ``layer``."""
-
-    def __init__(self, real, layer: str, times: int = 1) -> None:
-        self.real, self.layer, self.left, self.calls = real, layer, times, 0
-
-    def __call__(self, collector, g, ctx, info):
-        if info.name == self.layer:
-            self.calls += 1
-            if self.left > 0:
-                self.left -= 1
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return self.real(collector, g, ctx, info)
-
-
 @pytest.mark.parametrize("lowrank", [False, True])
 def test_injected_oom_moves_the_factor_to_cpu_with_warning_identical_result(monkeypatch, lowrank):
     # The machine has no accelerator: the device is simulated by declaring every device an accelerator, so the
@@ -138,11 +123,10 @@ def test_injected_oom_moves_the_factor_to_cpu_with_warning_identical_result(monk
     cfg = kf.KFACConfig(**F64, lowrank_layers=("lm_head",) if lowrank else ())
     ref = kf.fit(model, BATCHES, cfg)
     monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
-    inject = _OOMOnce(FactorCollector._G_contribution, "lm_head")
-    monkeypatch.setattr(FactorCollector, "_G_contribution", lambda self, g, ctx, info: inject(self, g, ctx, info))
+    calls = oom_once(monkeypatch, "run", "lm_head", "G")  # the per-batch G contribution of lm_head
     with pytest.warns(PlacementWarning, match=r"factor G of layer 'lm_head' \(in=16, out=40\)"):
         got = kf.fit(model, BATCHES, cfg)
-    assert inject.calls == 1 + len(BATCHES)  # one failed device attempt, then CPU for every batch (no retry)
+    assert calls == [True] + [False] * len(BATCHES)  # one failed device attempt, then CPU for every batch
     assert sum("Out of memory" in w for w in got.report.warnings) == 1
     a_ref, g_ref = ref.factors("lm_head")
     a_got, g_got = got.factors("lm_head")
@@ -153,8 +137,7 @@ def test_injected_oom_moves_the_factor_to_cpu_with_warning_identical_result(monk
 
 def test_oom_on_cpu_is_not_swallowed(monkeypatch):
     model = make_model("llama")
-    inject = _OOMOnce(FactorCollector._G_contribution, "lm_head")
-    monkeypatch.setattr(FactorCollector, "_G_contribution", lambda self, g, ctx, info: inject(self, g, ctx, info))
+    oom_once(monkeypatch, "run", "lm_head", "G")
     with pytest.raises(torch.OutOfMemoryError):  # already on CPU: nothing to fall back to
         kf.fit(model, BATCHES, kf.KFACConfig(**F64))
 
@@ -164,17 +147,10 @@ def test_a_factor_oom_falls_back_too(monkeypatch):
     cfg = kf.KFACConfig(**F64)
     ref = kf.fit(model, BATCHES, cfg)
     monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
-    real_run, seen = placement.Placement.run, []
-
-    def run(self, info, factor, fn, *tensors):
-        if factor == "A" and info.name == "model.layers.0.mlp.down_proj" and not seen:
-            seen.append(1)
-            return real_run(self, info, factor, _fail_first(fn), *tensors)
-        return real_run(self, info, factor, fn, *tensors)
-
-    monkeypatch.setattr(placement.Placement, "run", run)
+    calls = oom_once(monkeypatch, "run", "model.layers.0.mlp.down_proj", "A")
     with pytest.warns(PlacementWarning, match=r"factor A of layer 'model.layers.0.mlp.down_proj' \(in=24, out=16\)"):
         got = kf.fit(model, BATCHES, cfg)
+    assert calls == [True] + [False] * len(BATCHES)
     for name in ref.layer_names:
         assert all(torch.equal(x, y) for x, y in zip(got.factors(name), ref.factors(name))), name
 
@@ -214,25 +190,14 @@ def test_decomposition_oom_reruns_that_factor_on_cpu(monkeypatch, factor):
 def test_sum_allocation_oom_puts_that_sum_on_cpu(monkeypatch):
     """The dense sum of one factor does not fit on the (simulated) accelerator at allocation: it is made on CPU,
     that factor's work runs on CPU (PlacementWarning naming layer, in, out, factor) and the factors are identical."""
-    import importlib
-
-    collect = importlib.import_module("kronfisher.collection.collector")
     model = make_model("llama")
     cfg = kf.KFACConfig(**F64)
     ref = kf.fit(model, BATCHES, cfg)
     monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
-    real, seen = collect.DenseSum, []
-
-    def dense_sum(dim, dtype, device):
-        if dim == 24 and not seen:  # the first 24-dim sum: G of model.layers.0.mlp.gate_proj
-            seen.append(dim)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (injected)")
-        return real(dim, dtype, device)
-
-    monkeypatch.setattr(collect, "DenseSum", dense_sum)
+    calls = oom_once(monkeypatch, "allocate", "model.layers.0.mlp.gate_proj", "G")
     with pytest.warns(PlacementWarning, match=r"factor G of layer 'model.layers.0.mlp.gate_proj' \(in=16, out=24\)"):
         got = kf.fit(model, BATCHES, cfg)
-    assert seen == [24]
+    assert calls == [True, False]  # the sum on the device failed, then it was made on CPU
     for name in ref.layer_names:
         assert all(torch.equal(x, y) for x, y in zip(got.factors(name), ref.factors(name))), name
 
@@ -246,30 +211,3 @@ def test_decomposition_oom_on_cpu_is_not_swallowed(monkeypatch):
     monkeypatch.setattr(factors, "safe_eigh", eigh)
     with pytest.raises(torch.OutOfMemoryError):  # already on CPU: nothing to fall back to
         kf.fit(make_model("llama"), BATCHES, kf.KFACConfig(**F64))
-
-
-def _fail_first(fn):
-    calls = []
-
-    def wrapped(*args):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("out of memory (injected)")
-        return fn(*args)
-
-    return wrapped
-
-
-@pytest.mark.parametrize("storage", ["bfloat16", "float16", "float32"])
-def test_storage_dtype_rounds_u_only_arithmetic_in_float32(storage):
-    model = make_model("qwen2")
-    cfg = kf.KFACConfig(accumulate_dtype="float32", lowrank_layers=("lm_head",), lowrank_dtype=storage)
-    fisher = kf.fit(model, BATCHES, cfg)
-    s = fisher.sums["lm_head"].G
-    assert all(c.dtype == cfg.lowrank_torch_dtype for c in s.columns().chunks)
-    b = fisher.block("lm_head")
-    assert b.G.values.dtype == torch.float32 and b.G.coeffs.dtype == torch.float32
-    u = s.factor_U(torch.float64)  # exact G of the stored (rounded) values
-    ref = u @ u.t()
-    # float32 arithmetic on exactly the stored values: agreement to float32 precision, whatever the storage
-    torch.testing.assert_close(b.G.to_dense().double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))

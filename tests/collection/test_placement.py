@@ -23,6 +23,7 @@ from kronfisher.algebra.lowrank import eigen_from_columns
 from kronfisher.collection.sums import LowRankSum
 from kronfisher.errors import PlacementWarning
 from kronfisher.transfer import STATS
+from placement_faults import oom_once
 
 BATCHES = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(2)]
 F64 = {"accumulate_dtype": "float64", "lowrank_dtype": "float64", "damping": 0.05}
@@ -121,27 +122,13 @@ def test_ekfac_sums_and_staging_out_of_memory_fall_back_to_the_host(monkeypatch)
     model = make_model("qwen2")
     ref = kf.fit(model, BATCHES, CFG)
     _simulate(monkeypatch)
-    real_alloc, real_run, seen = placement.Placement.allocate, placement.Placement.run, []
-
-    def allocate(self, info, factor, make, device):
-        if factor == "EK-FAC" and info.name == "model.layers.0.mlp.up_proj" and "alloc" not in seen:
-            seen.append("alloc")
-            return real_alloc(self, info, factor, _fail_first(make), device)
-        return real_alloc(self, info, factor, make, device)
-
-    def run(self, info, factor, fn, *tensors):
-        if factor == "EK-FAC" and info.name == "lm_head" and "run" not in seen:
-            seen.append("run")
-            return real_run(self, info, factor, _fail_first(fn), *tensors)
-        return real_run(self, info, factor, fn, *tensors)
-
-    monkeypatch.setattr(placement.Placement, "allocate", allocate)
-    monkeypatch.setattr(placement.Placement, "run", run)
+    allocated = oom_once(monkeypatch, "allocate", "model.layers.0.mlp.up_proj", "EK-FAC")
+    staged = oom_once(monkeypatch, "run", "lm_head", "EK-FAC")
     with pytest.warns(PlacementWarning) as caught:
         got = kf.fit(model, BATCHES, CFG)
     text = " ".join(str(w.message) for w in caught)
     assert "factor EK-FAC of layer 'model.layers.0.mlp.up_proj'" in text and "factor EK-FAC of layer 'lm_head'" in text
-    assert seen == ["alloc", "run"]
+    assert allocated[:2] == staged[:2] == [True, False]  # the device attempt failed, the host one ran
     _same_fit(got, ref)
 
 
