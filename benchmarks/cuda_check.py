@@ -144,11 +144,11 @@ def check_equal(device: str, vocab: int = 300) -> dict[str, Any]:
     return out
 
 
-def check_mc(device: str) -> dict[str, Any]:
+def check_mc(device: str, vocab: int = 300) -> dict[str, Any]:
     """MC Fisher on the GPU: reproducible, targets drawn on the logits' device."""
-    data = _batches(300, 2, 2, 16)
+    data = _batches(vocab, 2, 2, 16)
     cfg = kf.KFACConfig(fisher="mc", mc_samples=2, accumulate_dtype="float64", lowrank_layers=("lm_head",))
-    model = _tiny_gpt2().to(torch.float64).to(device)
+    model = _tiny_gpt2(vocab).to(torch.float64).to(device)
     import kronfisher.collection.lossterms as lt
 
     seen: list[str] = []
@@ -417,7 +417,7 @@ def main() -> int:
     vocab = 64 if args.quick else 300  # low-rank lm_head of the equal / stream checks
     sections = {
         "equal": lambda: check_equal(args.device, vocab),
-        "mc": lambda: check_mc(args.device),
+        "mc": lambda: check_mc(args.device, vocab),
         "cli": lambda: check_cli(args.device),
         "oom": lambda: check_oom(args.device),
         "perf": lambda: perf(args.device, args.quick, args.repeats, args.perf_models, not args.no_head),

@@ -32,7 +32,7 @@ from ..collection import placement
 from ..collection.sums import DenseSum, LayerSums
 from ..config import KFACConfig
 from ..errors import DecompositionError
-from ..transfer import download, upload
+from ..transfer import download, upload, wait
 from .layer import decompose_dense, symmetric_mean
 
 Key = tuple[str, str]  # ("A" | "G", layer)
@@ -161,17 +161,19 @@ def decompose_batched(sums: dict[str, LayerSums], owner: dict[str, str], cfg: KF
     host = set(host_share({k: float(p.dim) ** 3 for k, p in on_device.items()}, threads - 1))
     # Host share: means formed on the device, copied down together, one sync, then decomposed on host threads.
     means = {k: download(symmetric_mean(on_device[k])) for k in sorted(host)}
-    for k in host:
-        if on_device[k].sum.device.type == "cuda":
-            torch.cuda.current_stream(on_device[k].sum.device).synchronize()
-            break
-    with ThreadPoolExecutor(max_workers=max(1, min(threads - 1, len(host))), thread_name_prefix="kf-eigh") as pool:
-        futures = {k: pool.submit(eigh_one, means[k], name=k[1], factor=k[0], cfg=cfg) for k in means}
-        out.update(_device_groups({k: p for k, p in on_device.items() if k not in host}, cfg))
-        for k, future in futures.items():
-            eig = future.result()
-            dev = on_device[k].sum.device
-            out[k] = Eigen(upload(eig.vectors, dev), upload(eig.values, dev))
+    for device in {on_device[k].sum.device for k in host}:
+        wait(device)  # the copies above are asynchronous
+    torch.set_num_threads(1)  # one eigh per host thread, single-threaded BLAS (as decompose/local.py's pool)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads - 1, len(host))), thread_name_prefix="kf-eigh") as pool:
+            futures = {k: pool.submit(eigh_one, means[k], name=k[1], factor=k[0], cfg=cfg) for k in means}
+            out.update(_device_groups({k: p for k, p in on_device.items() if k not in host}, cfg))
+            for k, future in futures.items():
+                eig = future.result()
+                dev = on_device[k].sum.device
+                out[k] = Eigen(upload(eig.vectors, dev), upload(eig.values, dev))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
