@@ -193,3 +193,15 @@ def test_resumed_sums_keep_the_placement_of_U(monkeypatch, tmp_path):
     assert torch.equal(
         fresh.sums["lm_head"].G.raw_columns(torch.float64), col.sums["lm_head"].G.raw_columns(torch.float64)
     )
+
+
+def test_a_loaded_lowrank_U_streams_through_the_device(monkeypatch, tmp_path):
+    model = make_model("qwen2")
+    ref = kf.fit(model, BATCHES, CFG)
+    ref.save(tmp_path / "f.safetensors", model)
+    _simulate(monkeypatch)
+    got = kf.load(tmp_path / "f.safetensors", model=model)
+    assert got.block("lm_head").G.columns.streamed
+    STATS.reset()
+    _same_fit(got, ref)
+    assert STATS.snapshot()["h2d_bytes"] > 0  # the natural gradient's products streamed U

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from ..algebra.block import KronBlock, block_summary
-from ..algebra.columns import ColumnStore
+from ..algebra.columns import ColumnStore, Residence
 from ..algebra.eigen import Eigen
 from ..algebra.lowrank import LowRankEigen
+from ..collection import placement
 from ..errors import FileFormatError
 from ..layers import LayerInfo
 from ..operator import KFAC
@@ -155,9 +156,11 @@ class _BlockReader:
 
     def _build(self, em: Mapping[str, Any], read: Mapping[str, Tensor]) -> Any:
         if em.get("form") == "implicit":
-            # The G side of a low-rank layer stays on CPU, where it was collected.
-            cols = ColumnStore([read[em["columns"]]], int(em["dim"]))
-            return LowRankEigen(cols, read[em["coeffs"]], read[em["values"]], float(em["tail"]), em["discarded"])
+            # U stays in host memory; on an accelerator its products stream through the device (docs/gpu.md).
+            residence = Residence(self.device, streamed=True) if placement.is_accelerator(self.device) else None
+            cols = ColumnStore([read[em["columns"]]], int(em["dim"]), residence)
+            coeffs, values = read[em["coeffs"]].to(cols.device), read[em["values"]].to(cols.device)
+            return LowRankEigen(cols, coeffs, values, float(em["tail"]), em["discarded"])
         return Eigen(read[em["vectors"]].to(self.device), read[em["values"]].to(self.device), float(em["tail"]))
 
     def __call__(self, name: str) -> KronBlock:
