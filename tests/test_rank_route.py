@@ -1,0 +1,57 @@
+"""Decompose what has rank: a dense factor seen on ``T < d`` rows, from its ``[T, T]`` Gram (exact).
+
+Reference: ``F = Xᵀ X / c`` built densely in float64 and decomposed by ``torch.linalg.eigh``; the rows route must give
+the same factor (``to_dense``) and the same damped inverse to 1e-10 (relative, float64), with an orthonormal square
+basis and ascending eigenvalues like the dense path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kronfisher.errors import ShapeError
+from kronfisher.rankroute import eigen_from_rows, rows_route_pays
+
+
+def _rows(t: int, d: int, seed: int, rank: int | None = None) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3.0, d, dtype=torch.float64)
+    if rank is not None:  # rows confined to a rank-dimensional subspace: rank(F) = rank < T
+        x = torch.randn(t, rank, generator=gen, dtype=torch.float64) @ x[:rank]
+    return x
+
+
+@pytest.mark.parametrize(("t", "d", "rank"), [(12, 40, None), (39, 40, None), (30, 41, 7), (1, 9, None)])
+def test_rows_route_equals_full_eigh(t, d, rank):
+    x = _rows(t, d, seed=t + d, rank=rank)
+    count = 3.0
+    dense = x.t() @ x / count
+    eig = eigen_from_rows(list(x.split(5)), count, eigh_dtype=torch.float64, store_dtype=torch.float64)
+    vals, vecs = torch.linalg.eigh(dense)
+    assert eig.vectors.shape == (d, d) and eig.full
+    torch.testing.assert_close(eig.vectors.t() @ eig.vectors, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert bool((eig.values[1:] >= eig.values[:-1]).all()) and float(eig.values.min()) >= 0.0
+    scale = float(vals.max())
+    torch.testing.assert_close(eig.to_dense(), dense, rtol=0, atol=1e-12 * scale)
+    for delta in (1e-3 * scale, 1e-1 * scale):
+        ref = (vecs / (vals.clamp_min(0) + delta)) @ vecs.t()
+        got = (eig.vectors / (eig.values + delta)) @ eig.vectors.t()
+        assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+    assert int((eig.values > 1e-9 * scale).sum()) == min(t, rank or t)  # the rank, no spurious directions
+
+
+def test_rows_route_with_augmented_rows_and_storage_dtype():
+    # A with a bias: rows [x, 1]; the eigenvectors are stored in the sums' dtype (float32), arithmetic in float64.
+    x = _rows(10, 24, seed=3)
+    a = torch.cat([x, torch.ones(10, 1, dtype=x.dtype)], 1)
+    eig = eigen_from_rows([a.float()], 10.0, eigh_dtype=torch.float64, store_dtype=torch.float32)
+    assert eig.vectors.dtype == torch.float32 and eig.vectors.shape == (25, 25)
+    ref = a.float().double().t() @ a.float().double() / 10.0
+    torch.testing.assert_close(eig.to_dense().double(), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_rows_route_refuses_no_rows_and_pays_only_below_the_ratio():
+    with pytest.raises(ShapeError, match="layer 'x'"):
+        eigen_from_rows([torch.zeros(0, 5)], 1.0, eigh_dtype=torch.float64, store_dtype=torch.float64, name="x")
+    assert rows_route_pays(100, 1000) and not rows_route_pays(900, 1000) and not rows_route_pays(0, 1000)
