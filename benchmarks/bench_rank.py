@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 
-from kronfisher.accumulate import symmetric_gram
-from kronfisher.linalg import safe_eigh
-from kronfisher.rankroute import eigen_from_rows
+from kronfisher.algebra.columns import ColumnStore
+from kronfisher.algebra.eigen import safe_eigh
+from kronfisher.algebra.gram import symmetric_gram
+from kronfisher.algebra.lowrank import compress_columns, eigen_from_rows
+from kronfisher.collection.sums import LowRankSum
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -59,13 +61,13 @@ def case(d: int, t: int, dtype: torch.dtype) -> dict[str, Any]:
     x64 = x.to(torch.float64)
     mean = symmetric_gram(x64).div_(t)  # the exact factor (the float32 sum's rounding is not what is compared)
     del x64
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     vals, vecs = safe_eigh(mean, name="bench", factor="A", dtype=dtype, symmetric=True)
-    full = time.perf_counter() - start
+    full, full_cpu = time.perf_counter() - start, time.process_time() - cpu
     del mean
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     eig = eigen_from_rows([x], float(t), eigh_dtype=dtype, store_dtype=dtype, name="bench")
-    rows = time.perf_counter() - start
+    rows, rows_cpu = time.perf_counter() - start, time.process_time() - cpu
     probe = torch.randn(d, 8, generator=torch.Generator().manual_seed(7), dtype=dtype)
     delta = 1e-3 * float(vals.max())
     ref = _probe_inverse(vecs, vals, probe, delta)
@@ -78,8 +80,56 @@ def case(d: int, t: int, dtype: torch.dtype) -> dict[str, Any]:
         "full_s": round(full, 3),
         "rows_s": round(rows, 3),
         "ratio": round(full / rows, 2),
+        "full_cpu_s": round(full_cpu, 3),
+        "rows_cpu_s": round(rows_cpu, 3),
+        "cpu_ratio": round(full_cpu / rows_cpu, 2),
         "collect_gram_s": round(collect, 3),
         "agree": agree,
+    }
+
+
+def budget_case(out: int, k: int, batch: int, tokens: int) -> dict[str, Any]:
+    """Token budget ``k`` on ``tokens`` random gradient rows of width ``out``, in batches of ``batch``.
+
+    ``amortised``: :class:`~kronfisher.collection.sums.LowRankSum` (``k`` kept + a buffer of ``b = k``; each
+    compression sees at most ``k + b`` columns). ``per_batch``: the previous rule, every held column compressed
+    whenever more than ``2k`` are held (so every batch once ``batch > k``, on ``k + batch`` columns).
+    """
+    gen = torch.Generator().manual_seed(out + batch)
+    scale = torch.logspace(0, -2, out)
+    row_batches = [torch.randn(min(batch, tokens - s), out, generator=gen) * scale for s in range(0, tokens, batch)]
+    total = sum(float(r.double().square().sum()) for r in row_batches)
+    new = LowRankSum(out, torch.float32, max_rank=k)
+    start, cpu, widest = time.perf_counter(), time.process_time(), 0
+    for r in row_batches:
+        new.add(r, r.shape[0])
+        widest = max(widest, new.num_columns)
+    amortised = (time.perf_counter() - start, time.process_time() - cpu)
+    held: list[torch.Tensor] = []
+    kept_cols, dropped_old, calls = None, 0.0, 0
+    start, cpu = time.perf_counter(), time.process_time()
+    for r in row_batches:
+        held.append(r)
+        if sum(int(h.shape[0]) for h in held) + (0 if kept_cols is None else kept_cols.shape[0]) > 2 * k:
+            store = ColumnStore(([] if kept_cols is None else [kept_cols]) + held, out)
+            kept_cols, dropped, _ = compress_columns(store, k, torch.float32)
+            dropped_old, held, calls = dropped_old + dropped, [], calls + 1
+    per_batch = (time.perf_counter() - start, time.process_time() - cpu)
+    return {
+        "out": out,
+        "k": k,
+        "batch": batch,
+        "tokens": tokens,
+        "amortised_s": round(amortised[0], 2),
+        "amortised_cpu_s": round(amortised[1], 2),
+        "per_batch_s": round(per_batch[0], 2),
+        "per_batch_cpu_s": round(per_batch[1], 2),
+        "cpu_ratio": round(per_batch[1] / amortised[1], 2),
+        "compressions": new.compressions,
+        "per_batch_compressions": calls,
+        "max_columns_held": widest,
+        "discarded_fraction": new.discarded_mass / total,
+        "per_batch_discarded_fraction": dropped_old / total,
     }
 
 
@@ -91,7 +141,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=sorted(DTYPES))
     p.add_argument("--quick", action="store_true", help="d = 1536 only")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--budget", action="store_true", help="token-budget compression cost instead (out, k, batches)")
+    p.add_argument("--width", type=int, default=32768, help="--budget: out (the cost is linear in it)")
+    p.add_argument("--rank", type=int, default=512, help="--budget: k")
+    p.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096], help="--budget: batch sizes")
+    p.add_argument("--budget-tokens", type=int, default=8192, help="--budget: tokens per run")
     args = p.parse_args(argv)
+    if args.budget:
+        rows = [budget_case(args.width, args.rank, b, args.budget_tokens) for b in args.batches]
+        print(json.dumps({"bench": "bench_rank --budget", "torch": torch.__version__, "rows": rows}, indent=1))
+        for r in rows:
+            print(json.dumps(r), file=sys.stderr)
+        return
     dims = [1536] if args.quick else args.dims
     rows = []
     for name in args.dtypes:
@@ -114,12 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
-    print("\n|     d |     T | dtype   | full eigh s | [T,T] route s | full/route | collect Gram s | agree |", file=sys.stderr)
-    print("|------:|------:|---------|------------:|--------------:|-----------:|---------------:|------:|", file=sys.stderr)
+    head = "|     d |     T | dtype   | full eigh s (CPU s) | [T,T] route s (CPU s) | full/route (CPU) | agree |"
+    print("\n" + head, file=sys.stderr)
+    rule = "|------:|------:|---------|--------------------:|----------------------:|-----------------:|------:|"
+    print(rule, file=sys.stderr)
     for r in rows:
         print(
-            f"| {r['d']:5d} | {r['T']:5d} | {r['dtype']:7s} | {r['full_s']:11.2f} | {r['rows_s']:13.2f} | "
-            f"{r['ratio']:10.2f} | {r['collect_gram_s']:14.2f} | {r['agree']:.0e} |",
+            f"| {r['d']:5d} | {r['T']:5d} | {r['dtype']:7s} | {r['full_s']:8.2f} ({r['full_cpu_s']:8.2f}) | "
+            f"{r['rows_s']:10.2f} ({r['rows_cpu_s']:8.2f}) | {r['ratio']:6.2f} ({r['cpu_ratio']:6.2f}) | "
+            f"{r['agree']:.0e} |",
             file=sys.stderr,
         )
 

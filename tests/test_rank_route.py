@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kronfisher.algebra.lowrank import eigen_from_rows, rows_route_pays
 from kronfisher.errors import ShapeError
-from kronfisher.rankroute import eigen_from_rows, rows_route_pays
 
 
 def _rows(t: int, d: int, seed: int, rank: int | None = None) -> torch.Tensor:
@@ -55,3 +55,32 @@ def test_rows_route_refuses_no_rows_and_pays_only_below_the_ratio():
     with pytest.raises(ShapeError, match="layer 'x'"):
         eigen_from_rows([torch.zeros(0, 5)], 1.0, eigh_dtype=torch.float64, store_dtype=torch.float64, name="x")
     assert rows_route_pays(100, 1000) and not rows_route_pays(900, 1000) and not rows_route_pays(0, 1000)
+
+
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_fit_with_the_rows_route_equals_the_dense_path(monkeypatch, ekfac):
+    # A tiny Qwen2 on 12 tokens per batch: down_proj's A (24) and the lm_head's G (40) are kept as rows (T ≤ d / 2)
+    # and decomposed from their [T, T] Gram; ROWS_RATIO = 0 forces the dense path. Same factors and the same damped
+    # inverse, float64, 1e-10 relative (EK-FAC on the K-FAC data: per-sample gradients have no null-space part).
+    import importlib
+
+    import kronfisher as kf
+    from conftest import make_model, random_ids
+
+    collect = importlib.import_module("kronfisher.collection.collector")
+
+    model = make_model("qwen2")
+    batches = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(1)]
+    cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_dtype="float64", damping=1e-3, ekfac=ekfac)
+    route = kf.fit(model, batches, cfg)
+    monkeypatch.setattr(collect, "ROWS_RATIO", 0.0)
+    dense = kf.fit(model, batches, cfg)
+    for name in dense.layer_names:
+        ref = dense.to_dense(name)
+        torch.testing.assert_close(route.to_dense(name), ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+    gen = torch.Generator().manual_seed(0)
+    v = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
+    v = {n: t for n, t in v.items() if n in route.natural_gradient(v)}
+    got, ref = route.natural_gradient(v), dense.natural_gradient(v)
+    for n in ref:
+        assert float((got[n] - ref[n]).abs().max()) <= 1e-10 * float(ref[n].abs().max()), n

@@ -230,7 +230,7 @@ class KFACConfig:
         ),
     )
     lowrank_max_rank: int | None = field(
-        default=None,
+        default=512,
         metadata=_meta(
             "Token budget of a low-rank G: the top eigenpairs kept, plus an isotropic tail that keeps the exact trace "
             "(huge output layers such as lm_head). Keeping every token makes memory grow with the tokens.",
@@ -287,7 +287,6 @@ class KFACConfig:
                 ("ekfac=True", self.ekfac),
                 (f"damping_mode={self.damping_mode!r}", self.damping_mode == DampingMode.EXACT),
                 ("max_condition_number", self.max_condition_number is not None),
-                ("lowrank_max_rank (compressed tail)", self.lowrank_max_rank is not None),
             )
             if bad
         ]

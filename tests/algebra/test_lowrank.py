@@ -148,9 +148,11 @@ def test_injected_cholesky_failure_falls_back_to_eigh_with_warning(monkeypatch):
 def test_woodbury_refuses_what_does_not_factor():
     with pytest.raises(ConfigError, match="ekfac=True"):
         kf.KFACConfig(lowrank_solver="woodbury", ekfac=True)
-    with pytest.raises(ConfigError, match="lowrank_max_rank"):
-        kf.KFACConfig(lowrank_solver="woodbury", lowrank_max_rank=4)
     x, g = _rows(12)
+    # The token budget is on by default; Woodbury refuses only a G that was actually compressed (12 > k + b = 8).
+    squeezed = _fisher(x, g, 12, True, lowrank_solver="woodbury", lowrank_max_rank=4)
+    with pytest.raises(ConfigError, match="compressed G"):
+        squeezed.power({"head.weight": torch.ones(OUT, IN, dtype=torch.float64)}, -1.0)
     wood = _fisher(x, g, 12, True, lowrank_solver="woodbury")
     v = {"head.weight": torch.ones(OUT, IN, dtype=torch.float64)}
     with pytest.raises(ConfigError, match="cannot apply to layer 'head'"):

@@ -211,3 +211,26 @@ def test_decomposition_oom_on_cpu_is_not_swallowed(monkeypatch):
     monkeypatch.setattr(factors, "safe_eigh", eigh)
     with pytest.raises(torch.OutOfMemoryError):  # already on CPU: nothing to fall back to
         kf.fit(make_model("llama"), BATCHES, kf.KFACConfig(**F64))
+
+
+def test_dense_sum_fold_oom_keeps_the_sum_on_cpu_with_warning(monkeypatch):
+    """Rows held by a dense sum are folded into [d, d] when more arrive; that allocation failing on the (simulated)
+    accelerator keeps the sum on CPU with a PlacementWarning naming the factor; the factors are identical."""
+    model = make_model("llama")
+    cfg = kf.KFACConfig(**F64)
+    ref = kf.fit(model, BATCHES, cfg)
+    monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
+    real, seen = torch.zeros, []
+
+    def zeros(*shape, **kw):
+        if tuple(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape) == (24, 24) and not seen:
+            seen.append(1)  # the first 24 × 24 sum folded: A of a down_proj (12 rows per batch, 12 ≤ 24 / 2)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB (injected)")
+        return real(*shape, **kw)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    with pytest.warns(PlacementWarning, match=r"sum of factor A of layer 'model.layers.\d.mlp.down_proj'"):
+        got = kf.fit(model, BATCHES, cfg)
+    assert seen
+    for name in ref.layer_names:
+        assert all(torch.equal(x, y) for x, y in zip(got.factors(name), ref.factors(name))), name

@@ -17,14 +17,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 GRAM_TILE = 384  # block size of the symmetric Gram on CPU (see :func:`symmetric_gram`)
 
 
-def _mm(a: Tensor, b: Tensor, out: Tensor, alpha: float) -> Tensor:
-    if alpha == 1.0:
+def _mm(a: Tensor, b: Tensor, out: Tensor, alpha: float, beta: float = 0.0) -> Tensor:
+    if alpha == 1.0 and beta == 0.0:
         return torch.mm(a, b, out=out)
-    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)  # beta=0: out's old contents are ignored
+    return torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)  # beta=0: out's old contents are ignored
 
 
-def symmetric_gram(rows: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+def symmetric_gram(rows: Tensor, out: Tensor | None = None, alpha: float = 1.0, accumulate: bool = False) -> Tensor:
     """``alpha · rowsᵀ rows`` (``[d, d]``), written into ``out`` when given (``alpha`` is the GEMM's own scale).
+
+    ``accumulate=True`` adds the product to ``out`` (a symmetric sum) instead of overwriting it.
 
     The product is symmetric, so on CPU only its upper block triangle is multiplied (``GRAM_TILE``-wide strips,
     each mirrored into the lower part): for ``d ≫ GRAM_TILE`` close to half the FLOPs of a full GEMM, 15–45 % less
@@ -36,12 +38,13 @@ def symmetric_gram(rows: Tensor, out: Tensor | None = None, alpha: float = 1.0) 
     d = rows.shape[1]
     if out is None:
         out = torch.empty(d, d, dtype=rows.dtype, device=rows.device)
+    beta = 1.0 if accumulate else 0.0
     if rows.device.type != "cpu":
-        return _mm(rows.t(), rows, out, alpha)
+        return _mm(rows.t(), rows, out, alpha, beta)
     cols = rows.t()
     for i in range(0, d, GRAM_TILE):
         j = min(i + GRAM_TILE, d)
-        _mm(cols[i:j], rows[:, i:], out[i:j, i:], alpha)
+        _mm(cols[i:j], rows[:, i:], out[i:j, i:], alpha, beta)
         # A GEMM's diagonal block is symmetric only up to the kernel's summation order (it differs between
         # CPUs); mirroring its upper triangle makes the whole sum exactly symmetric everywhere.
         block = out[i:j, i:j]
@@ -76,3 +79,24 @@ def gram(rows: Tensor, augment: bool, out_dtype: torch.dtype, scale: float = 1.0
     out[d, :d] = colsum
     out[d, d] = n
     return out.to(out_dtype)
+
+
+def add_gram(total: Tensor, rows: Tensor, *, augment: bool = False, scale: float = 1.0) -> None:
+    """``total += Σ_t a_t a_tᵀ`` for ``a_t = [s·rows_t; 1]`` (``augment``) or ``s·rows_t``, in place.
+
+    When the rows' arithmetic dtype is the sum's, the product goes straight into ``total`` (no ``[d, d]``
+    temporary: the commit of a batch adds each layer's contribution where it lives); otherwise (float64 sums of
+    float32 rows) through one temporary of this layer only.
+    """
+    work = compute_dtype(rows.dtype)
+    if work != total.dtype or total.device != rows.device:
+        total.add_(gram(rows, augment, work, scale).to(total.device, total.dtype))
+        return
+    rows = rows.to(work)
+    d = rows.shape[1]
+    symmetric_gram(rows, out=total[:d, :d], alpha=scale * scale, accumulate=True)
+    if augment:
+        colsum = rows.sum(0) if scale == 1.0 else rows.sum(0).mul_(scale)
+        total[:d, d].add_(colsum)
+        total[d, :d].add_(colsum)
+        total[d, d].add_(rows.shape[0])

@@ -5,38 +5,38 @@ chunks in ``lowrank_dtype`` (:class:`ColumnStore`); every product with it runs o
 upcast to the arithmetic dtype (float32 or higher), so nothing of size ``out × out`` (nor a second full copy of
 ``W``) is ever allocated.
 
-**Eigenform** (:class:`LowRankEigen`). From the ``[T, T]`` Gram ``K = UᵀU = V diag(λ) Vᵀ`` (float64), the thin
-eigenbasis of ``G`` is ``P = U V λ^{-1/2} = W C`` with ``C = V λ^{-1/2} / √N`` (``[T, r]``). ``P`` is kept *implicit*
-(``W`` and ``C``): ``Pᵀ X = Cᵀ (Wᵀ X)`` and ``P Y = W (C Y)``, so the eigenbasis costs ``O(T²)`` memory on top of
-``W`` instead of another ``out × T``. Eigenvalues below ``T · eps₆₄ · λ_max`` are round-off and dropped.
+**Eigenform** (:class:`LowRankEigen`). From the ``[T, T]`` Gram ``K = UᵀU = V diag(λ) Vᵀ`` (in ``eigh_dtype``), the
+thin eigenbasis of ``G`` is ``P = U V λ^{-1/2} = W C`` with ``C = V λ^{-1/2} / √N`` (``[T, r]``). ``P`` is kept
+*implicit* (``W`` and ``C``): ``Pᵀ X = Cᵀ (Wᵀ X)`` and ``P Y = W (C Y)``, so the eigenbasis costs ``O(T²)`` memory on
+top of ``W`` instead of another ``out × T``. Eigenvalues below ``T · eps · λ_max`` are round-off and dropped.
 
-**Token budget** (``lowrank_max_rank = k``). When more than ``2k`` columns are held, they are replaced by the top-``k``
-eigen-columns ``P diag(√s)`` of ``W Wᵀ`` (:func:`compress_columns`); the discarded eigenvalue mass ``D`` (``Σ_{i>k}
-s_i``, measured in float64 on the *stored* columns) becomes an isotropic tail over the complement of the held span:
-``G ≈ P diag(s) Pᵀ + τ (I − P Pᵀ)`` with ``τ = D / (N (out − r))``, so ``tr G`` is exact. Columns seen after a
-compression are appended and compressed with the kept ones next time; decomposition truncates to ``k``. Memory stays
-``O(out · k)``. **Error bound**: ``G_sum − G̃_sum = R − (D/(out − r)) (I − P Pᵀ)`` where ``R`` (the sum of every
-discarded part) is PSD with ``tr R = D``. Hence, with ``d = D / N`` the normalised discarded mass reported as
-``discarded``: ``tr(G − G̃) = 0``, ``‖G − G̃‖_* ≤ 2d`` and ``‖G − G̃‖₂ ≤ d`` (up to the rounding of the stored
-columns in ``lowrank_dtype``).
+**Token budget** (``lowrank_max_rank = k``, on by default). ``k`` kept columns ``P diag(√s)`` plus a buffer of ``b``
+new ones: when more than ``k + b`` are held, the kept ones and the next ``b`` are replaced by the top-``k``
+eigen-columns of their ``W Wᵀ`` (:func:`compress_columns`; the kept columns are orthogonal, so only the products with
+the new ones are formed); the discarded eigenvalue mass ``D`` (``Σ_{i>k} s_i``, measured in float64 on the *stored*
+columns) becomes an isotropic tail over the complement of the held span: ``G ≈ P diag(s) Pᵀ + τ (I − P Pᵀ)`` with
+``τ = D / (N (out − r))``, so ``tr G`` is exact. Decomposition truncates to ``k``. Memory stays ``O(out (k + b))``
+and no ``[T, T]`` matrix exceeds ``k + b``. **Error bound**: ``G_sum − G̃_sum = R − (D/(out − r)) (I − P Pᵀ)`` where
+``R`` (the sum of every discarded part) is PSD with ``tr R = D``. Hence, with ``d = D / N`` the normalised discarded
+mass reported as ``discarded``: ``tr(G − G̃) = 0``, ``‖G − G̃‖_* ≤ 2d`` and ``‖G − G̃‖₂ ≤ d`` (up to the rounding of
+the stored columns in ``lowrank_dtype``).
 
-**Woodbury** (:func:`woodbury_kron_apply`): ``(G + δ_G I)^{-1} V (A + δ_A I)^{-1}`` with the ``[T, T]`` solve of
-:func:`~kronfisher.linalg.woodbury_factor`; the eigenform stays the default (``lowrank_solver``).
-
-**Tied weights**: :func:`find_tied` lists tracked layers whose weight is also another parameter (lm_head / embedding).
+**Dense factors of rank below their size** (:func:`eigen_from_rows`): a factor ``Xᵀ X / c`` seen on ``T < d`` rows
+is decomposed from the ``[T, T]`` Gram of its rows and completed to a full eigenbasis (exact).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..errors import KronfisherError
+from ..errors import KronfisherError, ShapeError
 from .columns import ColumnStore
-from .eigen import safe_eigh
+from .eigen import Eigen, safe_eigh
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,8 +131,9 @@ def eigen_from_columns(
     dtype: torch.dtype = torch.float32,
     name: str = "?",
     gram: Tensor | None = None,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> LowRankEigen:
-    """Thin eigendecomposition of ``G = W Wᵀ / N`` (+ tail) from the float64 Gram of ``W`` (docs/concepts.md).
+    """Thin eigendecomposition of ``G = W Wᵀ / N`` (+ tail) from the Gram of ``W`` (docs/concepts.md).
 
     Args:
         columns: ``W``.
@@ -144,6 +145,7 @@ def eigen_from_columns(
         gram: ``columns.gram()`` when the caller already computed it (the GEMM-bound part, run with every thread
             before the eighs run concurrently, :func:`kronfisher.factors.decompose_all`); it is consumed (scaled in
             place). None: computed here.
+        gram_dtype: dtype of the ``[m, m]`` Gram and its eigh (the configured ``eigh_dtype``).
 
     """
     n = float(count)
@@ -152,11 +154,12 @@ def eigen_from_columns(
         tail = tail_mass / n / d if n > 0 else 0.0
         empty = torch.zeros(0, dtype=dtype, device=columns.device)
         return LowRankEigen(columns, empty.reshape(m, 0), empty, tail, tail * d)
-    gram = (columns.gram() if gram is None else gram).div_(n)  # K = Uᵀ U
-    vals, vecs = safe_eigh(gram, name=name, factor="G (Gram of U)", dtype=torch.float64)
+    gram = (columns_gram(columns, gram_dtype) if gram is None else gram).div_(n)  # K = Uᵀ U
+    vals, vecs = safe_eigh(gram, name=name, factor="G (Gram of U)", dtype=gram.dtype)
+    del gram
     vals, order = torch.sort(vals, descending=True)
     vecs = vecs[:, order]
-    live = int((vals > float(vals[0]) * m * torch.finfo(torch.float64).eps).sum()) if float(vals[0]) > 0 else 0
+    live = int((vals > float(vals[0]) * m * torch.finfo(vals.dtype).eps).sum()) if float(vals[0]) > 0 else 0
     r = live if max_rank is None else min(live, max_rank)
     tail_trace = tail_mass / n + float(vals[r:live].sum())
     if r >= d:
@@ -166,25 +169,124 @@ def eigen_from_columns(
     return LowRankEigen(columns, coeffs.to(dtype), vals[:r].to(dtype), tau, tail_trace)
 
 
-def compress_columns(columns: ColumnStore, k: int, storage: torch.dtype) -> tuple[Tensor, float]:
-    """Top-``k`` eigen-columns ``P diag(√s)`` of ``W Wᵀ`` and the discarded mass (docs/concepts.md).
+def columns_gram(columns: ColumnStore, dtype: torch.dtype) -> Tensor:
+    """``Wᵀ W`` (``[m, m]``) in ``dtype`` (the eigendecomposition dtype), block by block over the rows of ``W``."""
+    if dtype == torch.float64:
+        return columns.gram()
+    out = torch.zeros(columns.m, columns.m, dtype=dtype, device=columns.device)
+    for _, _, blk in columns.blocks(dtype):
+        out.addmm_(blk, blk.t())
+    return out
+
+
+def compress_columns(
+    columns: ColumnStore,
+    k: int,
+    storage: torch.dtype,
+    dtype: torch.dtype = torch.float64,
+    known: Tensor | None = None,
+) -> tuple[Tensor, float, Tensor]:
+    """Top-``k`` eigen-columns ``P diag(√s)`` of ``W Wᵀ`` and the discarded mass (token budget, docs/concepts.md).
+
+    Args:
+        columns: ``W`` (``[out, m]``): the kept columns of the previous compression first, then new ones.
+        k: the budget.
+        storage: dtype of the returned columns (``lowrank_dtype``).
+        dtype: dtype of the ``[m, m]`` Gram, its eigh and the projection (the configured ``eigh_dtype``).
+        known: squared norms of the first ``h`` columns when they are the output of an earlier compression: they
+            are mutually orthogonal (``P diag(√s)``, up to their storage rounding), so that block of the Gram is
+            ``diag(known)`` and only the products with the ``m − h`` new columns are formed (``out · (m − h) · m``
+            instead of ``out · m²``).
 
     Returns:
-        ``(kept, dropped)``: ``kept`` is ``[k', out]`` token-major in ``storage`` (``k' ≤ k``, numerically zero
-        directions dropped) and ``dropped = ‖W‖_F² − ‖kept‖_F²`` measured in float64 on the stored values, so the
-        trace is exact whatever ``storage`` rounds.
+        ``(kept, dropped, kept_sq)``: ``kept`` is ``[k', out]`` token-major in ``storage`` (``k' ≤ k``,
+        numerically zero directions dropped), ``dropped = ‖W‖_F² − ‖kept‖_F²`` measured in float64 on the stored
+        values (so the trace is exact whatever ``storage`` and ``dtype`` round) and ``kept_sq`` the float64 squared
+        norms of the kept columns (``known`` of the next compression).
 
     """
-    gram = columns.gram()
-    total = float(gram.diagonal().sum())
-    vals, vecs = safe_eigh(gram, name="lowrank", factor="G (compression)", dtype=torch.float64)
+    m, h = columns.m, 0 if known is None else int(known.shape[0])
+    gram = torch.zeros(m, m, dtype=dtype, device=columns.device)
+    new_sq = torch.zeros((), dtype=torch.float64, device=columns.device)
+    for _, _, blk in columns.blocks(dtype):
+        gram[h:].addmm_(blk[h:], blk.t())
+        new_sq += blk[h:].to(torch.float64).square().sum()
+    total = float(new_sq) + (0.0 if known is None else float(known.sum()))
+    if h:
+        gram[:h, :h].diagonal().copy_(known)  # type: ignore[arg-type]
+        gram[:h, h:] = gram[h:, :h].t()
+    vals, vecs = safe_eigh(gram, name="lowrank", factor="G (compression)", dtype=dtype)
+    del gram
     vals, order = torch.sort(vals, descending=True)
-    live = int((vals > float(vals[0]) * columns.m * torch.finfo(torch.float64).eps).sum()) if float(vals[0]) > 0 else 0
+    live = int((vals > float(vals[0]) * m * torch.finfo(dtype).eps).sum()) if float(vals[0]) > 0 else 0
     top = vecs[:, order[: min(k, live)]]  # [m, k']
     kept = torch.empty(top.shape[1], columns.dim, dtype=storage, device=columns.storage_device)
-    kept_mass = 0.0
-    for start, stop, blk in columns.blocks(torch.float64):
+    kept_sq = torch.zeros(top.shape[1], dtype=torch.float64, device=columns.device)
+    for start, stop, blk in columns.blocks(dtype):
         part = (top.t() @ blk).to(storage)
         kept[:, start:stop] = part
-        kept_mass += float(part.to(torch.float64).square().sum())
-    return kept, max(total - kept_mass, 0.0)
+        kept_sq += part.to(torch.float64).square().sum(1)
+    return kept, max(total - float(kept_sq.sum()), 0.0), kept_sq
+
+
+# Dense factors seen on fewer rows than their dimension -----------------------------------------------------
+ROWS_RATIO = 0.5  # the rows route is used while T <= ROWS_RATIO * d (benchmarks/bench_rank.py)
+
+
+def rows_route_pays(rows: int, dim: int, ratio: float = ROWS_RATIO) -> bool:
+    """Whether a factor of dimension ``dim`` seen on ``rows`` rows is decomposed from its ``[T, T]`` Gram."""
+    return 0 < rows <= ratio * dim
+
+
+def eigen_from_rows(
+    chunks: Sequence[Tensor],
+    count: float,
+    *,
+    eigh_dtype: torch.dtype,
+    store_dtype: torch.dtype,
+    name: str = "?",
+    factor: str = "A",
+) -> Eigen:
+    """Full eigenbasis of ``F = Σ_i X_iᵀ X_i / count`` from the ``[T, T]`` Gram of the rows (exact).
+
+    Args:
+        chunks: row blocks ``X_i`` (``[n_i, d]``), the rows whose outer products make the factor.
+        count: the normaliser ``c`` (tokens or loss terms).
+        eigh_dtype: dtype of the ``[T, T]`` Gram, its eigh and the basis arithmetic.
+        store_dtype: dtype of the returned eigenvectors and eigenvalues.
+        name: layer name for messages.
+        factor: ``"A"`` or ``"G"`` for messages.
+
+    Returns:
+        ``Eigen`` with square ``[d, d]`` vectors and ascending eigenvalues (zeros on the null space), like
+        :func:`~kronfisher.linalg.safe_eigh` on the dense factor.
+
+    """
+    chunks = [c for c in chunks if c.shape[0]]
+    if not chunks:
+        raise ShapeError(f"Factor {factor} of layer {name!r}: no rows to decompose.")
+    d = int(chunks[0].shape[1])
+    x = torch.cat([c.to(eigh_dtype) for c in chunks]) if len(chunks) > 1 else chunks[0].to(eigh_dtype)
+    t = int(x.shape[0])
+    c = float(count)
+    gram = torch.mm(x, x.t()).div_(c)  # K = X Xᵀ / c: same nonzero eigenvalues as F
+    vals, vecs = safe_eigh(gram, name=name, factor=f"{factor} (Gram of {t} rows)", dtype=eigh_dtype)
+    del gram
+    top = float(vals[-1]) if vals.numel() else 0.0
+    live = vals > top * t * torch.finfo(eigh_dtype).eps if top > 0 else torch.zeros_like(vals, dtype=torch.bool)
+    vals, vecs = vals[live], vecs[:, live]  # ascending, numerically nonzero
+    r = int(vals.shape[0])
+    thin = torch.mm(x.t(), vecs).div_((vals * c).sqrt())  # [d, r]: q_i = Xᵀ v_i / √(c λ_i)
+    del x, vecs
+    if r == 0:
+        basis = torch.eye(d, dtype=eigh_dtype, device=thin.device)
+    else:
+        # Householder QR: the first r columns span the thin basis (re-orthonormalised; R is diag(±1) up to
+        # rounding, its signs restore q_i), the other d − r complete it to an orthonormal basis of R^d.
+        full, tri = torch.linalg.qr(thin, mode="complete")
+        signs = torch.sign(tri.diagonal())
+        signs[signs == 0] = 1.0
+        basis = torch.cat([full[:, r:], full[:, :r] * signs], dim=1)
+    values = torch.cat([torch.zeros(d - r, dtype=vals.dtype, device=vals.device), vals.clamp_min(0.0)])
+    vectors = basis.to(store_dtype).mT.contiguous().mT  # column-major, the layout torch.linalg.eigh returns
+    return Eigen(vectors, values.to(store_dtype))

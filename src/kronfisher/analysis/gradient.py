@@ -27,31 +27,40 @@ from ..report import CollectionReport
 
 
 class GradientProcessor:
-    """Stages ``Σ_t ĝ_t a_tᵀ`` (``[out, a_dim]``) per layer and batch; commits into float64 sums."""
+    """Stages the rows ``a_t`` and ``ĝ_t`` of each layer call; commits ``Σ_t ĝ_t a_tᵀ`` (``[out, a_dim]``) in place.
 
-    def __init__(self, infos: dict[str, LayerInfo]) -> None:
+    The sums are in the collection dtype (``accumulate_dtype``) and the product is formed at commit, layer by layer,
+    straight into them: a batch never holds a second ``[out, a_dim]`` copy per layer.
+    """
+
+    def __init__(self, infos: dict[str, LayerInfo], dtype: torch.dtype = torch.float32) -> None:
         self.infos = infos
+        self.dtype = dtype
         self.sums: dict[str, Tensor] = {}
 
     def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
-        """The summed-loss gradient of ``V`` from this layer call."""
+        """The attended rows of this layer call (input and output gradient; the scale goes in at commit)."""
         info = self.infos[name]
-        work = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)
-        a = ctx.select(x.detach(), info, "input").to(work)
-        gr = ctx.select(g.detach(), info, "output gradient").to(work) * ctx.grad_scale
-        gw = gr.t() @ a  # [out, in]
-        if info.has_bias:
-            gw = torch.cat([gw, gr.sum(0, keepdim=True).t()], dim=1)
-        return [(name, "grad", gw, 0.0)]
+        a = ctx.select(x.detach(), info, "input")
+        gr = ctx.select(g.detach(), info, "output gradient")
+        return [(name, "a", a, None), (name, "g", gr, float(ctx.grad_scale))]
 
     def commit(self, staged: Staged) -> None:
-        """Add checked contributions (float64 sums)."""
-        for name, _, tensor, _ in staged:
-            t = tensor.to(torch.float64)
-            if name in self.sums:
-                self.sums[name].add_(t)
-            else:
-                self.sums[name] = t.clone()
+        """Add ``s · ĝᵀ a`` (and ``s · Σ ĝ`` for a bias) of each checked layer call to its sum."""
+        rows: Tensor | None = None
+        for name, kind, tensor, scale in staged:
+            if kind == "a":
+                rows = tensor
+                continue
+            info = self.infos[name]
+            total = self.sums.get(name)
+            if total is None:
+                total = self.sums[name] = torch.zeros(info.v_shape, dtype=self.dtype, device=tensor.device)
+            a = rows.to(total.device, self.dtype)  # type: ignore[union-attr]
+            gr = tensor.to(total.device, self.dtype)
+            total[:, : a.shape[1]].addmm_(gr.t(), a, alpha=scale)
+            if info.has_bias:
+                total[:, -1].add_(gr.sum(0), alpha=scale)
 
 
 @dataclass
@@ -59,7 +68,7 @@ class MeanGradient:
     """Result of :func:`mean_gradient`.
 
     Attributes:
-        combined: ``∇_V L̄`` (``[out, a_dim]``, float64) by layer name.
+        combined: ``∇_V L̄`` (``[out, a_dim]``, in the collection dtype) by layer name.
         params: the same split into parameter-shaped tensors, by parameter name (weight and bias).
         loss: mean loss ``L_sum / N`` over the data.
         loss_terms: ``N``.
@@ -96,7 +105,7 @@ def mean_gradient(
     """
     model = unwrap_model(model)
     discovery = discover_layers(model, cfg.include, cfg.exclude)
-    proc = GradientProcessor(discovery.infos)
+    proc = GradientProcessor(discovery.infos, cfg.accumulate_torch_dtype)
     cap = Capture(discovery.modules, discovery.infos, proc, "raise")
     report = CollectionReport()
     data_targets = dataclasses.replace(cfg, fisher="empirical", mc_samples=1, ekfac=False)  # the data loss
@@ -121,7 +130,7 @@ def _reduce(proc: GradientProcessor, infos: dict[str, LayerInfo], report: Collec
         return
     for name, info in infos.items():  # a rank on which a layer never fired contributes zeros
         if name not in proc.sums:
-            proc.sums[name] = torch.zeros(info.v_shape, dtype=torch.float64, device=device)
+            proc.sums[name] = torch.zeros(info.v_shape, dtype=proc.dtype, device=device)
     scalars = torch.tensor(report.counts(), dtype=torch.float64)
     all_reduce_tensors([*(proc.sums[n] for n in infos), scalars])
     report.set_counts(scalars.tolist())

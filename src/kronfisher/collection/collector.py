@@ -1,8 +1,10 @@
 """The K-FAC collection processor: turns captured ``(x, ĝ)`` into factor contributions (docs/concepts.md).
 
-``A`` and ``G`` go through the same staging code (:func:`~kronfisher.accumulate.gram` or low-rank rows).
-Layers that read the same input tensor (q/k/v, gate/up) share one ``A`` contribution per batch: it is computed
-once per distinct input tensor and committed into each layer's sum.
+``A`` and ``G`` go through the same code: the hooks stage rows (attended inputs, output gradients) and the commit
+adds each layer's Gram into its sum, in place, layer by layer (or keeps the rows, see
+:class:`~kronfisher.collection.sums.DenseSum`), so a batch never holds a second copy of the dense contributions.
+Layers that read the same input tensor (q/k/v, gate/up) share one staged ``A`` per batch (and one stored copy when
+the rows are kept).
 
 The output-gradient rows of a low-rank layer are scaled and cast to ``lowrank_dtype`` where they are (the device)
 and appended to ``U`` there; when the memory plan keeps ``U`` in host memory they are copied down asynchronously
@@ -20,7 +22,9 @@ import torch
 from torch import Tensor
 
 from ..algebra.columns import Residence
-from ..algebra.gram import compute_dtype, gram
+from ..algebra.eigen import all_finite
+from ..algebra.gram import compute_dtype
+from ..algebra.lowrank import ROWS_RATIO
 from ..config import KFACConfig
 from ..layers import LayerInfo
 from ..transfer import download, wait
@@ -60,16 +64,21 @@ def new_layer_sums(
 
     def dense(factor: str, dim: int) -> DenseSum:
         where = sum_device(factor, False, device)
-        if placement is None:
-            return DenseSum(dim, dtype, where)
-        return placement.allocate(info, factor, lambda d: DenseSum(dim, dtype, d), where)
+        label = f"factor {factor} of layer {info.name!r} (in={info.in_features}, out={info.out_features})"
+        rows = int(ROWS_RATIO * dim)  # kept as rows while T ≤ ρ d: decomposed from the [T, T] Gram
+
+        def make(d: torch.device) -> DenseSum:
+            return DenseSum(dim, dtype, d, max_rows=rows, label=label)
+
+        return make(where) if placement is None else placement.allocate(info, factor, make, where)
 
     a = dense("A", info.a_dim)
     g: DenseSum | LowRankSum
     if is_lowrank(info, cfg, lowrank):  # on the device, or in host memory streamed through it (docs/gpu.md)
         where, residence = columns_placement(info, device, host_columns)
         k = cfg.lowrank_max_rank if lowrank is None else lowrank[info.name]
-        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, k, where, residence)
+        gram = cfg.eigh_torch_dtype if k is None or 2 * k <= cfg.eigh_max_dim else torch.float32  # [T, T] work
+        g = LowRankSum(info.out_features, cfg.lowrank_torch_dtype, k, where, residence, gram_dtype=gram)
     else:
         g = dense("G", info.out_features)
     return LayerSums(A=a, G=g)
@@ -89,7 +98,7 @@ class FactorCollector:
     """Stages and commits ``A`` / ``G`` contributions for every tracked layer.
 
     Attributes:
-        sums: :class:`~kronfisher.accumulate.LayerSums` by layer name (plain data, handed to the algebra).
+        sums: :class:`~kronfisher.collection.sums.LayerSums` by layer name (plain data, handed to the algebra).
 
     """
 
@@ -135,29 +144,34 @@ class FactorCollector:
         part.residence = Residence(work, streamed=streamed)
 
     def _stage_A(self, name: str, x: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> tuple[Tensor, float]:
+        """The rows of ``A`` (attended inputs, or sequence means), once per distinct input tensor (q/k/v share)."""
         info = self.infos[name]
-        key = ("A", id(x), info.has_bias)
+        key = ("A", id(x))
         hit = cache.get(key)
         if hit is not None:
             return hit
 
-        def contribution(x: Tensor) -> tuple[Tensor, float]:
+        def rows_of(x: Tensor) -> Tensor:
             rows = ctx.select(x, info, "input") if self.cfg.approx == "expand" else _sequence_means(x, ctx, info)
-            return gram(rows, info.has_bias, self.cfg.accumulate_torch_dtype), float(rows.shape[0])
+            return rows.to(compute_dtype(rows.dtype))
 
-        out = self.placement.run(info, "A", contribution, x.detach())
-        cache[key] = out
+        rows = self.placement.run(info, "A", rows_of, x.detach())
+        out = cache[key] = (rows, float(rows.shape[0]))
         return out
 
     def _G_contribution(self, g: Tensor, ctx: BatchContext, info: LayerInfo) -> Tensor:
-        """``Σ ĝ ĝᵀ`` of a dense ``G``, or the rows ``ĝ`` of a low-rank one (cast where they are)."""
+        """The rows ``ĝ`` of ``G``.
+
+        Unscaled for a dense ``G`` (the scale enters its Gram at commit as ``alpha = s²``); scaled and cast to
+        ``lowrank_dtype`` where they are for a low-rank one.
+        """
         if self.cfg.approx == "expand":
             rows = ctx.select(g, info, "output gradient")
         else:
             rows = ctx.masked(g, info, "output gradient").sum(dim=1)
         lowrank = self.sums[info.name].G
         if lowrank.kind == "dense":
-            return gram(rows, False, self.cfg.accumulate_torch_dtype, scale=ctx.grad_scale)  # no scaled copy of ĝ
+            return rows.to(compute_dtype(rows.dtype))
         # Scaled and cast to lowrank_dtype where the rows are (the device), before anything is copied.
         out = rows.to(compute_dtype(rows.dtype))
         if ctx.grad_scale != 1.0:
@@ -168,12 +182,12 @@ class FactorCollector:
         return out
 
     def stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
-        """Contributions of one layer call: ``A`` on the first backward of a forward, ``G`` on every one."""
+        """Rows of one layer call: ``A``'s on the first backward of a forward, ``G``'s on every one."""
         info = self.infos[name]
         staged: Staged = []
         if ctx.first_draw:
-            a_sum, a_count = self._stage_A(name, x, ctx, cache)
-            staged.append((name, "A", a_sum, a_count))
+            a_rows, a_count = self._stage_A(name, x, ctx, cache)
+            staged.append((name, "A", a_rows, (a_count, 1.0)))
         contribution = self.placement.run(info, "G", lambda t: self._G_contribution(t, ctx, info), g.detach())
         part = self.sums[name].G
         if part.kind == "lowrank" and part.residence is not None and part.residence.streamed:
@@ -181,20 +195,36 @@ class FactorCollector:
                 self._pending, self._pending_batch = {}, ctx.batch
             if contribution.device == part.residence.work:  # U in host memory: copy down now, asynchronously
                 self._pending[id(contribution)] = (contribution, download(contribution))
-        staged.append((name, "G", contribution, float(ctx.num_terms)))
+        staged.append((name, "G", contribution, (float(ctx.num_terms), float(ctx.grad_scale))))
         return staged
 
+    def check(self, entry: tuple[str, str, Tensor, Any]) -> Tensor:
+        """0-d bool: the staged rows are finite and their Gram cannot overflow the sum's dtype (no host sync).
+
+        ``|Σ_t a_t a_tᵀ| ≤ n · s² · max|a|²``, so this keeps a batch whose contribution would not be finite out of
+        the sums, as a check of the Gram itself would.
+        """
+        rows, (_, scale) = entry[2], entry[3]
+        if rows.numel() == 0:
+            return all_finite(rows)
+        lo, hi = torch.aminmax(rows)
+        big = torch.maximum(hi, -lo).to(torch.float64)
+        limit = torch.finfo(self.cfg.accumulate_torch_dtype).max / max(rows.shape[0] * scale * scale, 1e-300)
+        return torch.isfinite(lo) & torch.isfinite(hi) & (big * big < limit)
+
     def commit(self, staged: Staged) -> None:
-        """Add checked contributions to the sums."""
+        """Add checked rows to the sums, layer by layer (dense: Gram into the sum in place, or kept as rows)."""
         seen_batches: set[str] = set()
         if self._pending:
             wait(next(iter(self._pending.values()))[0].device)  # done already: the non-finite check synchronised
-        for name, target, tensor, count in staged:
+        prepared: dict[Any, Tensor] = {}  # one stored copy of rows shared by several sums (q/k/v, gate/up)
+        for name, target, rows, (count, scale) in staged:
             part = getattr(self.sums[name], target)
             if part.kind == "lowrank":
-                self._add_columns(name, part, tensor, count)
+                self._add_columns(name, part, rows, count)
             else:
-                part.add(tensor, count)
+                augment = target == "A" and self.infos[name].has_bias
+                part.add_rows(rows, count, augment=augment, scale=scale, prepared=prepared)
             if target == "A" and name not in seen_batches:
                 self.sums[name].batches += 1
                 seen_batches.add(name)
@@ -205,7 +235,7 @@ class FactorCollector:
         hit = self._pending.get(id(rows))
         if hit is not None and hit[0] is rows:
             rows = hit[1]
-        saved = (list(part.chunks), part.basis, part.count, part.tail_mass, part.discarded_mass)
+        saved = (list(part.chunks), part.basis, part.basis_sq, part.count, part.tail_mass, part.discarded_mass)
         try:
             part.add(rows, count)
             return
@@ -213,7 +243,7 @@ class FactorCollector:
             if part.residence is not None:
                 raise
             where = part.device
-            part.chunks, part.basis, part.count, part.tail_mass, part.discarded_mass = saved
+            part.chunks, part.basis, part.basis_sq, part.count, part.tail_mass, part.discarded_mass = saved
             self.placement.columns_to_host(self.infos[name], where, err)  # re-raises on the host
         self._columns_to_host(part, where, streamed=True)
         part.add(rows, count)

@@ -71,7 +71,7 @@ class BatchContext:
         return t * self.mask.unsqueeze(-1).to(t.device, t.dtype)
 
 
-Staged = list[tuple[str, str, Tensor, float]]  # (layer, target, tensor, count)
+Staged = list[tuple[str, str, Tensor, Any]]  # (layer, target, tensor, what the processor's commit needs)
 
 
 class Processor(Protocol):
@@ -84,6 +84,12 @@ class Processor(Protocol):
     def commit(self, staged: Staged) -> None:
         """Add checked contributions to the sums."""
         ...
+
+
+def _check(processor: Processor, entry: tuple[str, str, Tensor, Any]) -> Tensor:
+    """0-d bool: the processor's own check of a staged entry (``check``), or that its tensor is finite."""
+    check = getattr(processor, "check", None)
+    return check(entry) if check is not None else all_finite(entry[2])
 
 
 class Capture:
@@ -216,7 +222,7 @@ class Capture:
         if not staged:
             return True
         dev = staged[0][2].device  # staged tensors may sit on CPU and on the accelerator
-        flags = torch.stack([all_finite(t).to(dev) for (_, _, t, _) in staged])
+        flags = torch.stack([_check(self.processor, entry).to(dev) for entry in staged])
         if bool(flags.all()):
             self.processor.commit(staged)
             return True

@@ -198,5 +198,5 @@ def on_cpu_after_oom(run: Callable[[torch.device], R], device: torch.device, wha
 def move_sum_to_cpu(sums: Any, factor: str) -> None:
     """Move a layer's dense ``factor`` sum to CPU (a low-rank ``G`` is there already)."""
     target = getattr(sums, factor)
-    if hasattr(target, "sum") and isinstance(target.sum, Tensor):
-        target.sum = target.sum.to("cpu")
+    if getattr(target, "kind", None) == "dense":  # held rows or the sum, without folding rows
+        target.to(torch.device("cpu"))

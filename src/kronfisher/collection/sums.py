@@ -8,41 +8,169 @@ sums and counts.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..algebra.columns import ColumnStore, Residence
+from ..algebra.gram import add_gram
 from ..algebra.lowrank import LowRankEigen, compress_columns, eigen_from_columns
-from ..errors import ShapeError
+from ..errors import PlacementWarning, ShapeError
+from . import placement
+
+logger = logging.getLogger("kronfisher")
 
 
 class DenseSum:
-    """Dense ``[d, d]`` sum of outer products plus a count."""
+    """Dense ``[d, d]`` sum of outer products plus a count.
+
+    With ``max_rows > 0`` the sum starts by keeping the rows themselves (``[n, d]`` blocks in the sum's dtype):
+    while at most ``max_rows`` have been seen, the factor has rank ``≤ T < d`` and is decomposed from its
+    ``[T, T]`` Gram (:func:`~kronfisher.algebra.lowrank.eigen_from_rows`), the rows take ``T · d ≤ max_rows · d``
+    memory instead of ``d²``, and collection pays no ``d² · T`` GEMM. The first contribution past ``max_rows``
+    (or a read of :attr:`sum`) folds the rows into the dense sum, once; from then on it is the plain dense sum.
+
+    Attributes:
+        rows: the held rows (empty once folded).
+        count: the normaliser (tokens or loss terms).
+
+    """
 
     kind = "dense"
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", *, max_rows: int = 0, label: str = ""
+    ) -> None:
         self.dim = dim
-        self.sum = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.max_rows = max(0, int(max_rows))
+        self.label = label or f"a dense factor ({dim} × {dim})"
+        self.rows: list[Tensor] = []
+        self._sum: Tensor | None = None if self.max_rows else torch.zeros(dim, dim, dtype=dtype, device=device)
         self.count = 0.0
+
+    @property
+    def holds_rows(self) -> bool:
+        """True while the factor is kept as rows (not yet folded into the dense sum)."""
+        return self._sum is None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows held (0 once folded)."""
+        return sum(int(r.shape[0]) for r in self.rows)
+
+    @property
+    def sum(self) -> Tensor:
+        """The dense ``[d, d]`` sum (folds held rows first, once)."""
+        if self._sum is None:
+            total = self._allocate()
+            for r in self.rows:
+                add_gram(total, r.to(total.device))
+            self.rows, self._sum = [], total
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: Tensor) -> None:
+        self.rows, self._sum, self.device = [], value, value.device
+
+    def _allocate(self, rows: int | None = None) -> Tensor:
+        """``[d, d]`` zeros (or an empty ``[rows, d]``) where the sum lives.
+
+        After a real accelerator OOM the sum moves to CPU with a :class:`~kronfisher.errors.PlacementWarning` and
+        the tensor is made there (docs/concepts.md).
+        """
+        shape = (self.dim, self.dim) if rows is None else (rows, self.dim)
+        make = torch.zeros if rows is None else torch.empty
+        try:
+            return make(shape, dtype=self.dtype, device=self.device)
+        except torch.OutOfMemoryError as err:
+            if not placement.is_accelerator(self.device):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            msg = f"Out of memory on {self.device} for the sum of {self.label}: it is kept on CPU. [{first}]"
+            logger.warning(msg)
+            warnings.warn(msg, PlacementWarning, stacklevel=3)
+            self.to(torch.device("cpu"))
+            return make(shape, dtype=self.dtype)
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the held rows or the sum to ``device`` (in place)."""
+        self.device = torch.device(device)
+        self.rows = [r.to(self.device) for r in self.rows]
+        if self._sum is not None:
+            self._sum = self._sum.to(self.device)
 
     def add(self, contribution: Tensor, count: float) -> None:
         """Add a staged ``[d, d]`` contribution and its count."""
-        if contribution.shape != self.sum.shape:
-            raise ShapeError(f"Contribution of shape {list(contribution.shape)} for a sum of {list(self.sum.shape)}.")
-        self.sum.add_(contribution.to(self.sum.device, self.sum.dtype))
+        if contribution.shape != (self.dim, self.dim):
+            raise ShapeError(f"Contribution of shape {list(contribution.shape)} for a sum of {[self.dim, self.dim]}.")
+        total = self.sum
+        total.add_(contribution.to(total.device, total.dtype))
+        self.count += float(count)
+
+    def add_rows(
+        self,
+        rows: Tensor,
+        count: float,
+        *,
+        augment: bool = False,
+        scale: float = 1.0,
+        prepared: dict[Any, Tensor] | None = None,
+    ) -> None:
+        """Add ``Σ_t a_t a_tᵀ`` of ``[n, d]`` rows (``a_t = [s·rows_t; 1]`` with ``augment``) and their count.
+
+        Kept as rows while at most ``max_rows`` are held, else accumulated into the dense sum in place.
+        ``prepared`` shares the stored copy of one staged tensor between sums that receive it (q/k/v, gate/up).
+        """
+        n, width = int(rows.shape[0]), int(rows.shape[1]) + int(augment)
+        if width != self.dim:
+            raise ShapeError(f"Rows of width {width} (augment={augment}) for a sum of {[self.dim, self.dim]}.")
+        if self._sum is None and self.num_rows + n <= self.max_rows:
+            key = (id(rows), augment, scale, self.dtype, self.device)
+            stored = None if prepared is None else prepared.get(key)
+            if stored is not None and stored.device != self.device:  # this sum moved to CPU after an OOM
+                stored = None
+            if stored is None:
+                stored = self._allocate(n)  # a copy, never a view of an activation
+                stored[:, : rows.shape[1]].copy_(rows)
+                if scale != 1.0:
+                    stored[:, : rows.shape[1]].mul_(scale)
+                if augment:
+                    stored[:, -1] = 1.0
+                if prepared is not None:
+                    prepared[key] = stored
+            if n:
+                self.rows.append(stored)
+        else:
+            add_gram(self.sum, rows.to(self.sum.device), augment=augment, scale=scale)
         self.count += float(count)
 
     def merge(self, other: DenseSum) -> None:
         """Add another sum over disjoint data (exact)."""
-        self.add(other.sum, other.count)
+        if self.holds_rows and other.holds_rows and self.num_rows + other.num_rows <= self.max_rows:
+            self.rows.extend(r.to(self.device, self.dtype) for r in other.rows)
+            self.count += other.count
+            return
+        self.add(other.sum if not other.holds_rows else other.folded(), other.count)
+
+    def folded(self) -> Tensor:
+        """The dense sum without changing this object (a temporary when rows are held)."""
+        if self._sum is not None:
+            return self._sum
+        total = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
+        for r in self.rows:
+            add_gram(total, r)
+        return total
 
     def state(self) -> dict[str, Tensor]:
-        """Raw state as plain tensors (for files and distributed reduction)."""
-        return {"sum": self.sum, "count": torch.tensor(self.count, dtype=torch.float64)}
+        """Raw state as plain tensors (for files and distributed reduction); held rows are folded into a copy."""
+        return {"sum": self.folded(), "count": torch.tensor(self.count, dtype=torch.float64)}
 
     def load_state(self, state: dict[str, Tensor]) -> None:
         """Replace the state by ``state`` (inverse of :meth:`state`)."""
@@ -54,19 +182,23 @@ class LowRankSum:
     """Low-rank ``G``: keeps the (masked, rescaled) output-gradient rows so that ``G = U Uᵀ`` (docs/concepts.md).
 
     The columns ``W = [ĝ_1 … ĝ_T]`` of ``U = W / √N`` (``[out, T]``) are held token-major, as ``[n, out]`` chunks in
-    ``storage_dtype`` (``lowrank_dtype``), on ``device`` (CPU for huge layers); arithmetic on them is blockwise in
-    float32 or higher (:mod:`kronfisher.lowrank`). Nothing of size ``out × out`` is ever allocated.
+    ``storage_dtype`` (``lowrank_dtype``), on ``device`` (see ``residence``); arithmetic on them is blockwise in
+    float32 or higher (:mod:`kronfisher.algebra.lowrank`). Nothing of size ``out × out`` is ever allocated.
 
-    Token budget (``max_rank = k``): when more than ``2k`` columns are held, they are compressed to the top-``k``
-    eigen-columns ``basis = P diag(√s)`` (``[out, k]``) and the discarded mass goes to ``tail_mass`` (so the trace
-    stays exact); columns that arrive later are appended after the basis and compressed with it next time, and
-    :meth:`eigen` truncates to ``k``. Memory stays ``O(out · k)``.
+    Token budget (``max_rank = k``, buffer ``b``, default ``b = k``): ``k`` compressed columns
+    ``basis = P diag(√s)`` plus a buffer of new ones. When more than ``k + b`` columns are held, the basis and the
+    next ``b`` buffered columns are compressed back to ``k`` (:func:`~kronfisher.algebra.lowrank.compress_columns`:
+    a ``[k + b, k + b]`` Gram and eigh in ``gram_dtype``), until at most ``k + b`` are held; the discarded mass goes
+    to ``tail_mass`` (the trace stays exact). A compression costs ``O(out · b · (k + b))`` once per ``b`` columns,
+    so ``O(out · k)`` per token whatever the batch size; memory stays ``O(out (k + b))`` plus one batch, and no
+    ``[T, T]`` matrix exceeds ``k + b``. :meth:`eigen` truncates to ``k``. Exact while ``T ≤ k``.
 
     Attributes:
         chunks: raw ``[n, out]`` rows after the basis (each immutable once appended).
         basis: compressed columns ``[out, k]`` (a transposed view of a token-major tensor), or None.
         count: ``N`` (loss terms).
         tail_mass: discarded eigenvalue mass, un-normalised (``G_sum`` units); ``discarded_mass`` equals it.
+        compressions: number of compressions run (each on at most ``k + b`` columns).
 
     """
 
@@ -80,17 +212,24 @@ class LowRankSum:
         max_rank: int | None = None,
         device: torch.device | str = "cpu",
         residence: Residence | None = None,
+        *,
+        buffer: int | None = None,
+        gram_dtype: torch.dtype = torch.float64,
     ) -> None:
         self.dim = dim
         self.storage_dtype = storage_dtype
         self.max_rank = max_rank
+        self.buffer = max(1, int(buffer if buffer is not None else (max_rank or 1)))
+        self.gram_dtype = gram_dtype
         self.device = torch.device(device)
         self.residence = residence  # where products with U run (streamed from host memory, docs: placement)
         self.chunks: list[Tensor] = []
         self.count = 0.0
         self.basis: Tensor | None = None
+        self.basis_sq: Tensor | None = None  # float64 squared norms of the basis columns (orthogonal)
         self.tail_mass = 0.0
         self.discarded_mass = 0.0
+        self.compressions = 0
 
     @property
     def num_columns(self) -> int:
@@ -98,8 +237,13 @@ class LowRankSum:
         raw = sum(int(c.shape[0]) for c in self.chunks)
         return raw + (0 if self.basis is None else int(self.basis.shape[1]))
 
+    @property
+    def over_budget(self) -> bool:
+        """True when more than ``k + b`` columns are held (the next :meth:`compress` has work to do)."""
+        return self.max_rank is not None and self.num_columns > self.max_rank + self.buffer
+
     def columns(self) -> ColumnStore:
-        """The held columns ``W`` (basis first) as a :class:`~kronfisher.lowrank.ColumnStore` (no copy)."""
+        """The held columns ``W`` (basis first) as a :class:`~kronfisher.algebra.columns.ColumnStore` (no copy)."""
         head = [] if self.basis is None else [self.basis.t()]
         return ColumnStore(head + list(self.chunks), self.dim, self.residence)
 
@@ -117,8 +261,7 @@ class LowRankSum:
             if run > 1 and sum(int(c.shape[0]) for c in self.chunks[-run:]) >= self.min_chunk_rows:
                 self.chunks[-run:] = [torch.cat(self.chunks[-run:])]
         self.count += float(count)
-        if self.max_rank is not None and self.num_columns > 2 * self.max_rank:
-            self.compress()
+        self.compress()
 
     def merge(self, other: LowRankSum) -> None:
         """Add another sum over disjoint data: concatenate columns, add counts and tail mass (docs/concepts.md)."""
@@ -128,23 +271,38 @@ class LowRankSum:
         self.tail_mass += other.tail_mass
         self.discarded_mass += other.discarded_mass
         self.count += other.count
-        if self.max_rank is not None and self.num_columns > 2 * self.max_rank:
-            self.compress()
+        self.compress()
 
     def compress(self) -> None:
-        """Compress to the top ``max_rank`` eigen-columns plus tail mass, keeping the trace exact (docs/concepts.md)."""
-        if self.max_rank is None or self.num_columns <= self.max_rank:
-            return
-        kept, dropped = compress_columns(self.columns(), self.max_rank, self.storage_dtype)
-        self.basis = kept.t()
-        self.chunks = []
-        self.tail_mass += dropped
-        self.discarded_mass += dropped
+        """While more than ``k + b`` columns are held, compress the basis and the next buffered columns to ``k``.
+
+        The trace stays exact (the discarded mass goes to the isotropic tail); each compression sees at most
+        ``k + b`` columns, so its Gram and eigh are bounded by the budget however large a batch or a merge is.
+        """
+        while self.over_budget:
+            k = int(self.max_rank)  # type: ignore[arg-type]
+            held = 0 if self.basis is None else int(self.basis.shape[1])
+            head, self.chunks = _split_rows(self.chunks, max(k + self.buffer - held, 1))
+            first = [] if self.basis is None else [self.basis.t()]
+            store = ColumnStore(first + head, self.dim, self.residence)
+            known = self.basis_sq if self.basis is not None else None
+            kept, dropped, self.basis_sq = compress_columns(store, k, self.storage_dtype, self.gram_dtype, known)
+            del store, head
+            self.basis = kept.t()
+            self.tail_mass += dropped
+            self.discarded_mass += dropped
+            self.compressions += 1
 
     def eigen(self, *, name: str = "?", dtype: torch.dtype = torch.float32) -> LowRankEigen:
         """Thin eigenform of the normalised ``G`` (budget ``max_rank`` enforced; the sums are not modified)."""
         return eigen_from_columns(
-            self.columns(), self.count, self.tail_mass, max_rank=self.max_rank, dtype=dtype, name=name
+            self.columns(),
+            self.count,
+            self.tail_mass,
+            max_rank=self.max_rank,
+            dtype=dtype,
+            name=name,
+            gram_dtype=self.gram_dtype,
         )
 
     def tail(self) -> float:
@@ -197,11 +355,25 @@ class LowRankSum:
         cols = state["columns"]
         if cols.dim() != 2 or cols.shape[0] != self.dim:
             raise ShapeError(f"Low-rank columns must be [out={self.dim}, m], got {list(cols.shape)}.")
-        self.basis = None
+        self.basis = self.basis_sq = None
         self.chunks = [cols.t().to(self.device, self.storage_dtype).contiguous()] if cols.shape[1] else []
         self.count = float(state["count"])
         self.tail_mass = float(state.get("tail_mass", torch.tensor(0.0)))
         self.discarded_mass = float(state.get("discarded_mass", torch.tensor(self.tail_mass)))
+
+
+def _split_rows(chunks: list[Tensor], n: int) -> tuple[list[Tensor], list[Tensor]]:
+    """The first ``n`` rows of ``chunks`` and the rest (views; no copy)."""
+    head: list[Tensor] = []
+    for i, c in enumerate(chunks):
+        if n <= 0:
+            return head, chunks[i:]
+        if c.shape[0] <= n:
+            head.append(c)
+            n -= int(c.shape[0])
+        else:
+            return [*head, c[:n]], [c[n:], *chunks[i + 1 :]]
+    return head, []
 
 
 @dataclass

@@ -134,7 +134,7 @@ def _dense_parts(sums: dict[str, LayerSums], owner: dict[str, str]) -> dict[Key,
             parts[("A", name)] = layer.A
         if isinstance(layer.G, DenseSum):
             parts[("G", name)] = layer.G
-    return {k: p for k, p in parts.items() if p.count > 0}
+    return {k: p for k, p in parts.items() if p.count > 0 and not p.holds_rows}  # rows: the [T, T] route
 
 
 def decompose_batched(sums: dict[str, LayerSums], owner: dict[str, str], cfg: KFACConfig) -> dict[Key, Eigen]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..algebra.block import KronBlock
 from ..algebra.columns import Residence
 from ..algebra.eigen import Eigen, safe_eigh
-from ..algebra.lowrank import eigen_from_columns
+from ..algebra.lowrank import eigen_from_columns, eigen_from_rows
 from ..collection.placement import on_cpu_after_oom
 from ..collection.sums import DenseSum, LayerSums
 from ..config import KFACConfig
@@ -55,16 +55,23 @@ def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> 
     accelerator, the same matrix is decomposed on CPU (a :class:`~kronfisher.errors.PlacementWarning` names the
     layer, factor and size) and the eigenvectors are moved back next to the sum.
     """
-    device = part.sum.device
+    device = part.device
+    rows = part.holds_rows and part.num_rows > 0  # held only while T ≤ ρ d (collector.new_layer_sums)
 
     def run(where: torch.device) -> Eigen:
+        if rows:  # rank ≤ T < d: from the [T, T] Gram of the held rows (exact, eigen_from_rows)
+            work = _eigh_dtype(part.num_rows, cfg)
+            chunks = [r.to(where) for r in part.rows]
+            return eigen_from_rows(
+                chunks, part.count, eigh_dtype=work, store_dtype=part.dtype, name=name, factor=factor
+            )
         mean = _symmetric_mean(part.sum.to(where), part.count)
         return decompose_factor(mean, name=name, factor=factor, cfg=cfg, symmetric=True)
 
     what = f"the eigendecomposition of factor {factor} of layer {name!r} ({part.dim} × {part.dim})"
     eig = on_cpu_after_oom(run, device, what)
-    if eig.vectors.device != device:
-        eig = Eigen(eig.vectors.to(device), eig.values.to(device))
+    if eig.vectors.device != device:  # rerun on CPU: back to the sum's device if it can hold the result
+        eig = on_cpu_after_oom(lambda where: Eigen(eig.vectors.to(where), eig.values.to(where)), device, what)
     return eig
 
 
@@ -80,24 +87,20 @@ def decompose_factor(mean: Tensor, *, name: str, factor: str, cfg: KFACConfig, s
     return Eigen(vectors.to(store), values.to(store))
 
 
-def decompose_G(name: str, sums: LayerSums, cfg: KFACConfig, gram: Tensor | None = None) -> Eigen:
-    """Eigenbasis of ``G``: dense eigh (docs/concepts.md) or the low-rank eigenform from ``Uᵀ U`` (docs/concepts.md).
-
-    ``gram``: the low-rank ``G``'s ``Wᵀ W`` when already computed (consumed; see :func:`decompose_all`).
-    """
+def decompose_G(name: str, sums: LayerSums, cfg: KFACConfig) -> Eigen:
+    """Eigenbasis of ``G``: dense eigh or the low-rank eigenform from ``Uᵀ U`` (docs/concepts.md)."""
     if sums.G.kind == "lowrank":
         work = torch.float64 if cfg.accumulate_torch_dtype == torch.float64 else torch.float32
-        g = sums.G  # the arguments of LowRankSum.eigen (implicit thin basis, budget applied), Gram handed over
+        g = sums.G  # the arguments of LowRankSum.eigen (implicit thin basis, budget applied)
         cols = g.columns()
-        if gram is not None:
-            return eigen_from_columns(cols, g.count, g.tail_mass, max_rank=g.max_rank, dtype=work, name=name, gram=gram)
-
         tries: list[torch.device] = []
 
         def run(where: torch.device) -> Eigen:  # again on the host after a real out-of-memory error (docs/gpu.md)
             tries.append(where)
             store = cols if len(tries) == 1 else cols.on(Residence(where))
-            return eigen_from_columns(store, g.count, g.tail_mass, max_rank=g.max_rank, dtype=work, name=name)
+            return eigen_from_columns(
+                store, g.count, g.tail_mass, max_rank=g.max_rank, dtype=work, name=name, gram_dtype=g.gram_dtype
+            )
 
         what = f"the low-rank eigenform of G of layer {name!r} ({g.num_columns} columns of out={g.dim})"
         return on_cpu_after_oom(run, cols.device, what)
@@ -137,7 +140,12 @@ def shared_A_owners(sums: dict[str, LayerSums]) -> dict[str, str]:
     """
     owner: dict[str, str] = {}
     buckets: dict[tuple[Any, ...], list[tuple[str, Tensor]]] = {}
+    by_rows: dict[tuple[Any, ...], str] = {}
     for name, layer in sums.items():
+        if layer.A.holds_rows:  # rows shared by identity (one stored copy per staged input): no fold, no compare
+            key_rows = (tuple(id(r) for r in layer.A.rows), float(layer.A.count), layer.A.dim, str(layer.A.device))
+            owner[name] = by_rows.setdefault(key_rows, name)
+            continue
         s = layer.A.sum
         diag = s.diagonal().detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
         key = (tuple(s.shape), float(layer.A.count), s.dtype, str(s.device), diag)

@@ -10,7 +10,7 @@ import torch
 
 from ..algebra.block import KronBlock
 from ..algebra.eigen import Eigen
-from ..collection.sums import LayerSums
+from ..collection.sums import DenseSum, LayerSums, LowRankSum
 from ..config import KFACConfig
 from .batched import decompose_batched
 from .layer import POOL_GRAM_MAX, decompose_A, decompose_G, decompose_layer, shared_A_owners
@@ -27,9 +27,11 @@ def decompose_local(
     ``on_layer(name)`` is called once per layer of the single-process path as soon as both its factors are
     decomposed (progress bars; with concurrent eighs, in order of completion).
 
-    On CPU with more than one torch thread, the Grams ``Wᵀ W`` of low-rank ``G`` (GEMMs, with every thread) come
-    first; then every eigh (dense factors and those Grams up to :data:`POOL_GRAM_MAX` columns) runs concurrently,
-    one per thread (:func:`_run_jobs`). The factors are those of the sequential path (same matrices, same eigh).
+    On CPU with more than one torch thread, every decomposition (dense factors, and low-rank ``G`` up to
+    :data:`POOL_GRAM_MAX` columns, their Gram included) runs concurrently, one per thread (:func:`_run_jobs`),
+    largest first. Each job makes its own temporaries (float64 mean or ``[T, T]`` Gram, solver workspace) and
+    drops them when it ends, so the pool holds only what its threads are working on. The factors are those of the
+    sequential path (same matrices, same eigh).
     """
     owner = shared_A_owners(sums)
     jobs: dict[tuple[str, str], Callable[[], Eigen]] = {}
@@ -42,12 +44,9 @@ def decompose_local(
         for key in jobs:
             kind, name = key
             part = sums[name].A if kind == "A" else sums[name].G
-            if part.kind == "dense":
-                cost[key] = float(part.dim) ** 3
-            elif 0 < part.num_columns <= POOL_GRAM_MAX and part.count > 0:
-                gram = part.columns().gram()  # GEMM-bound: every thread, before the pool
-                jobs[key] = partial(decompose_G, name, sums[name], cfg, gram=gram)
-                cost[key] = float(part.num_columns) ** 3
+            cost_of = _cost(part)
+            if cost_of is not None:
+                cost[key] = cost_of
     for key, eig in decompose_batched(sums, owner, cfg).items():  # accelerator batches, float32 + refinement
         jobs[key] = partial(_done, eig)
         cost.pop(key, None)
@@ -72,11 +71,20 @@ def decompose_local(
     return blocks
 
 
+def _cost(part: DenseSum | LowRankSum) -> float | None:
+    """Rough FLOPs of one decomposition (largest first in the pool); None: not a pool job (a huge ``[T, T]``)."""
+    d = float(part.dim)
+    if part.kind == "dense":
+        t = float(part.num_rows)
+        return 2 * t * t * d + 9 * t**3 + 4 * d * d * t if part.holds_rows and t > 0 else 9 * d**3
+    m = float(part.num_columns)
+    return 2 * d * m * m + 9 * m**3 if 0 < m <= POOL_GRAM_MAX and part.count > 0 else None
+
+
 def _on_cpu(sums: dict[str, LayerSums]) -> bool:
     for layer in sums.values():
         for part in (layer.A, layer.G):
-            t = getattr(part, "sum", None)
-            if t is not None and t.device.type != "cpu":
+            if part.kind == "dense" and part.device.type != "cpu":
                 return False
     return True
 

@@ -215,5 +215,5 @@ def _unpack(
             tail, mass = parts[2].tolist()
             results[(kind, i)] = LowRankEigen(cols, parts[0].to(cols.device), parts[1].to(cols.device), tail, mass)
         else:
-            device = s.A.sum.device if kind == "A" else s.G.sum.device
+            device = s.A.device if kind == "A" else s.G.device
             results[(kind, i)] = Eigen(parts[0].to(device), parts[1].to(device), 0.0)
