@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..algebra.block import KronBlock
+from ..algebra.eigen import all_finite
 from ..algebra.gram import compute_dtype
 from ..config import KFACConfig
 from ..layers import LayerInfo
@@ -52,7 +53,7 @@ class EigenCorrector:
         self.sums: dict[str, Tensor] = {}
         self.tail_sums: dict[str, Tensor] = {}
         self.counts: dict[str, float] = {n: 0.0 for n in blocks}
-        self._scratch: dict[tuple[Any, ...], Tensor] = {}  # see _span_sequence
+        self._scratch: dict[tuple[Any, ...], Tensor] = {}  # see _add_span
         self._rotations: dict[tuple[Any, ...], Tensor] = {}  # Q_A in the work dtype on the work device, per block
         self.placement = Placement(on_fallback=self._move_to_host)
         self.blocks = dict(blocks)
@@ -112,11 +113,11 @@ class EigenCorrector:
             gr = ctx.select(g, info, "output gradient").to(dev, work)  # [T, out], unscaled
             z = _scaled(block.G.rows_project(gr), scale)  # [T, r]: ĝ_tᵀ P (implicit P for low-rank G)
             z2 = z.square_()
-            staged.append((name, "span", (z2.t() @ y2).to(dtype), ctx.num_terms))
+            staged.append((name, "span", z2, (ctx.num_terms, y2)))  # Σ_t z_t² y_tᵀ formed at commit, in place
             if thin:
                 resid = (gr.square().sum(1).mul_(scale * scale) - z2.sum(1)).clamp_min(0.0)  # ‖(I − PPᵀ) ĝ_t‖²
                 tail = (resid @ y2) / max(block.G.dim - block.G.rank, 1)
-                staged.append((name, "tail", tail.to(dtype), 0.0))
+                staged.append((name, "tail", tail.to(dtype), (0.0, None)))
         else:
             if hit is None:
                 a = _augment(ctx.masked(x, info, "input"), info.has_bias, ctx.mask).to(dev, work)  # [B, S, a]
@@ -124,43 +125,55 @@ class EigenCorrector:
             y = hit
             gr = ctx.masked(g, info, "output gradient").to(dev, work)  # [B, S, out], unscaled
             z = _scaled(block.G.rows_project(gr), scale)  # [B, S, r]
-            staged.append((name, "span", self._span_sequence(z, y).to(dtype), ctx.num_terms))
+            staged.append((name, "span", z, (ctx.num_terms, y)))  # Σ_b (z_bᵀ y_b)² formed at commit, in place
             if thin:
                 k = (gr @ gr.transpose(1, 2)).mul_(scale * scale)  # [B, S, S]: Gram of ĝ per sequence
                 k.sub_(z @ z.transpose(1, 2))  # minus that of Pᵀ ĝ: Gram of (I − PPᵀ) ĝ
                 tail = torch.einsum("btu,btj,buj->j", k, y, y).clamp_min(0.0)
-                staged.append((name, "tail", (tail / max(block.G.dim - block.G.rank, 1)).to(dtype), 0.0))
+                staged.append((name, "tail", (tail / max(block.G.dim - block.G.rank, 1)).to(dtype), (0.0, None)))
         return staged
 
-    def _span_sequence(self, z: Tensor, y: Tensor) -> Tensor:
-        """``Σ_b (z_bᵀ y_b)²`` (``[r, a]``) for ``z`` ``[B, S, r]`` and ``y`` ``[B, S, a]`` (sequence granularity).
+    def _add_span(self, total: Tensor, z: Tensor, y: Tensor) -> None:
+        """``total += Σ_b (z_bᵀ y_b)²`` (sequence: ``z`` ``[B, S, r]``, ``y`` ``[B, S, a]``) or ``z²ᵀ y²`` (token).
 
-        One sequence at a time into a scratch matrix reused across layers and batches, instead of a ``[B, r, a]``
-        batched product and its square: on CPU the fresh ``B · r · a`` temporaries (page faults) cost more than
-        the products (measured in ``benchmarks/``).
+        For token granularity ``z`` and ``y`` arrive squared (``[T, r]``, ``[T, a]``). Formed at commit from the
+        staged projections, layer by layer, where the sum lives and straight into it: a batch holds the
+        projections (``T · r`` per layer) instead of a second ``[r, a]`` copy of every layer's sum. Sequences go
+        one at a time through a scratch matrix reused across layers and batches (fresh ``B · r · a`` temporaries
+        cost more than the products on CPU).
         """
+        z, y = z.to(total.device), y.to(total.device)
+        direct = total.dtype == z.dtype
+        if z.dim() == 2:  # token granularity
+            if direct:
+                total.addmm_(z.t(), y)
+            else:
+                total.add_(z.t() @ y)
+            return
         r, a = z.shape[-1], y.shape[-1]
-        out = torch.empty(r, a, dtype=z.dtype, device=z.device)
-        if z.shape[0] == 0:
-            return out.zero_()
-        torch.mm(z[0].t(), y[0], out=out)
-        out.square_()
-        if z.shape[0] > 1:
-            key = (threading.get_ident(), z.device, z.dtype)  # autograd may run hooks on one thread per device
-            buf = self._scratch.get(key)
-            if buf is None or buf.numel() < r * a:
-                buf = self._scratch[key] = torch.empty(r * a, dtype=z.dtype, device=z.device)
-            m = buf[: r * a].view(r, a)
-            for b in range(1, z.shape[0]):
-                torch.mm(z[b].t(), y[b], out=m)
-                out.addcmul_(m, m)
-        return out
+        key = (threading.get_ident(), z.device, z.dtype)  # autograd may run hooks on one thread per device
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < r * a:
+            buf = self._scratch[key] = torch.empty(r * a, dtype=z.dtype, device=z.device)
+        m = buf[: r * a].view(r, a)
+        acc = total if direct else torch.zeros(r, a, dtype=z.dtype, device=z.device)
+        for b in range(z.shape[0]):
+            torch.mm(z[b].t(), y[b], out=m)
+            acc.addcmul_(m, m)
+        if not direct:
+            total.add_(acc)
+
+    def check(self, entry: tuple[str, str, Tensor, Any]) -> Tensor:
+        """0-d bool: the staged projections (and the rotated inputs they are paired with) are finite."""
+        ok = all_finite(entry[2])
+        other = entry[3][1]
+        return ok if other is None else ok & all_finite(other).to(ok.device)
 
     def commit(self, staged: Staged) -> None:
-        """Add checked contributions."""
-        for name, target, tensor, count in staged:
+        """Add checked contributions: the span sums from the staged projections, in place, layer by layer."""
+        for name, target, tensor, (count, y) in staged:
             if target == "span":
-                self.sums[name].add_(tensor.to(self.sums[name].device))
+                self._add_span(self.sums[name], tensor, y)
                 self.counts[name] += count
             else:
                 self.tail_sums[name].add_(tensor.to(self.tail_sums[name].device))

@@ -1,9 +1,8 @@
 """Sums plus counts, normalised once (docs/concepts.md). One code path serves ``A`` and ``G``.
 
-A factor is accumulated as ``Σ rowsᵀ rows`` and a count (``T`` tokens for ``A``, ``N`` loss terms for ``G``).
-Contributions of a batch are first *staged* (computed, checked for non-finite values by the capture) and only
-then *committed*, so a poisoned batch never reaches the sums. Sums from disjoint data merge exactly by adding
-sums and counts.
+A factor is ``Σ rowsᵀ rows`` and a count (``T`` tokens for ``A``, ``N`` loss terms for ``G``). A batch's rows are
+staged, checked for non-finite values, and only then committed, so a poisoned batch never reaches the sums. Sums
+from disjoint data merge exactly by adding sums and counts.
 """
 
 from __future__ import annotations
@@ -29,14 +28,15 @@ logger = logging.getLogger("kronfisher")
 class DenseSum:
     """Dense ``[d, d]`` sum of outer products plus a count.
 
-    With ``max_rows > 0`` the sum starts by keeping the rows themselves (``[n, d]`` blocks in the sum's dtype):
+    With ``max_rows > 0`` the sum starts by keeping the rows themselves (as staged, with their scale and bias flag):
     while at most ``max_rows`` have been seen, the factor has rank ``≤ T < d`` and is decomposed from its
     ``[T, T]`` Gram (:func:`~kronfisher.algebra.lowrank.eigen_from_rows`), the rows take ``T · d ≤ max_rows · d``
-    memory instead of ``d²``, and collection pays no ``d² · T`` GEMM. The first contribution past ``max_rows``
-    (or a read of :attr:`sum`) folds the rows into the dense sum, once; from then on it is the plain dense sum.
+    memory instead of ``d²``, and collection pays no ``d² · T`` GEMM. The first contribution past ``max_rows`` (or
+    a read of :attr:`sum`) folds the rows into the dense sum, once, with the arithmetic a dense sum would have
+    used for them; from then on it is the plain dense sum.
 
     Attributes:
-        rows: the held rows (empty once folded).
+        rows: the held row blocks ``(rows, scale, augment)`` (empty once folded).
         count: the normaliser (tokens or loss terms).
 
     """
@@ -51,7 +51,7 @@ class DenseSum:
         self.device = torch.device(device)
         self.max_rows = max(0, int(max_rows))
         self.label = label or f"a dense factor ({dim} × {dim})"
-        self.rows: list[Tensor] = []
+        self.rows: list[tuple[Tensor, float, bool]] = []
         self._sum: Tensor | None = None if self.max_rows else torch.zeros(dim, dim, dtype=dtype, device=device)
         self.count = 0.0
 
@@ -63,15 +63,15 @@ class DenseSum:
     @property
     def num_rows(self) -> int:
         """Rows held (0 once folded)."""
-        return sum(int(r.shape[0]) for r in self.rows)
+        return sum(int(r.shape[0]) for r, _, _ in self.rows)
 
     @property
     def sum(self) -> Tensor:
         """The dense ``[d, d]`` sum (folds held rows first, once)."""
         if self._sum is None:
             total = self._allocate()
-            for r in self.rows:
-                add_gram(total, r.to(total.device))
+            for r, scale, augment in self.rows:
+                add_gram(total, r.to(total.device), augment=augment, scale=scale)
             self.rows, self._sum = [], total
         return self._sum
 
@@ -79,16 +79,16 @@ class DenseSum:
     def sum(self, value: Tensor) -> None:
         self.rows, self._sum, self.device = [], value, value.device
 
-    def _allocate(self, rows: int | None = None) -> Tensor:
-        """``[d, d]`` zeros (or an empty ``[rows, d]``) where the sum lives.
+    def _allocate(self, rows: Tensor | None = None) -> Tensor:
+        """``[d, d]`` zeros (or a copy of ``rows``) where the sum lives.
 
         After a real accelerator OOM the sum moves to CPU with a :class:`~kronfisher.errors.PlacementWarning` and
-        the tensor is made there (docs/concepts.md).
+        the tensor is made there (docs/gpu.md).
         """
-        shape = (self.dim, self.dim) if rows is None else (rows, self.dim)
-        make = torch.zeros if rows is None else torch.empty
         try:
-            return make(shape, dtype=self.dtype, device=self.device)
+            if rows is None:
+                return torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
+            return rows.to(self.device, copy=True)  # never a view of an activation or a gradient
         except torch.OutOfMemoryError as err:
             if not placement.is_accelerator(self.device):
                 raise
@@ -97,12 +97,12 @@ class DenseSum:
             logger.warning(msg)
             warnings.warn(msg, PlacementWarning, stacklevel=3)
             self.to(torch.device("cpu"))
-            return make(shape, dtype=self.dtype)
+            return self._allocate(rows)
 
     def to(self, device: torch.device | str) -> None:
         """Move the held rows or the sum to ``device`` (in place)."""
         self.device = torch.device(device)
-        self.rows = [r.to(self.device) for r in self.rows]
+        self.rows = [(r.to(self.device), s, a) for r, s, a in self.rows]
         if self._sum is not None:
             self._sum = self._sum.to(self.device)
 
@@ -132,29 +132,38 @@ class DenseSum:
         if width != self.dim:
             raise ShapeError(f"Rows of width {width} (augment={augment}) for a sum of {[self.dim, self.dim]}.")
         if self._sum is None and self.num_rows + n <= self.max_rows:
-            key = (id(rows), augment, scale, self.dtype, self.device)
+            key = (id(rows), self.device)
             stored = None if prepared is None else prepared.get(key)
-            if stored is not None and stored.device != self.device:  # this sum moved to CPU after an OOM
-                stored = None
-            if stored is None:
-                stored = self._allocate(n)  # a copy, never a view of an activation
-                stored[:, : rows.shape[1]].copy_(rows)
-                if scale != 1.0:
-                    stored[:, : rows.shape[1]].mul_(scale)
-                if augment:
-                    stored[:, -1] = 1.0
+            if stored is None or stored.device != self.device:  # (a sum moved to CPU after an OOM)
+                stored = self._allocate(rows)
                 if prepared is not None:
-                    prepared[key] = stored
+                    prepared[(id(rows), self.device)] = stored
             if n:
-                self.rows.append(stored)
+                self.rows.append((stored, float(scale), bool(augment)))
         else:
             add_gram(self.sum, rows.to(self.sum.device), augment=augment, scale=scale)
         self.count += float(count)
 
+    def row_matrix(self, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+        """The held rows as one ``[T, d]`` matrix ``[s·rows, 1]`` in ``dtype`` (the factor is its Gram / count)."""
+        where = self.device if device is None else device
+        out = torch.empty(self.num_rows, self.dim, dtype=dtype, device=where)
+        start = 0
+        for r, scale, augment in self.rows:
+            n, w = int(r.shape[0]), int(r.shape[1])
+            block = out[start : start + n]
+            block[:, :w].copy_(r)
+            if scale != 1.0:
+                block[:, :w].mul_(scale)
+            if augment:
+                block[:, w] = 1.0
+            start += n
+        return out
+
     def merge(self, other: DenseSum) -> None:
         """Add another sum over disjoint data (exact)."""
         if self.holds_rows and other.holds_rows and self.num_rows + other.num_rows <= self.max_rows:
-            self.rows.extend(r.to(self.device, self.dtype) for r in other.rows)
+            self.rows.extend((r.to(self.device), s, a) for r, s, a in other.rows)
             self.count += other.count
             return
         self.add(other.sum if not other.holds_rows else other.folded(), other.count)
@@ -164,8 +173,8 @@ class DenseSum:
         if self._sum is not None:
             return self._sum
         total = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
-        for r in self.rows:
-            add_gram(total, r)
+        for r, scale, augment in self.rows:
+            add_gram(total, r, augment=augment, scale=scale)
         return total
 
     def state(self) -> dict[str, Tensor]:
@@ -182,23 +191,22 @@ class LowRankSum:
     """Low-rank ``G``: keeps the (masked, rescaled) output-gradient rows so that ``G = U Uᵀ`` (docs/concepts.md).
 
     The columns ``W = [ĝ_1 … ĝ_T]`` of ``U = W / √N`` (``[out, T]``) are held token-major, as ``[n, out]`` chunks in
-    ``storage_dtype`` (``lowrank_dtype``), on ``device`` (see ``residence``); arithmetic on them is blockwise in
-    float32 or higher (:mod:`kronfisher.algebra.lowrank`). Nothing of size ``out × out`` is ever allocated.
+    ``storage_dtype`` (``lowrank_dtype``) on ``device`` (see ``residence``); arithmetic on them is blockwise in
+    float32 or higher. Nothing of size ``out × out`` is ever allocated.
 
-    Token budget (``max_rank = k``, buffer ``b``, default ``b = k``): ``k`` compressed columns
-    ``basis = P diag(√s)`` plus a buffer of new ones. When more than ``k + b`` columns are held, the basis and the
-    next ``b`` buffered columns are compressed back to ``k`` (:func:`~kronfisher.algebra.lowrank.compress_columns`:
-    a ``[k + b, k + b]`` Gram and eigh in ``gram_dtype``), until at most ``k + b`` are held; the discarded mass goes
-    to ``tail_mass`` (the trace stays exact). A compression costs ``O(out · b · (k + b))`` once per ``b`` columns,
-    so ``O(out · k)`` per token whatever the batch size; memory stays ``O(out (k + b))`` plus one batch, and no
-    ``[T, T]`` matrix exceeds ``k + b``. :meth:`eigen` truncates to ``k``. Exact while ``T ≤ k``.
+    Token budget (``max_rank = k``, buffer ``b = k`` by default): ``k`` compressed columns ``basis = P diag(√s)``
+    plus a buffer of new ones. When more than ``k + b`` are held, the basis and the next ``b`` buffered columns are
+    compressed back to ``k`` (:func:`~kronfisher.algebra.lowrank.compress_columns`, a ``[k + b, k + b]`` Gram and
+    eigh in ``gram_dtype``) until at most ``k + b`` are held; the discarded mass goes to ``tail_mass`` (the trace
+    stays exact). So ``O(out · k)`` work per token whatever the batch size, memory ``O(out (k + b))`` plus one
+    batch, and no ``[T, T]`` matrix larger than ``k + b``. :meth:`eigen` truncates to ``k``; exact while ``T ≤ k``.
 
     Attributes:
         chunks: raw ``[n, out]`` rows after the basis (each immutable once appended).
         basis: compressed columns ``[out, k]`` (a transposed view of a token-major tensor), or None.
         count: ``N`` (loss terms).
         tail_mass: discarded eigenvalue mass, un-normalised (``G_sum`` units); ``discarded_mass`` equals it.
-        compressions: number of compressions run (each on at most ``k + b`` columns).
+        compressions: number of compressions run.
 
     """
 
@@ -274,20 +282,13 @@ class LowRankSum:
         self.compress()
 
     def compress(self) -> None:
-        """While more than ``k + b`` columns are held, compress the basis and the next buffered columns to ``k``.
-
-        The trace stays exact (the discarded mass goes to the isotropic tail); each compression sees at most
-        ``k + b`` columns, so its Gram and eigh are bounded by the budget however large a batch or a merge is.
-        """
+        """While more than ``k + b`` columns are held, compress the basis and the next ``b`` to ``k`` (trace kept)."""
         while self.over_budget:
-            k = int(self.max_rank)  # type: ignore[arg-type]
-            held = 0 if self.basis is None else int(self.basis.shape[1])
-            head, self.chunks = _split_rows(self.chunks, max(k + self.buffer - held, 1))
-            first = [] if self.basis is None else [self.basis.t()]
+            k, first = int(self.max_rank), [] if self.basis is None else [self.basis.t()]  # type: ignore[arg-type]
+            head, self.chunks = _split_rows(self.chunks, max(k + self.buffer - sum(b.shape[0] for b in first), 1))
             store = ColumnStore(first + head, self.dim, self.residence)
-            known = self.basis_sq if self.basis is not None else None
+            known = self.basis_sq if first else None
             kept, dropped, self.basis_sq = compress_columns(store, k, self.storage_dtype, self.gram_dtype, known)
-            del store, head
             self.basis = kept.t()
             self.tail_mass += dropped
             self.discarded_mass += dropped

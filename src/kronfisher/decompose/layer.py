@@ -61,10 +61,8 @@ def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> 
     def run(where: torch.device) -> Eigen:
         if rows:  # rank ≤ T < d: from the [T, T] Gram of the held rows (exact, eigen_from_rows)
             work = _eigh_dtype(part.num_rows, cfg)
-            chunks = [r.to(where) for r in part.rows]
-            return eigen_from_rows(
-                chunks, part.count, eigh_dtype=work, store_dtype=part.dtype, name=name, factor=factor
-            )
+            x = part.row_matrix(work, where)
+            return eigen_from_rows([x], part.count, eigh_dtype=work, store_dtype=part.dtype, name=name, factor=factor)
         mean = _symmetric_mean(part.sum.to(where), part.count)
         return decompose_factor(mean, name=name, factor=factor, cfg=cfg, symmetric=True)
 
@@ -143,7 +141,8 @@ def shared_A_owners(sums: dict[str, LayerSums]) -> dict[str, str]:
     by_rows: dict[tuple[Any, ...], str] = {}
     for name, layer in sums.items():
         if layer.A.holds_rows:  # rows shared by identity (one stored copy per staged input): no fold, no compare
-            key_rows = (tuple(id(r) for r in layer.A.rows), float(layer.A.count), layer.A.dim, str(layer.A.device))
+            held = tuple((id(r), s, a) for r, s, a in layer.A.rows)
+            key_rows = (held, float(layer.A.count), layer.A.dim, str(layer.A.device))
             owner[name] = by_rows.setdefault(key_rows, name)
             continue
         s = layer.A.sum
