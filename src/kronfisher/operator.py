@@ -197,7 +197,7 @@ class KFAC:
         span, tail = b.kron_eigenvalues()
         # contiguous: torch.kron fails on a transposed-stride operand (eigh returns column-major vectors)
         p = b.G.vectors.contiguous()
-        q = b.A.vectors.to(p.device).contiguous()  # low-rank G lives on CPU, A on the model's device (docs/concepts.md)
+        q = b.A.vectors.to(p.device).contiguous()  # G may work elsewhere than A (a host fallback, docs/gpu.md)
         span = span.to(p.device)
         tail = None if tail is None else tail.to(p.device)
         basis = torch.kron(p, q)  # [d, r * a]

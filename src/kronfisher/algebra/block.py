@@ -50,7 +50,7 @@ class KronBlock:
         """Undamped eigenvalues: ``(span [r, a], tail [a] or None)``; EK-FAC ones when corrected (docs/concepts.md)."""
         if self.corrected is not None:
             return self.corrected, self.corrected_tail
-        a_vals = self.A.values.to(self.G.values.device)  # low-rank G lives on CPU, A on the model's device
+        a_vals = self.A.values.to(self.G.values.device)  # G may work elsewhere than A (a host fallback)
         span = self.G.values.unsqueeze(1) * a_vals.unsqueeze(0)
         tail = None if self.G.full else self.G.tail * a_vals
         return span, tail

@@ -122,7 +122,7 @@ def spectrum(block: KronBlock, p: float, damping: Damping, name: str = "?") -> t
                 torch.full((1,), block.G.tail + d_g, dtype=block.G.values.dtype, device=block.G.values.device)
             )
         g_parts = _power(_cap(g_parts, damping.max_condition_number), p, name, d_g)
-        ea = ea.to(g_parts[0].device)  # low-rank G lives on CPU, A on the model's device (docs/concepts.md)
+        ea = ea.to(g_parts[0].device)  # G may work elsewhere than A (a host fallback, docs/gpu.md)
         span = g_parts[0].unsqueeze(1) * ea.unsqueeze(0)
         tail = g_parts[1] * ea if thin else None
         result = (span, tail)

@@ -251,7 +251,7 @@ def read_layer_sums(header: Header, name: str, cfg: KFACConfig, device: torch.de
             state = _tensor_state(header, part, device)
             s = DenseSum(dim, state["sum"].dtype, device)
         elif part["kind"] == "lowrank":
-            state = _tensor_state(header, part, "cpu")  # the G side of huge layers lives on CPU
+            state = _tensor_state(header, part, "cpu")  # on the host; a resumed collection moves U where it keeps it
             s = LowRankSum(dim, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, device="cpu")
         else:
             raise FileFormatError(f"Factor file {header.path}: unknown sum kind {part['kind']!r} for layer {name!r}.")
