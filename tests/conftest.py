@@ -1,6 +1,7 @@
 """Shared fixtures: tiny transformer configs (random weights, no downloads) and batch builders.
 
-Test cases are data: ``TINY_MODELS`` maps a name to a constructor; tests cross them with options.
+Test cases are data: ``TINY_MODELS`` maps a name to a constructor; tests take the ``model_name`` fixture (every
+architecture, or the ones a ``parametrize`` mark names) and cross it with options.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def tiny_config(
     vocab: int = VOCAB,
     hidden: int = 16,
     special_id: int = 0,
+    layers: int = 2,
 ) -> Any:
-    """Config of a 2-layer model: 'qwen2' (q/k/v biases, GQA), 'llama' (no biases, GQA), 'gpt2' (Conv1D layers,
-    weight stored [in, out]) or 'neox' (fused query_key_value). ``attn=None`` keeps the library's default."""
+    """Config of a ``layers``-layer model: 'qwen2' (q/k/v biases, GQA), 'llama' (no biases, GQA), 'gpt2' (Conv1D
+    layers, weight stored [in, out]) or 'neox' (fused query_key_value). ``attn=None`` keeps the library's default."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
     common: dict[str, Any] = {"vocab_size": vocab, "tie_word_embeddings": tie}
@@ -38,8 +40,8 @@ def tiny_config(
     if arch == "gpt2":
         drop = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
         ids = {"bos_token_id": special_id, "eos_token_id": special_id}
-        return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=64, **drop, **ids, **common)
-    shape = {"hidden_size": hidden, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4}
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, **drop, **ids, **common)
+    shape = {"hidden_size": hidden, "intermediate_size": 24, "num_hidden_layers": layers, "num_attention_heads": 4}
     shape["max_position_embeddings"] = 64
     if arch == "neox":
         ids = {"bos_token_id": special_id, "eos_token_id": special_id}
@@ -89,6 +91,12 @@ def right_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> dict[str, torch.Tens
 
 @pytest.fixture(params=sorted(TINY_MODELS))
 def model_name(request: pytest.FixtureRequest) -> str:
+    """The model case of a test: a key of ``TINY_MODELS``, built with ``make_model(model_name, ...)``.
+
+    A test that takes ``model_name`` runs on every tiny architecture (a new one in ``TINY_MODELS`` is covered at
+    once); ``@pytest.mark.parametrize("model_name", [...])`` narrows it to some, and further ``parametrize`` marks
+    cross the cases with options (approximation, granularity, attention, ...).
+    """
     return request.param
 
 

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import kronfisher as kf
-from conftest import random_ids, tiny_llama
+from conftest import random_ids, tiny_config, tiny_llama
 
 VOCAB = 200_000
 
@@ -38,21 +38,12 @@ class LargestTensor(TorchDispatchMode):
 
 
 def _tiny_llama(tie: bool) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The conftest Llama with one layer of width 8 and the huge vocabulary (only lm_head and the embedding grow)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(cfg).to(torch.float64).eval()
+    cfg = tiny_config("llama", tie=tie, vocab=VOCAB, hidden=8, layers=1)
+    return AutoModelForCausalLM.from_config(cfg).to(torch.float64).eval()
 
 
 def test_vocab_200k_end_to_end_without_out_squared():

@@ -202,14 +202,14 @@ def _hf_sample_loss(model: nn.Module) -> Callable[..., Tensor]:
     return sample_loss
 
 
-@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
-def test_kfac_exact_for_one_position_transformer(name: str) -> None:
+@pytest.mark.parametrize("model_name", ["qwen2", "gpt2"])
+def test_kfac_exact_for_one_position_transformer(model_name: str) -> None:
     """A single sequence of length 1 (one position, one loss term): every K-FAC block equals ``∇∇ᵀ`` exactly.
 
     With one key, attention's softmax is constant, so q/k (GPT-2: the q/k columns of c_attn) get zero output
     gradients; those blocks must be zero like the reference (checked on the scale of the largest block).
     """
-    model = float64_model(name)
+    model = float64_model(model_name)
     data = shifted_batches(1, 1, 1, VOCAB, seed=4)
     cfg = kf.KFACConfig(accumulate_dtype="float64", loss_reduction="mean")
     fisher = kf.fit(model, to_kronfisher(data), cfg, loss_fn=ce_loss_fn("mean"))
@@ -225,21 +225,21 @@ def test_kfac_exact_for_one_position_transformer(name: str) -> None:
     for layer, exact in references.items():
         dense = fisher.to_dense(layer)
         if float(exact.abs().max()) <= 1e-12 * top:
-            assert float(dense.abs().max()) <= 1e-12 * top, f"{name}: {layer} should have a zero block"
+            assert float(dense.abs().max()) <= 1e-12 * top, f"{model_name}: {layer} should have a zero block"
             continue
         nonzero += 1
-        assert_exact(dense, exact, f"{name} K-FAC block of {layer}")
+        assert_exact(dense, exact, f"{model_name} K-FAC block of {layer}")
     assert nonzero >= len(tracked) // 2
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama", "gpt2"])
-def test_ekfac_sequence_is_exact_diagonal_transformer(name: str) -> None:
+@pytest.mark.parametrize("model_name", ["qwen2", "llama", "gpt2"])
+def test_ekfac_sequence_is_exact_diagonal_transformer(model_name: str) -> None:
     """EK-FAC ``"sequence"``: ``Λ*`` is the diagonal of the per-sequence empirical Fisher in the eigenbasis (§5).
 
     4 sequences of 4 positions, every position with a loss term (N = 16); per-sequence gradients with
     ``vmap(grad)`` over sequences of the summed loss (sequences in a batch never interact without padding).
     """
-    model = float64_model(name)
+    model = float64_model(model_name)
     data = shifted_batches(2, 2, 4, VOCAB, seed=5)
     cfg = kf.KFACConfig(ekfac=True, ekfac_granularity="sequence", accumulate_dtype="float64")
     fisher = kf.fit(model, to_kronfisher(data), cfg, loss_fn=ce_loss_fn("mean"))
@@ -249,7 +249,7 @@ def test_ekfac_sequence_is_exact_diagonal_transformer(name: str) -> None:
     for layer in fisher.layer_names:
         vs = per_sample_V(model, grads, layer)
         expected = eigenbasis_diagonal(fisher, layer, vs, targets.numel())
-        assert_exact(fisher.block(layer).corrected, expected, f"{name} Λ* of {layer}")
+        assert_exact(fisher.block(layer).corrected, expected, f"{model_name} Λ* of {layer}")
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])

@@ -109,10 +109,10 @@ def _compare_products(
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
-@pytest.mark.parametrize("name", MODELS)
-def test_kfac_factors_and_products_match_curvlinops(name: str, approx: str) -> None:
+@pytest.mark.parametrize("model_name", MODELS)
+def test_kfac_factors_and_products_match_curvlinops(model_name: str, approx: str) -> None:
     """A, G per layer (SPEC §3.1 / §3.2), F v, and damped inverses (exact, factored, pi; SPEC §4) vs curvlinops."""
-    model, twin, data, params, names = _setup(name)
+    model, twin, data, params, names = _setup(model_name)
     cfg = kf.KFACConfig(approx=approx, accumulate_dtype="float64", damping=DAMPING)
     fisher = kf.fit(model, to_kronfisher(data), cfg, loss_fn=ce_loss_fn("mean"))
     op = KFACLinearOperator(
@@ -129,34 +129,34 @@ def test_kfac_factors_and_products_match_curvlinops(name: str, approx: str) -> N
     assert sorted(fisher.layer_names) == sorted(k.removeprefix(PREFIX) for k in op._mapping)
     for layer in fisher.layer_names:
         A, G = fisher.factors(layer)
-        assert_matches(A, op._input_covariances[PREFIX + layer], f"{name}/{approx} A of {layer}")
-        assert_matches(G, op._gradient_covariances[PREFIX + layer], f"{name}/{approx} G of {layer}")
+        assert_matches(A, op._input_covariances[PREFIX + layer], f"{model_name}/{approx} A of {layer}")
+        assert_matches(G, op._gradient_covariances[PREFIX + layer], f"{model_name}/{approx} G of {layer}")
         block = fisher.block(layer)
         assert block.tokens["T"] == (30 if approx == "expand" else 6)  # 2 batches x 3 sequences x 5 positions
         assert block.tokens["N"] == 30
 
     exact = Damping("exact", DAMPING, DAMPING, DAMPING)
     inverse = KFACInverseLinearOperator(op, damping=DAMPING, use_exact_damping=True)
-    _compare_products(fisher, model, op, params, names, inverse, exact, f"{name}/{approx}")
+    _compare_products(fisher, model, op, params, names, inverse, exact, f"{model_name}/{approx}")
     # Factored damping with δ_A ≠ δ_G: curvlinops takes the tuple as (δ_A, δ_G).
     factored = Damping("factored", 0.0, 3e-2, 2e-3)
     inverse = KFACInverseLinearOperator(op, damping=(3e-2, 2e-3))
-    _compare_products(fisher, model, op, params, names, inverse, factored, f"{name}/{approx}")
+    _compare_products(fisher, model, op, params, names, inverse, factored, f"{model_name}/{approx}")
     # pi damping, Martens & Grosse 2015 §6.3 (every G here has a positive trace, so both use the same π).
     pi = Damping("pi", DAMPING, 0.0, 0.0)
     inverse = KFACInverseLinearOperator(op, damping=DAMPING, use_heuristic_damping=True, min_damping=0.0)
-    _compare_products(fisher, model, op, params, names, inverse, pi, f"{name}/{approx}")
+    _compare_products(fisher, model, op, params, names, inverse, pi, f"{model_name}/{approx}")
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_ekfac_matches_curvlinops(name: str) -> None:
+@pytest.mark.parametrize("model_name", MODELS)
+def test_ekfac_matches_curvlinops(model_name: str) -> None:
     """Dense EK-FAC blocks (SPEC §5), F v and the exactly damped inverse vs curvlinops' EKFACLinearOperator.
 
     Eigenvector signs and the order of (near-)degenerate eigenvalues differ between the libraries, so the corrected
     eigenvalues are compared as the dense blocks ``(Q_G ⊗ Q_A) diag(Λ*) (Q_G ⊗ Q_A)ᵀ``, which do not depend on them.
     kronfisher gets the *summed* loss here (curvlinops the mean): the scaling of SPEC §2 is part of the check.
     """
-    model, twin, data, params, names = _setup(name)
+    model, twin, data, params, names = _setup(model_name)
     cfg = kf.KFACConfig(ekfac=True, loss_reduction="sum", accumulate_dtype="float64", damping=DAMPING)
     fisher = kf.fit(model, to_kronfisher(data), cfg, loss_fn=ce_loss_fn("sum"))
     assert fisher.is_ekfac
@@ -179,11 +179,11 @@ def test_ekfac_matches_curvlinops(name: str) -> None:
             (values,) = values.values()
         basis = torch.kron(q_g, q_a)
         expected = (basis * values.reshape(-1)) @ basis.t()
-        assert_matches(fisher.to_dense(layer), expected, f"{name} EK-FAC block of {layer}")
+        assert_matches(fisher.to_dense(layer), expected, f"{model_name} EK-FAC block of {layer}")
 
     exact = Damping("exact", DAMPING, DAMPING, DAMPING)
     inverse = KFACInverseLinearOperator(op, damping=DAMPING, use_exact_damping=True)
-    _compare_products(fisher, model, op, params, names, inverse, exact, f"{name}/ekfac")
+    _compare_products(fisher, model, op, params, names, inverse, exact, f"{model_name}/ekfac")
 
 
 class _FirstPositionLogits(nn.Module):

@@ -46,12 +46,7 @@ def _superset(arch: str, small: torch.nn.Module) -> torch.nn.Module:
     """A three-layer model whose first two layers, embeddings and head are ``small``'s."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(arch)
-    if arch == "gpt2":
-        cfg.n_layer = 3
-    else:
-        cfg.num_hidden_layers = 3
-        cfg.layer_types = [*cfg.layer_types, cfg.layer_types[-1]]
+    cfg = tiny_config(arch, layers=3)
     torch.manual_seed(9)
     big = AutoModelForCausalLM.from_config(cfg).to(torch.float64).eval()
     assert not big.load_state_dict(small.state_dict(), strict=False).unexpected_keys
@@ -64,16 +59,16 @@ def qwen_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Other weights ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-def test_load_refuses_factors_of_other_weights_naming_the_layers(arch: str, tmp_path: Path) -> None:
-    path = _save(make_model(arch, seed=0), tmp_path / "f.safetensors")
+@pytest.mark.parametrize("model_name", ["qwen2", "gpt2"])
+def test_load_refuses_factors_of_other_weights_naming_the_layers(model_name: str, tmp_path: Path) -> None:
+    path = _save(make_model(model_name, seed=0), tmp_path / "f.safetensors")
     layers = list(kf.read_metadata(path)["fingerprint"])  # file order: the message names the first ones
     with pytest.raises(kf.FingerprintError) as err:
-        kf.load(path, model=make_model(arch, seed=1))  # same architecture and shapes, other random weights
+        kf.load(path, model=make_model(model_name, seed=1))  # same architecture and shapes, other random weights
     assert str(path) in str(err.value) and "other weights" in str(err.value)
     assert [n for n, _, _ in err.value.mismatched] == layers  # every layer's weights differ
     assert layers[0] in str(err.value)
-    kf.load(path, model=make_model(arch, seed=0))  # the same weights
+    kf.load(path, model=make_model(model_name, seed=0))  # the same weights
 
 
 def test_same_weights_in_float32_match_but_a_bfloat16_cast_does_not(qwen_file: Path) -> None:
@@ -112,12 +107,12 @@ def test_save_records_the_weights_of_the_model_fit_attached(qwen_file: Path, tmp
 
 
 # Superset models --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-def test_superset_model_is_refused_unless_allow_subset(arch: str, tmp_path: Path) -> None:
-    small = make_model(arch, seed=0)
+@pytest.mark.parametrize("model_name", ["qwen2", "gpt2"])
+def test_superset_model_is_refused_unless_allow_subset(model_name: str, tmp_path: Path) -> None:
+    small = make_model(model_name, seed=0)
     path = _save(small, tmp_path / "f.safetensors")
-    big = _superset(arch, small)
-    extra = "model.layers.2.mlp.down_proj" if arch == "qwen2" else "transformer.h.2.mlp.c_proj"
+    big = _superset(model_name, small)
+    extra = "model.layers.2.mlp.down_proj" if model_name == "qwen2" else "transformer.h.2.mlp.c_proj"
     with pytest.raises(kf.FingerprintError, match="allow_subset") as err:
         kf.load(path, model=big)
     assert str(path) in str(err.value) and extra in {n for n, _, _ in err.value.mismatched}
