@@ -1,4 +1,4 @@
-"""``distributed_test(world_size, fn, tmp_path)``: run ``fn`` on gloo ranks on CPU, with a timeout (SPEC §8).
+"""``distributed_test(world_size, fn, tmp_path)``: run ``fn`` on gloo ranks on CPU, with a timeout.
 
 Each rank is a process set up the way ``torchrun`` sets one up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT`` on a free localhost port, one intra-op thread); it initialises a gloo process

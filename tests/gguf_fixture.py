@@ -1,4 +1,4 @@
-"""A tiny Llama GGUF file written at test time, and the saved folder it must behave like (SPEC §9a; no downloads).
+"""A tiny Llama GGUF file written at test time, and the saved folder it must behave like (docs/files.md; no downloads).
 
 The default model of ``kronfisher analyze`` is a GGUF file (SmolLM2-135M-Instruct, a Llama with a byte-level BPE
 vocabulary). This module writes a file of the same kind, small enough for a unit test, with ``gguf.GGUFWriter``:

@@ -1,11 +1,11 @@
 """Helpers for comparing kronfisher with independent references (curvlinops, dense per-sample Fisher).
 
-SPEC §11 explains the set-up: curvlinops knows no attention masks and wants a 2-D model output, so the oracle
+The set-up: curvlinops knows no attention masks and wants a 2-D model output, so the oracle
 runs on unpadded batches in which *every* position carries one loss term (targets are passed pre-shifted), the LM
 is wrapped to return ``logits.reshape(-1, vocab)``, and the cross-entropy is computed by us from float64 logits.
 curvlinops tracks ``nn.Linear`` only: GPT-2's ``Conv1D`` layers are mirrored by a twin model in which each
 ``Conv1D`` is replaced by the equivalent ``nn.Linear`` (weight transposed), while kronfisher runs on the original
-``Conv1D`` model, so the Conv1D adapter (SPEC §1) is part of what is compared.
+``Conv1D`` model, so the Conv1D adapter (docs/concepts.md) is part of what is compared.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 with warnings.catch_warnings():
-    # curvlinops (through backpack) may warn on import; the import must not depend on torchvision (SPEC §11).
+    # curvlinops (through backpack) may warn on import; the import must not depend on torchvision.
     warnings.simplefilter("ignore")
     import curvlinops
     from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator
@@ -51,7 +51,7 @@ __all__ = [
 
 
 class FlatLogits(nn.Module):
-    """``input_ids -> logits.reshape(-1, vocab)``: the 2-D output curvlinops' (E)K-FAC expects (SPEC §11)."""
+    """``input_ids -> logits.reshape(-1, vocab)``: the 2-D output curvlinops' (E)K-FAC expects."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
@@ -68,7 +68,7 @@ def _rmsnorm_in_input_dtype(self: nn.Module, hidden_states: Tensor) -> Tensor:
 
 
 def keep_float64(model: nn.Module) -> nn.Module:
-    """Make every HF ``*RMSNorm`` compute in its input dtype instead of float32 (SPEC §11), in place.
+    """Make every HF ``*RMSNorm`` compute in its input dtype instead of float32, in place.
 
     Stock Llama/Qwen2 RMSNorm upcasts to float32; then a backward whose seed is scaled (a summed instead of a mean
     loss) rounds differently at float32 precision, and two mathematically equal computations differ by ~1e-7.
@@ -122,7 +122,7 @@ def shifted_batches(n_batches: int, batch: int, seq: int, vocab: int, seed: int 
     """``(input_ids [B, S], targets [B, S])`` with the next token of every position as its target.
 
     Each row is drawn as ``S + 1`` tokens and split, so every position of the input carries exactly one loss term
-    (``T = N``, SPEC §3.1 oracle conditions).
+    (``T = N``, the oracle conditions of ``tests/drivers/test_oracle_curvlinops.py``).
     """
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -155,7 +155,7 @@ def to_oracle(batches: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor
 
 
 def conv1d_weights(model: nn.Module) -> set[str]:
-    """Qualified weight names of transformers ``Conv1D`` layers (stored ``[in, out]``, SPEC §1)."""
+    """Qualified weight names of transformers ``Conv1D`` layers (stored ``[in, out]``, docs/concepts.md)."""
     if Conv1D is None:
         return set()
     return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}

@@ -1,7 +1,8 @@
-"""Configuration validation and the stable field names (SPEC §10).
+"""Configuration validation and the stable field names (docs/library.md).
 
-The allowed values are taken from SPEC §10 (written out here), not from ``config.py``, so a changed or missing
-option fails. Invalid values raise ConfigError with the uniform message ``Invalid <field>: <value>. Supported: ...``.
+The allowed values are the documented ones (docs/library.md), written out here, not taken from ``config.py``, so a
+changed or missing option fails. Invalid values raise ConfigError with the uniform message
+``Invalid <field>: <value>. Supported: ...``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import kronfisher as kf
 from conftest import make_model, random_ids
 from kronfisher.algebra.damping import Damping
 
-# SPEC §10 (and §3.3, §6 for the dtypes): field -> supported values.
+# The documented values (docs/library.md; docs/concepts.md for the dtypes): field -> supported values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "fisher": ("empirical", "mc"),
     "approx": ("expand", "reduce"),
@@ -36,7 +37,7 @@ SPEC_FIELDS = (
 
 
 def test_spec_field_names_exist() -> None:
-    """SPEC §10: these field names are API."""
+    """These field names are API."""
     names = {f.name for f in dataclasses.fields(kf.KFACConfig)}
     assert set(SPEC_FIELDS) <= names
     assert kf.KFACConfig().fisher == "empirical" and kf.KFACConfig().approx == "expand"
@@ -107,7 +108,7 @@ def test_dict_round_trip_and_unknown_fields() -> None:
 
 
 def test_resolved_values() -> None:
-    """Resolved dtypes and the factored damping pair (SPEC §4: ``δ_A``, ``δ_G`` default to ``δ``)."""
+    """Resolved dtypes and the factored damping pair (docs/concepts.md: ``δ_A``, ``δ_G`` default to ``δ``)."""
     cfg = kf.KFACConfig(damping=0.5, damping_G=0.25, accumulate_dtype="float64", lowrank_dtype="bfloat16")
     assert cfg.factor_damping() == (0.5, 0.25)
     assert cfg.accumulate_torch_dtype == torch.float64 and cfg.lowrank_torch_dtype == torch.bfloat16
@@ -129,7 +130,7 @@ def test_invalid_damping_argument_and_reduction() -> None:
 
 
 def test_bad_regex_and_no_layers() -> None:
-    """SPEC §1: an invalid include/exclude regex is named; a selection that tracks nothing is an error."""
+    """An invalid include/exclude regex is named; a selection that tracks nothing is an error."""
     model = make_model("llama")
     batch = [{"input_ids": random_ids(1, 4)}]
     with pytest.raises(kf.ConfigError, match=r"include regex '\('"):

@@ -1,4 +1,5 @@
-"""Distributed collection (SPEC §8): each rank collects on its shard; the result is one process on the union.
+"""Distributed collection (docs/distributed.md): each rank collects on its shard; the result is one process on the
+union.
 
 Oracle: the single-process fit on the union of the shards (float64, ``rtol 1e-10``). The shards are the union
 split in order, so even the low-rank ``U`` matches column by column (rank 0's tokens, then rank 1's, ...).
@@ -196,7 +197,7 @@ def fit_worker(rank: int, world_size: int) -> dict[str, Any]:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    # SPEC §8 oracle: rtol 1e-10; absolute floor 1e-10 · max|expected| for entries that are round-off zeros
+    # The one-process oracle: rtol 1e-10; absolute floor 1e-10 · max|expected| for entries that are round-off zeros
     # (clamped null-space eigenvalues, EK-FAC values on the null space of A).
     atol = 1e-10 * float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=atol, msg=lambda m: f"{what}: {m}")

@@ -1,4 +1,4 @@
-"""GGUF loading (SPEC §9a): the route of the embedded default model, tested on a tiny GGUF written at test time.
+"""GGUF loading (docs/files.md): the route of the embedded default model, tested on a tiny GGUF written at test time.
 
 References, independent of the code under test:
 * the weights and config of the seeded source model the file was written from (``gguf_fixture``);

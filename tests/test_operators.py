@@ -1,8 +1,8 @@
-"""Operator identities against dense references (SPEC §4, §7).
+"""Operator identities against dense references (docs/concepts.md).
 
 Every operator works in the Kronecker eigenbasis; here each result is compared with a dense matrix built from the
 factors (``fisher.factors``) or the undamped block (``fisher.to_dense``) on tiny float64 models, solved or
-multiplied densely. The row-major flattening of ``V = [W | b]`` (SPEC §1) is rebuilt here independently of
+multiplied densely. The row-major flattening of ``V = [W | b]`` (docs/concepts.md) is rebuilt here independently of
 :mod:`kronfisher.layers`. Tolerances are relative to the largest entry of the reference unless stated.
 """
 
@@ -48,7 +48,7 @@ def ekfac(qwen: nn.Module) -> kf.KFAC:
 
 
 def with_cfg(fisher: kf.KFAC, **changes: object) -> kf.KFAC:
-    """The same decomposed blocks under another configuration (damping is applied at use, SPEC §4)."""
+    """The same decomposed blocks under another configuration (damping is applied at use, docs/concepts.md)."""
     return kf.KFAC(fisher.infos, fisher.blocks, fisher.cfg.replace(**changes))
 
 
@@ -92,7 +92,7 @@ def eye_like(m: Tensor) -> Tensor:
 
 
 def damped_fn(m: Tensor, shift: float, kappa: float | None = None) -> Tensor:
-    """``Q f(λ) Qᵀ`` with ``f(λ) = max(λ + shift, max(λ + shift)/κ)`` from a dense eigh (the SPEC §4 recipe)."""
+    """``Q f(λ) Qᵀ`` with ``f(λ) = max(λ + shift, max(λ + shift)/κ)`` from a dense eigh (docs/concepts.md)."""
     lam, q = torch.linalg.eigh((m + m.t()) / 2)
     lam = lam.clamp_min(0.0) + shift
     if kappa is not None:
@@ -117,7 +117,7 @@ def check_against(fisher: kf.KFAC, model: nn.Module, dense: dict[str, Tensor], p
 @pytest.mark.parametrize("use_ekfac", [False, True])
 @pytest.mark.parametrize("p", [1.0, -1.0, -0.5, 0.5, 2.0])
 def test_power_round_trip(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.Module, p: float, use_ekfac: bool) -> None:
-    """SPEC §7: ``power(power(v, p), -p) == v`` for every layer (damped spectrum, δ = 1e-2)."""
+    """``power(power(v, p), -p) == v`` for every layer (damped spectrum, δ = 1e-2)."""
     fisher = ekfac if use_ekfac else kfac
     v = random_vectors(fisher, qwen, seed=3)
     back = fisher.power(fisher.power(v, p), -p)
@@ -128,7 +128,7 @@ def test_power_round_trip(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.Module, p: flo
 
 
 def test_natural_gradient_factored_dense_solve(kfac: kf.KFAC, qwen: nn.Module) -> None:
-    """SPEC §4 factored: ``((G + δ_G I) ⊗ (A + δ_A I))^{-1} vec(V)`` with separate ``δ_A``, ``δ_G``."""
+    """Factored damping: ``((G + δ_G I) ⊗ (A + δ_A I))^{-1} vec(V)`` with separate ``δ_A``, ``δ_G``."""
     d_a, d_g = 3e-3, 2e-2
     fisher = with_cfg(kfac, damping_mode="factored", damping_A=d_a, damping_G=d_g)
     dense = {}
@@ -139,7 +139,7 @@ def test_natural_gradient_factored_dense_solve(kfac: kf.KFAC, qwen: nn.Module) -
 
 
 def test_natural_gradient_pi_damping(kfac: kf.KFAC, qwen: nn.Module) -> None:
-    """SPEC §4 pi (Martens & Grosse 2015 §6.3): ``π² = (tr A/dim A)/(tr G/dim G)``, ``δ_A = π√δ``, ``δ_G = √δ/π``."""
+    """Pi damping (Martens & Grosse 2015 §6.3): ``π² = (tr A/dim A)/(tr G/dim G)``, ``δ_A = π√δ``, ``δ_G = √δ/π``."""
     delta = 1e-2
     fisher = with_cfg(kfac, damping_mode="pi", damping=delta)
     dense = {}
@@ -154,7 +154,7 @@ def test_natural_gradient_pi_damping(kfac: kf.KFAC, qwen: nn.Module) -> None:
 
 @pytest.mark.parametrize("use_ekfac", [False, True])
 def test_natural_gradient_exact_damping(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.Module, use_ekfac: bool) -> None:
-    """SPEC §4 exact: ``(F + δ I)^{-1}`` with ``F = G ⊗ A`` (from the factors) or the EK-FAC block (``to_dense``)."""
+    """Exact damping: ``(F + δ I)^{-1}`` with ``F = G ⊗ A`` (from the factors) or the EK-FAC block (``to_dense``)."""
     delta = 1e-3
     base = ekfac if use_ekfac else kfac
     fisher = with_cfg(base, damping_mode="exact", damping=delta)
@@ -171,7 +171,7 @@ def test_natural_gradient_exact_damping(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.
 
 @pytest.mark.parametrize("mode", ["factored", "pi"])
 def test_ekfac_damping_adds_delta_to_corrected_eigenvalues(ekfac: kf.KFAC, qwen: nn.Module, mode: str) -> None:
-    """SPEC §4: EK-FAC damping is ``Λ* + δ`` in the Kronecker eigenbasis, whatever the factored/pi mode says
+    """EK-FAC damping is ``Λ* + δ`` in the Kronecker eigenbasis, whatever the factored/pi mode says
     (pi mode warns that it has no effect)."""
     from kronfisher.errors import ConfigWarning
 
@@ -187,7 +187,7 @@ def test_ekfac_damping_adds_delta_to_corrected_eigenvalues(ekfac: kf.KFAC, qwen:
 
 @pytest.mark.parametrize("use_ekfac", [False, True])
 def test_fvp_is_dense_block_times_vector(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.Module, use_ekfac: bool) -> None:
-    """SPEC §7: ``fvp(V) == to_dense(name) @ vec(V)`` (undamped), and ``damped=True`` adds ``δ vec(V)``."""
+    """``fvp(V) == to_dense(name) @ vec(V)`` (undamped), and ``damped=True`` adds ``δ vec(V)``."""
     fisher = ekfac if use_ekfac else kfac
     dense = {n: fisher.to_dense(n) for n in LAYERS}
     v = random_vectors(fisher, qwen, seed=5)
@@ -201,13 +201,13 @@ def test_fvp_is_dense_block_times_vector(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn
             assert rel(out[info.weight_name], w) < 1e-10, name  # one float64 product
             if b is not None:
                 assert rel(out[info.bias_name], b) < 1e-10, name
-    if not use_ekfac:  # K-FAC: the dense block is G ⊗ A of the factors (SPEC §10)
+    if not use_ekfac:  # K-FAC: the dense block is G ⊗ A of the factors (docs/library.md)
         a, g = fisher.factors(LAYERS[0])
         assert rel(fisher.to_dense(LAYERS[0]), torch.kron(g, a)) < 1e-12
 
 
 def test_condition_number_cap_factored(kfac: kf.KFAC, qwen: nn.Module) -> None:
-    """SPEC §4: per factor, after damping, eigenvalues below ``λmax/κ`` are raised to it; δ is still added."""
+    """Per factor, after damping, eigenvalues below ``λmax/κ`` are raised to it; δ is still added."""
     d_a, d_g, kappa = 1e-3, 2e-3, 30.0
     fisher = with_cfg(kfac, damping_A=d_a, damping_G=d_g, max_condition_number=kappa)
     dense = {}
@@ -229,7 +229,7 @@ def test_condition_number_cap_factored(kfac: kf.KFAC, qwen: nn.Module) -> None:
 
 @pytest.mark.parametrize("use_ekfac", [False, True])
 def test_condition_number_cap_exact(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.Module, use_ekfac: bool) -> None:
-    """SPEC §4 exact mode: the cap acts on the damped Kronecker (or EK-FAC) eigenvalues ``λ + δ``."""
+    """Exact mode: the cap acts on the damped Kronecker (or EK-FAC) eigenvalues ``λ + δ``."""
     base = ekfac if use_ekfac else kfac
     delta, kappa = 1e-3, 100.0
     fisher = with_cfg(base, damping_mode="exact", damping=delta, max_condition_number=kappa)
@@ -238,7 +238,7 @@ def test_condition_number_cap_exact(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.Modu
 
 
 def test_negative_power_of_singular_factor_raises(qwen: nn.Module) -> None:
-    """SPEC §7: ``p < 0`` with zero damping on a singular factor raises SpectrumError naming the layer.
+    """``p < 0`` with zero damping on a singular factor raises SpectrumError naming the layer.
 
     Five tokens make ``A`` of down_proj (in = 24) singular; softmax gradients make ``G`` of lm_head singular
     (``G 1 = 0``) with a null eigenvalue that round-off can leave slightly positive (seed 1 below does).
@@ -263,7 +263,7 @@ def test_negative_power_of_singular_factor_raises(qwen: nn.Module) -> None:
 
 @pytest.mark.parametrize("use_ekfac", [False, True])
 def test_whiten_squared_is_natural_gradient(kfac: kf.KFAC, ekfac: kf.KFAC, qwen: nn.Module, use_ekfac: bool) -> None:
-    """SPEC §7: ``whiten(whiten(g)) == natural_gradient(g)`` (``p = -1/2`` twice is ``p = -1``)."""
+    """``whiten(whiten(g)) == natural_gradient(g)`` (``p = -1/2`` twice is ``p = -1``)."""
     fisher = ekfac if use_ekfac else kfac
     g = random_vectors(fisher, qwen, seed=9)
     twice = fisher.whiten(fisher.whiten(g))
@@ -273,7 +273,7 @@ def test_whiten_squared_is_natural_gradient(kfac: kf.KFAC, ekfac: kf.KFAC, qwen:
 
 
 def test_bias_is_augmented_column_missing_bias_is_zero(kfac: kf.KFAC, qwen: nn.Module) -> None:
-    """SPEC §1, §7: the bias is the last column of ``V``; a missing bias gradient is a zero column, not returned."""
+    """The bias is the last column of ``V``; a missing bias gradient is a zero column, not returned."""
     name = LAYERS[0]
     info = kfac.infos[name]
     assert info.bias_name is not None
@@ -293,7 +293,7 @@ def test_bias_is_augmented_column_missing_bias_is_zero(kfac: kf.KFAC, qwen: nn.M
 
 
 def test_conv1d_weights_in_in_out_layout() -> None:
-    """SPEC §1: GPT-2 ``Conv1D`` stores ``W`` as ``[in, out]``; results come back in that layout."""
+    """GPT-2 ``Conv1D`` stores ``W`` as ``[in, out]``; results come back in that layout."""
     model = make_model("gpt2")
     fisher = kf.fit(model, batches(), CFG)
     name = "transformer.h.0.attn.c_attn"
@@ -314,7 +314,7 @@ def test_conv1d_weights_in_in_out_layout() -> None:
 
 
 def test_natural_gradient_without_args_reads_model_grad() -> None:
-    """SPEC §10: ``natural_gradient()`` uses the ``.grad`` of the tracked parameters of the fitted model."""
+    """``natural_gradient()`` uses the ``.grad`` of the tracked parameters of the fitted model."""
     model = make_model("qwen2")
     fisher = kf.fit(model, batches(), CFG)
     model.zero_grad()

@@ -1,4 +1,4 @@
-"""Low-rank G (SPEC §6): eigenform and Woodbury against the dense path and an independent dense reference.
+"""Low-rank G (docs/concepts.md): eigenform and Woodbury against the dense path and an independent dense reference.
 
 The reference builds ``G = gᵀg / N`` and ``A = aᵀa / T`` in float64 from the same rows and applies matrix functions
 by its own ``eigh``; the Kronecker reference for ``exact`` damping materialises ``G ⊗ A`` (row-major ``V``).
@@ -122,7 +122,7 @@ def test_woodbury_solve_matches_dense_solve_and_asserts_orientation():
     ref = torch.linalg.solve(u @ u.t() + 0.05 * torch.eye(40, dtype=torch.float64), x)
     torch.testing.assert_close(woodbury_solve(u, 0.05, x), ref, rtol=1e-9, atol=0)  # float64
     with pytest.raises(kf.DecompositionError, match=r"U must be \[out, T\]"):
-        woodbury_solve(u.t(), 0.05, x)  # seed bug 004: U given as [T, out]
+        woodbury_solve(u.t(), 0.05, x)  # U given transposed ([T, out]) is refused, not solved
 
 
 def test_injected_cholesky_failure_falls_back_to_eigh_with_warning(monkeypatch):

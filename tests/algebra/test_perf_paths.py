@@ -1,11 +1,11 @@
 """The fast paths of the benchmark issue give the same answers as the plain formulas they replace.
 
-* :func:`kronfisher.algebra.eigen.all_finite` (one ``aminmax`` pass) against ``torch.isfinite(t).all()`` (SPEC §3.3).
+* :func:`kronfisher.algebra.eigen.all_finite` (one ``aminmax`` pass) against ``torch.isfinite(t).all()``.
 * :func:`kronfisher.algebra.gram.symmetric_gram` (upper block triangle on CPU) against a float64 ``XᵀX`` for sizes that
-  cross the tile boundary (the tiny test models never do), with and without the bias augmentation (SPEC §3.1).
+  cross the tile boundary (the tiny test models never do), with and without the bias augmentation (docs/concepts.md).
 * :func:`kronfisher.decompose.entry.decompose_all` with concurrent eighs (torch threads > 1; the suite runs with one)
   against
-  the sequential path: same factors, shared ``A`` kept, errors in layer order, thread count restored (SPEC §4).
+  the sequential path: same factors, shared ``A`` kept, errors in layer order, thread count restored (docs/concepts.md).
 """
 
 from __future__ import annotations

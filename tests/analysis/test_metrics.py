@@ -72,7 +72,7 @@ def test_layer_metrics_of_a_lowrank_layer_match_the_dense_block(lowrank_fisher) 
     assert block.representation == "lowrank" and block.G.rank < block.G.dim and block.G.tail > 0
     row = layer_metrics(fisher, "lm_head")
     a, g = fisher.factors("lm_head")
-    f = fisher.to_dense("lm_head")  # includes the tail term (SPEC §6)
+    f = fisher.to_dense("lm_head")  # includes the tail term (docs/concepts.md)
     fv = _dense_eigs(f)
     # 1e-8: float64 sums and algebra; the dense side materialises the thin basis P and the tail τ (I − P Pᵀ).
     assert row["trace_F"] == pytest.approx(float(fv.sum()), rel=1e-8)

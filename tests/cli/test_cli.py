@@ -119,7 +119,7 @@ def test_report_numbers_equal_library_and_dense_references(workdir: Path, e2e: t
     ]
     assert report["data"]["tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
 
-    # Reference gradient of the mean loss by autograd, with the lm_head untied (its own use only, SPEC §6).
+    # Reference gradient of the mean loss by autograd, with the lm_head untied (its own use only, docs/concepts.md).
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     total, n = 0.0, 0
     for b in batches:
@@ -148,14 +148,14 @@ def test_report_numbers_equal_library_and_dense_references(workdir: Path, e2e: t
         assert r["top1pct_trace_share"] == pytest.approx(ref["share"], rel=1e-7)
         assert r["top_eigenvalues_F"] == pytest.approx(ref["top"], rel=1e-7)
         assert r["trace_F"] == pytest.approx(float(f_vals.sum()), rel=1e-7)
-        dv = torch.outer(eg + 0.01, ea + 0.01)  # factored damping (SPEC §4)
+        dv = torch.outer(eg + 0.01, ea + 0.01)  # factored damping (docs/concepts.md)
         assert r["condition_number_damped"] == pytest.approx(float(dv.max() / dv.min()), rel=1e-6)
         # Gradient, natural gradient and their cosine against autograd + a dense solve.
         info = fisher.infos[name]
         w = params[info.weight_name].grad
         bias = params[info.bias_name].grad if info.bias_name else None
         g = torch.cat([w, bias[:, None]], 1) if bias is not None else w  # Linear layout [out, in(+1)]
-        # 1e-6: Qwen2's RMSNorm runs in float32 even in a float64 model (SPEC §11), and the reference backpropagates
+        # 1e-6: Qwen2's RMSNorm runs in float32 even in a float64 model, and the reference backpropagates
         # the mean loss in one backward while the report sums per-batch summed-loss gradients.
         assert r["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-6)
         eye_a = torch.eye(a_dense.shape[0], dtype=a_dense.dtype)
@@ -230,7 +230,7 @@ def test_user_errors_are_one_message_with_a_hint(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rc, err = _run_cli([*base, "--model", "kronfisher-tests/no-such-model", "--data", str(workdir / "a.txt")], capsys)
     assert rc == 2 and "offline" in err and "kronfisher-tests/no-such-model" in err and "hint:" in err
-    assert "config.json" in err and "not in the cache" in err  # names the missing file (SPEC §9a)
+    assert "config.json" in err and "not in the cache" in err  # names the missing file (docs/files.md)
     assert "Traceback" not in err
     rc, err = _run_cli(
         [*base, "--model", str(workdir / "qwen"), "--data", str(workdir / "a.txt"), "--include", "zz"], capsys

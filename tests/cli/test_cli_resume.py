@@ -1,5 +1,5 @@
 """Kill-and-resume: a ``kronfisher analyze`` subprocess killed (SIGKILL) mid-collection, then ``--resume``, gives
-exactly the factors of an uninterrupted run (SPEC §9). The MC Fisher is used so that the draws after the resume
+exactly the factors of an uninterrupted run (docs/files.md). The MC Fisher is used so that the draws after the resume
 must be those of the uninterrupted run (targets are seeded per batch index), and a token budget on the low-rank
 lm_head so that compression happens across the interruption.
 """

@@ -1,4 +1,4 @@
-"""``kronfisher analyze`` under ``torchrun --nproc_per_node=2`` gives the one-process result (SPEC §8, issue 4 item 8).
+"""``kronfisher analyze`` under ``torchrun --nproc_per_node=2`` gives the one-process result (docs/distributed.md).
 
 Both runs use float64 weights and sums, the MC Fisher with two draws (targets seeded per global batch index),
 EK-FAC, and a low-rank lm_head keeping every token (so the merged ``U Uᵀ`` is exact). The data has an odd number

@@ -1,4 +1,4 @@
-"""Bad input: non-finite batches, empty batches, wrong shapes, one-shot iterators (SPEC §3.3, §7, §10).
+"""Bad input: non-finite batches, empty batches, wrong shapes, one-shot iterators (docs/concepts.md).
 
 A poisoned batch must never reach the sums: with ``on_nonfinite="raise"`` the error names the layers and the batch
 and the sums are bit-identical to those without that batch; with ``"skip"`` the batch is dropped for every layer.
@@ -74,7 +74,7 @@ def _copy(sums: Any) -> Any:
 
 
 def test_nonfinite_raises_naming_layer_and_batch() -> None:
-    """SPEC §3.3: the default is a NonFiniteError naming the layer(s) and the batch."""
+    """The default is a NonFiniteError naming the layer(s) and the batch."""
     model = make_model("qwen2")
     state = {"on": False}
     handle = poison_hook(model, state)
@@ -90,7 +90,7 @@ def test_nonfinite_raises_naming_layer_and_batch() -> None:
 
 
 def test_nonfinite_leaves_sums_of_earlier_batches_untouched() -> None:
-    """SPEC §3.3: after the error the sums are bit-identical to those without the batch, and collection goes on."""
+    """After the error the sums are bit-identical to those without the batch, and collection goes on."""
     model = make_model("qwen2")
     batches = clean_batches()
     state = {"on": False}
@@ -133,7 +133,7 @@ def test_nonfinite_leaves_sums_of_earlier_batches_untouched() -> None:
 
 
 def test_skip_drops_the_batch_for_all_layers() -> None:
-    """SPEC §3.3: ``on_nonfinite="skip"`` equals the fit without that batch and reports it."""
+    """``on_nonfinite="skip"`` equals the fit without that batch and reports it."""
     model = make_model("qwen2")
     state = {"on": False}
     cfg = CFG.replace(on_nonfinite="skip")
@@ -171,7 +171,7 @@ def two_branch_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, di
 
 
 def test_skip_drops_finite_layers_too() -> None:
-    """SPEC §3.3: only l2 is non-finite, yet l1 (finite) also drops the batch, so the factors stay consistent."""
+    """Only l2 is non-finite, yet l1 (finite) also drops the batch, so the factors stay consistent."""
     torch.manual_seed(0)
     model = TwoBranch().double()
     gen = torch.Generator().manual_seed(1)
@@ -187,7 +187,7 @@ def test_skip_drops_finite_layers_too() -> None:
 
 
 def test_empty_batches_contribute_nothing_and_are_reported() -> None:
-    """SPEC §3.3: a batch with ``T = 0`` (all padding) or ``N = 0`` (one token per sequence) is reported."""
+    """A batch with ``T = 0`` (all padding) or ``N = 0`` (one token per sequence) is reported."""
     model = make_model("llama")
     batches = clean_batches()
     all_pad = {"input_ids": random_ids(2, 5, seed=23), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}
@@ -201,7 +201,7 @@ def test_empty_batches_contribute_nothing_and_are_reported() -> None:
 
 
 def test_empty_batch_in_capture_mode_is_reported() -> None:
-    """SPEC §3.3 in the user loop: ``num_terms=0`` contributes nothing and is reported."""
+    """In the user loop: ``num_terms=0`` contributes nothing and is reported."""
     model = make_model("llama")
     ids = random_ids(2, 5, seed=26)
     with kf.capture(model, CFG) as cap:
@@ -215,7 +215,7 @@ def test_empty_batch_in_capture_mode_is_reported() -> None:
 
 
 def test_wrong_vector_shape_names_parameter_and_shapes() -> None:
-    """SPEC §7: a tensor of the wrong shape raises ShapeError naming the parameter and both shapes."""
+    """A tensor of the wrong shape raises ShapeError naming the parameter and both shapes."""
     qwen = make_model("qwen2")
     fisher = kf.fit(qwen, clean_batches()[:1], CFG)
     w = "model.layers.0.self_attn.q_proj.weight"
@@ -237,7 +237,7 @@ def test_wrong_vector_shape_names_parameter_and_shapes() -> None:
 
 
 def test_ekfac_on_one_shot_iterator_raises_before_any_work() -> None:
-    """SPEC §5/§10: EK-FAC needs two passes; a one-shot iterator raises ConfigError before the first forward."""
+    """EK-FAC needs two passes; a one-shot iterator raises ConfigError before the first forward."""
     model = make_model("llama")
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))

@@ -1,4 +1,4 @@
-"""Invariances of the collected factors (SPEC §3.1–3.3, §5).
+"""Invariances of the collected factors (docs/concepts.md).
 
 Padding, batch size, merging sums from disjoint data and the accumulation dtype must not change the factors.
 The reference of each test is the same data seen another way, so no expected value comes from the code under test.
@@ -78,7 +78,7 @@ def max_fvp_error(fa: KFAC, fb: KFAC, probes: int = 2) -> float:
 
 @pytest.mark.parametrize("attn", ATTNS)
 def test_right_padding_equals_unpadded(model_name: str, attn: str) -> None:
-    """SPEC §3.1/§3.2: a right-padded batch gives the factors of the same sequences unpadded (expand and reduce)."""
+    """A right-padded batch gives the factors of the same sequences unpadded (expand and reduce)."""
     model = make_model(model_name, attn=attn)
     seqs = ragged()
     for approx in ("expand", "reduce"):
@@ -92,7 +92,7 @@ def test_right_padding_equals_unpadded(model_name: str, attn: str) -> None:
 
 
 def test_left_padding_equals_unpadded(model_name: str) -> None:
-    """SPEC §3.1–3.2: left padding (with position_ids) gives the unpadded factors; pads predict no loss term.
+    """Left padding (with position_ids) gives the unpadded factors; pads predict no loss term.
 
     sdpa only: HF eager attention in float64 turns fully masked query rows (left pads) into NaN that reaches every
     position of the next layer, so the model's own output is non-finite (and kronfisher rightly raises).
@@ -123,7 +123,7 @@ def test_left_padding_without_position_ids_equals_unpadded(model_name: str) -> N
 
 
 def test_left_padding_eager_nonfinite_is_reported() -> None:
-    """SPEC §3.3: the NaN that HF eager attention produces for left padding is caught, not accumulated."""
+    """The NaN that HF eager attention produces for left padding is caught, not accumulated."""
     model = make_model("llama", attn="eager")
     with pytest.raises(kf.NonFiniteError) as info:
         kf.fit(model, [left_pad(ragged())], F64)
@@ -133,7 +133,7 @@ def test_left_padding_eager_nonfinite_is_reported() -> None:
 @pytest.mark.parametrize("granularity", ["sequence", "token"])
 @pytest.mark.parametrize("model_name", ["qwen2", "gpt2"])
 def test_ekfac_padding_invariance(model_name: str, granularity: str) -> None:
-    """SPEC §5: EK-FAC eigenvalues of a right- or left-padded batch equal those of the unpadded sequences."""
+    """EK-FAC eigenvalues of a right- or left-padded batch equal those of the unpadded sequences."""
     model = make_model(model_name, attn="sdpa")
     seqs = ragged(seed=3)
     cfg = F64.replace(ekfac=True, ekfac_granularity=granularity)
@@ -147,7 +147,7 @@ def test_ekfac_padding_invariance(model_name: str, granularity: str) -> None:
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_batch_size_one_equals_batch_size_eight(approx: str) -> None:
-    """SPEC §3.1: splitting the same eight sequences into batches of 1, 3+5 or 8 gives the same factors."""
+    """Splitting the same eight sequences into batches of 1, 3+5 or 8 gives the same factors."""
     model = make_model("qwen2")
     ids = random_ids(8, 6, seed=4)
     whole = kf.fit(model, [{"input_ids": ids}], F64.replace(approx=approx))
@@ -160,7 +160,7 @@ def test_batch_size_one_equals_batch_size_eight(approx: str) -> None:
 
 @pytest.mark.parametrize("lowrank", [False, True])
 def test_merged_halves_equal_one_pass(lowrank: bool) -> None:
-    """SPEC §3.3: adding the sums and counts of two disjoint halves equals one pass (DenseSum and LowRankSum)."""
+    """Adding the sums and counts of two disjoint halves equals one pass (DenseSum and LowRankSum)."""
     model = make_model("llama")
     cfg = F64.replace(lowrank_layers=("lm_head",) if lowrank else (), lowrank_dtype="float32")
     batches = [{"input_ids": random_ids(2, 7, seed=s)} for s in range(4)]
@@ -187,7 +187,7 @@ def test_merged_halves_equal_one_pass(lowrank: bool) -> None:
 
 
 def test_float32_accumulation_agrees_with_float64() -> None:
-    """SPEC §3.3: accumulate_dtype float32 and float64 give the same factors to float32 precision."""
+    """``accumulate_dtype`` float32 and float64 give the same factors to float32 precision."""
     model = make_model("gpt2")
     batches = [right_pad(ragged(seed=5)), {"input_ids": random_ids(3, 6, seed=6)}]
     f64 = kf.fit(model, batches, F64)

@@ -1,4 +1,4 @@
-"""No ``out × out`` tensor in any path (SPEC §6): a vocabulary of 200,000 end to end.
+"""No ``out × out`` tensor in any path (docs/concepts.md): a vocabulary of 200,000 end to end.
 
 ``out² = 4·10¹⁰`` elements (160 GB in float32) cannot be allocated on the test machines, so a single such tensor
 fails the test; on top of that a dispatch mode records every tensor an op produces and the test bounds the largest
@@ -84,7 +84,7 @@ def test_vocab_200k_end_to_end_without_out_squared():
     torch.testing.assert_close(back, grads["lm_head.weight"], rtol=1e-8, atol=1e-10)
     assert torch.isfinite(ng_budget).all()
 
-    # Dense diagnostics refuse instead of allocating out² (SPEC §6, §10).
+    # Dense diagnostics refuse instead of allocating out² (docs/concepts.md).
     with pytest.raises(kf.KronfisherError, match="max_dense_elements"):
         fisher.factors("lm_head")
     with pytest.raises(kf.KronfisherError, match="max_dense_elements"):

@@ -1,4 +1,4 @@
-"""Low-rank layers inside real (tiny) models: EK-FAC, tied lm_head, OOM placement, storage dtypes (SPEC §5, §6)."""
+"""Low-rank layers inside real (tiny) models: EK-FAC, tied lm_head, OOM placement, storage dtypes (docs/concepts.md)."""
 
 from __future__ import annotations
 

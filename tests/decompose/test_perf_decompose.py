@@ -1,4 +1,4 @@
-"""The decomposition fast paths of the benchmark issue (issue 6) give the answers of the plain formulas (SPEC §4, §6).
+"""The decomposition fast paths of the benchmark issue (issue 6) give the answers of the plain formulas.
 
 * :func:`kronfisher.decompose.layer.symmetric_mean` is bit for bit the naive ``(S + Sᵀ) / 2c``, also for a sum
   that is not symmetric, and :func:`kronfisher.algebra.eigen.safe_eigh` with ``symmetric=True`` is bit for bit the
@@ -149,7 +149,7 @@ def test_gram_with_scale_equals_gram_of_scaled_rows() -> None:
 
 
 def test_lowrank_layers_equal_dense_when_tokens_below_out() -> None:
-    """With ``T < out`` the ``[T, T]`` path (``lowrank_layers``) gives the dense K-FAC and EK-FAC blocks (SPEC §6).
+    """With ``T < out`` the ``[T, T]`` path (``lowrank_layers``) gives the dense K-FAC and EK-FAC blocks.
 
     benchmarks/README.md cites this for the ``T < d`` discussion: same data in both passes, float64 storage of ``U``.
     """

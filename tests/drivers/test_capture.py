@@ -1,4 +1,4 @@
-"""The user-driven loop ``kf.capture`` and what ``kf.fit`` leaves behind (SPEC §1, §2, §10).
+"""The user-driven loop ``kf.capture`` and what ``kf.fit`` leaves behind (docs/concepts.md).
 
 A user loop with an HF loss (reduction ``"mean"``, ``num_terms=N``) must give the factors of ``kf.fit`` on the same
 batches; capture mode populates ``.grad`` exactly as a plain backward does; ``kf.fit`` leaves ``.grad``,
@@ -30,7 +30,7 @@ def labels_of(batch: dict[str, Tensor]) -> Tensor:
 
 
 def num_terms(batch: dict[str, Tensor]) -> int:
-    """``N``: shifted targets that are not ignored (SPEC §2)."""
+    """``N``: shifted targets that are not ignored (docs/concepts.md)."""
     return int((labels_of(batch)[:, 1:] != -100).sum())
 
 
@@ -44,9 +44,9 @@ def rel(x: Tensor, ref: Tensor) -> float:
 
 @pytest.mark.parametrize("loss_kind", ["hf_mean", "own_sum"])
 def test_capture_matches_fit(loss_kind: str) -> None:
-    """SPEC §2/§10: the user loop gives ``kf.fit``'s factors.
+    """The user loop gives ``kf.fit``'s factors.
 
-    ``hf_mean``: the model's own loss (mean over N; HF computes it in float32, SPEC §11) -> 1e-5 relative.
+    ``hf_mean``: the model's own loss (mean over N; HF computes it in float32) -> 1e-5 relative.
     ``own_sum``: a float64 summed cross-entropy with ``reduction="sum"`` -> 1e-10 relative.
     """
     model = make_model("qwen2")
@@ -144,7 +144,7 @@ def test_fit_removes_hooks_after_an_error() -> None:
 
 
 def test_never_fired_layer_reported_by_name() -> None:
-    """SPEC §1: a tracked layer whose hooks never fire is reported by name after the pass and has no factors."""
+    """A tracked layer whose hooks never fire is reported by name after the pass and has no factors."""
     model = make_model("llama")
     b = batches()[1]
     with kf.capture(model, CFG) as cap:

@@ -1,15 +1,15 @@
 """Where K-FAC / EK-FAC are exact, they equal the empirical Fisher from per-sample gradients (float64, rtol 1e-8).
 
 References are computed independently of kronfisher's hooks: per-sample gradients with ``torch.func`` (``vmap`` of
-``grad`` over ``functional_call``), arranged as ``V = [W | b]`` and flattened row-major (SPEC §1), so the dense
+``grad`` over ``functional_call``), arranged as ``V = [W | b]`` and flattened row-major (docs/concepts.md), so the dense
 reference for a layer is ``(1/N) Σ_s vec(∇_s) vec(∇_s)ᵀ``.
 
-* K-FAC (SPEC §3.1) is exact when the data hold ONE sample of one position: ``∇ = ĝ aᵀ`` gives
+* K-FAC (docs/concepts.md) is exact when the data hold ONE sample of one position: ``∇ = ĝ aᵀ`` gives
   ``vec(∇) vec(∇)ᵀ = ĝĝᵀ ⊗ aaᵀ``, which is ``N · (G ⊗ A)`` with ``T = 1``.
-* EK-FAC (SPEC §5) is exact for ANY data in its own eigenbasis: with ``"token"`` granularity ``Λ*`` is the diagonal
+* EK-FAC is exact for ANY data in its own eigenbasis: with ``"token"`` granularity ``Λ*`` is the diagonal
   of the expand empirical Fisher (per-token gradients ``ĝ_t a_tᵀ``) in ``Q_G ⊗ Q_A``; with ``"sequence"``
   granularity it is the diagonal of the per-sequence empirical Fisher.
-* The loss reduction (SPEC §2): a ``"mean"`` loss is rescaled by ``N``, so mean and sum give identical factors.
+* The loss reduction (docs/concepts.md): a ``"mean"`` loss is rescaled by ``N``, so mean and sum give identical factors.
 
 Tolerance: everything runs in float64 (HF models with SDPA attention and an RMSNorm kept in float64, see
 ``helpers_oracle.keep_float64``); observed agreement is ~1e-14 relative, asserted at ``rtol = 1e-8`` with
@@ -105,7 +105,7 @@ def multi_target_ce(logits: Tensor, targets: Tensor, reduction: str) -> Tensor:
 def test_kfac_exact_for_one_sample_deep_linear(reduction: str, api: str) -> None:
     """One sample (one position) with K = 3 loss terms: ``G ⊗ A = (1/N) ∇∇ᵀ`` exactly, for mean and sum losses.
 
-    The three loss terms make the scaling visible: a ``"mean"`` loss that is not rescaled by ``N`` (SPEC §2) would
+    The three loss terms make the scaling visible: a ``"mean"`` loss that is not rescaled by ``N`` would
     be off by ``N² = 9``.
     """
     model = deep_linear()
@@ -150,7 +150,7 @@ class PositionwiseNet(nn.Module):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_ekfac_is_exact_diagonal_in_eigenbasis_deep_linear(granularity: str, reduction: str) -> None:
-    """EK-FAC ``Λ*`` = diagonal of the per-token / per-sequence empirical Fisher in ``Q_G ⊗ Q_A`` (SPEC §5).
+    """EK-FAC ``Λ*`` = diagonal of the per-token / per-sequence empirical Fisher in ``Q_G ⊗ Q_A`` (docs/concepts.md).
 
     Any data: 2 batches of 3 sequences x 4 positions, one loss term per position (N = 24). Positions do not interact,
     so the per-token gradient ``ĝ_t a_tᵀ`` is the gradient of that token's loss and the per-sequence gradient is
@@ -187,7 +187,7 @@ def test_ekfac_is_exact_diagonal_in_eigenbasis_deep_linear(granularity: str, red
         vs = per_sample_V(model, grads, layer)
         expected = eigenbasis_diagonal(fisher, layer, vs, n_terms)
         assert_exact(fisher.block(layer).corrected, expected, f"{granularity}/{reduction} Λ* of {layer}")
-        # and the dense EK-FAC block is that diagonal in the same basis (SPEC §10 to_dense)
+        # and the dense EK-FAC block is that diagonal in the same basis (docs/library.md; to_dense)
         block = fisher.block(layer)
         basis = torch.kron(block.G.vectors, block.A.vectors)
         assert_exact(fisher.to_dense(layer), (basis * expected.reshape(-1)) @ basis.t(), f"EK-FAC block of {layer}")
@@ -254,7 +254,7 @@ def test_ekfac_sequence_is_exact_diagonal_transformer(model_name: str) -> None:
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_mean_and_sum_reduction_give_identical_factors(approx: str) -> None:
-    """SPEC §2: a ``"mean"`` loss is rescaled by ``N``, so its factors equal those of the summed loss.
+    """A ``"mean"`` loss is rescaled by ``N``, so its factors equal those of the summed loss.
 
     Float64 model, so the two backward passes differ only by the power-free scale ``N = 30`` (round-off ~1e-15).
     """

@@ -1,9 +1,9 @@
 """kronfisher against curvlinops 3.0.1 on tiny Qwen2, Llama and GPT-2 models in float64.
 
-Oracle conditions (SPEC §3.1, §3.2, §5, §11): unpadded batches in which every position carries exactly one loss term
+Oracle conditions (docs/concepts.md): unpadded batches in which every position carries exactly one loss term
 (pre-shifted targets, so ``T = N``), our own cross-entropy from the float64 logits, and a wrapper returning
 ``logits.reshape(-1, vocab)`` for curvlinops. curvlinops normalises with a ``"mean"`` cross-entropy; kronfisher gets
-either the mean or the summed loss (its ``loss_reduction`` handling is then part of the comparison, SPEC §2).
+either the mean or the summed loss (its ``loss_reduction`` handling is then part of the comparison, docs/concepts.md).
 
 Normalisations that must agree:
 
@@ -13,11 +13,11 @@ Normalisations that must agree:
 * EK-FAC: ``Λ* = (1/N) Σ_s ((Q_Gᵀ ∇_s Q_A)_ij)²`` with per-sequence gradients ``∇_s``.
 
 Layout: curvlinops' joint weight+bias matrix is ``[W | b]`` (bias as the last input column) and it applies
-``G · V · A``, the same as kronfisher's ``G ⊗ A`` on the row-major flattening of ``V`` (SPEC §1). Matrix-vector
+``G · V · A``, the same as kronfisher's ``G ⊗ A`` on the row-major flattening of ``V`` (docs/concepts.md). Matrix-vector
 products are compared through both public interfaces, so layout (and GPT-2's transposed ``Conv1D``) is checked
 independently of how either library stores its factors.
 
-Float64 throughout (SPEC §11): the models use SDPA attention and an RMSNorm patched to keep its input dtype
+Float64 throughout: the models use SDPA attention and an RMSNorm patched to keep its input dtype
 (``helpers_oracle.keep_float64``). With the stock float32 RMSNorm, the kronfisher run on the *summed* loss and the
 curvlinops run on the *mean* loss round differently inside the float32 piece and disagree by ~1e-7 — a property of
 the model, not of either library. In float64 both agree to round-off (observed ≲ 1e-13 relative, EK-FAC blocks
@@ -111,7 +111,7 @@ def _compare_products(
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("model_name", MODELS)
 def test_kfac_factors_and_products_match_curvlinops(model_name: str, approx: str) -> None:
-    """A, G per layer (SPEC §3.1 / §3.2), F v, and damped inverses (exact, factored, pi; SPEC §4) vs curvlinops."""
+    """A, G per layer, F v, and damped inverses (exact, factored, pi) vs curvlinops (docs/concepts.md)."""
     model, twin, data, params, names = _setup(model_name)
     cfg = kf.KFACConfig(approx=approx, accumulate_dtype="float64", damping=DAMPING)
     fisher = kf.fit(model, to_kronfisher(data), cfg, loss_fn=ce_loss_fn("mean"))
@@ -150,11 +150,11 @@ def test_kfac_factors_and_products_match_curvlinops(model_name: str, approx: str
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_ekfac_matches_curvlinops(model_name: str) -> None:
-    """Dense EK-FAC blocks (SPEC §5), F v and the exactly damped inverse vs curvlinops' EKFACLinearOperator.
+    """Dense EK-FAC blocks (docs/concepts.md), F v and the exactly damped inverse vs curvlinops' EKFACLinearOperator.
 
     Eigenvector signs and the order of (near-)degenerate eigenvalues differ between the libraries, so the corrected
     eigenvalues are compared as the dense blocks ``(Q_G ⊗ Q_A) diag(Λ*) (Q_G ⊗ Q_A)ᵀ``, which do not depend on them.
-    kronfisher gets the *summed* loss here (curvlinops the mean): the scaling of SPEC §2 is part of the check.
+    kronfisher gets the *summed* loss here (curvlinops the mean): the loss scaling is part of the check.
     """
     model, twin, data, params, names = _setup(model_name)
     cfg = kf.KFACConfig(ekfac=True, loss_reduction="sum", accumulate_dtype="float64", damping=DAMPING)
@@ -198,7 +198,7 @@ class _FirstPositionLogits(nn.Module):
 
 
 def test_mc_fisher_approaches_type2_kfac() -> None:
-    """MC Fisher G (SPEC §2) converges to curvlinops' type-2 K-FAC G as the number of sampled targets grows.
+    """MC Fisher G (docs/concepts.md) converges to curvlinops' type-2 K-FAC G as the number of sampled targets grows.
 
     Set-up: 128 sequences of length 2 through the ordinary causal-LM path, so each sequence has one loss term
     (position 0; position 1 is attended but its ĝ is 0 by causality). With one loss term per sequence,

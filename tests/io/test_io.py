@@ -1,7 +1,7 @@
-"""Factor files (SPEC §9, §9a): round trips, atomic writes, corruption, fingerprints, merge, lazy loading.
+"""Factor files (docs/files.md): round trips, atomic writes, corruption, fingerprints, merge, lazy loading.
 
 References: the in-memory operator a file was written from (round trip is an invariance: the loaded operator
-must be the same operator), one fit over the union of the data (merge, SPEC §3.3), fingerprints built from the
+must be the same operator), one fit over the union of the data (merge, docs/concepts.md), fingerprints built from the
 model configs, and the raw sums (traces reported by ``inspect_file``).
 """
 
@@ -186,7 +186,7 @@ def test_merge_halves_equals_union(tmp_path):
     p2 = kf.save_sums(tmp_path / "b.safetensors", disc.infos, col.sums, cfg, report=rep)  # a "sums" file
     out = kf.merge_files([p1, p2], tmp_path / "m.safetensors", model=model)
     merged = kf.load(out, model=model)
-    # SPEC §3.3: adding sums and counts equals one pass over the union (float64, rtol 1e-10).
+    # Adding sums and counts equals one pass over the union (float64, rtol 1e-10).
     _assert_same_operator(union, merged, union_model, rtol=1e-10)
     for name, s in union.sums.items():
         m = merged.sums[name]
