@@ -130,3 +130,35 @@ def test_no_double_forward_pass() -> None:
         assert len(calls) == 3
     finally:
         handle.remove()
+
+
+def test_resume_keeps_an_exact_lowrank_G_exact(tmp_path: Any) -> None:
+    """A low-rank ``G`` the plan keeps exact (no token budget) stays exact through a checkpoint and resume.
+
+    gate/up (out 24 > lowrank_threshold 20) on 12 tokens: exact low-rank. The bug: the resumed sums were rebuilt
+    with ``cfg.lowrank_max_rank`` (here 2), so the batches after the resume were compressed to that budget.
+    Reference: the uninterrupted pass (float64, same batches; the factors agree to 1e-12).
+    """
+    model = make_model("qwen2")
+    cfg = kf.KFACConfig(
+        accumulate_dtype="float64", lowrank_threshold=20, lowrank_dtype="float64", lowrank_max_rank=2, max_memory="1GiB"
+    )
+    batches = [{"input_ids": random_ids(1, 4, seed=s)} for s in (1, 2, 3)]
+    path = tmp_path / "ckpt.sums.safetensors"
+
+    def checkpoint(done: int, index: int, collector: Any, report: kf.CollectionReport) -> None:
+        if done == 1:
+            kf.save_sums(path, collector.infos, collector.sums, cfg, report=report, extra_meta={"done": done})
+
+    _, full, report = kf.collect(model, batches, cfg, on_batch_end=checkpoint)
+    gate = "model.layers.0.mlp.gate_proj"
+    assert report.plan is not None and report.plan["layers"][gate]["max_rank"] is None  # exact by the plan
+    saved = kf.load_sums(path)
+    assert saved.sums[gate].G.max_rank is None  # a merge of such files stays exact too
+    _, resumed, _ = kf.collect(model, batches, cfg, resume=CollectState(saved.sums, saved.report, 1))
+    for name, s in full.sums.items():
+        if s.G.kind == "lowrank":
+            mine = resumed.sums[name].G
+            assert mine.tail_mass == 0.0, name
+            want, got = s.G.eigen(dtype=torch.float64).to_dense(), mine.eigen(dtype=torch.float64).to_dense()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

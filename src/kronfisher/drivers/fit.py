@@ -69,6 +69,7 @@ class CollectState:
                     theirs.sum = theirs.sum.to(mine.sum.device)
                 elif mine.kind == theirs.kind == "lowrank":
                     columns_like(theirs, mine)
+                    theirs.max_rank, theirs.buffer = mine.max_rank, mine.buffer  # the plan's budget (None: exact)
             collector.sums[name] = saved
         return int(self.batches_done)
 

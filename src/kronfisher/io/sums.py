@@ -239,6 +239,15 @@ def _tensor_state(header: Header, part: Mapping[str, Any], device: torch.device 
     return state
 
 
+def _planned_rank(header: Header, name: str, cfg: KFACConfig) -> int | None:
+    """The token budget of a low-rank ``G`` as the run's plan chose it (None: exact), else ``cfg``'s (older files)."""
+    plan = (header.meta.get("report") or {}).get("plan") or {}
+    layer = (plan.get("layers") or {}).get(name)
+    if layer is not None and layer.get("representation") == "lowrank":
+        return layer.get("max_rank")
+    return cfg.lowrank_max_rank
+
+
 def read_layer_sums(header: Header, name: str, cfg: KFACConfig, device: torch.device | str = "cpu") -> LayerSums:
     """Rebuild one layer's :class:`LayerSums` from a file (fresh tensors, checksum-verified)."""
     sm = header.meta["sums"][name]
@@ -252,7 +261,7 @@ def read_layer_sums(header: Header, name: str, cfg: KFACConfig, device: torch.de
             s = DenseSum(dim, state["sum"].dtype, device)
         elif part["kind"] == "lowrank":
             state = _tensor_state(header, part, "cpu")  # on the host; a resumed collection moves U where it keeps it
-            s = LowRankSum(dim, cfg.lowrank_torch_dtype, cfg.lowrank_max_rank, device="cpu")
+            s = LowRankSum(dim, cfg.lowrank_torch_dtype, _planned_rank(header, name, cfg), device="cpu")
         else:
             raise FileFormatError(f"Factor file {header.path}: unknown sum kind {part['kind']!r} for layer {name!r}.")
         first = next(iter(state.values()))
