@@ -70,6 +70,10 @@ def _per_device(sizes: dict[str, int]) -> str:
     return ", ".join(f"{d} {format_bytes(b)}" for d, b in sizes.items())
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer" + ("" if n == 1 else "s")
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """Readable summary of a plan's dict (:meth:`~kronfisher.plan.MemoryPlan.to_dict`): G per layer, groups, passes."""
     t = "unknown" if plan["tokens"] is None else f"{plan['tokens']:,}"
@@ -81,11 +85,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         key = "low-rank exact" if lp["max_rank"] is None else f"low-rank, budget k = {lp['max_rank']}"
         kinds.setdefault("dense" if lp["representation"] == "dense" else key, []).append(name)
     for key, names in kinds.items():
-        lines.append(f"  G {key}: {len(names)} layers (e.g. {names[-1]}: {plan['layers'][names[-1]]['reason']})")
+        lines.append(f"  G {key}: {_layers(len(names))} (e.g. {names[-1]}: {plan['layers'][names[-1]]['reason']})")
     groups = plan["groups"]
     for i, (group, peak) in enumerate(zip(groups, plan["peaks"], strict=True)):
         span = group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
-        lines.append(f"  group {i + 1}/{len(groups)}: {len(group)} layers ({span}), peak {_per_device(peak)}")
+        lines.append(f"  group {i + 1}/{len(groups)}: {_layers(len(group))} ({span}), peak {_per_device(peak)}")
     per = 2 if plan["ekfac"] else 1
     lines.append(
         f"  passes over the data: {plan['passes']} ({len(groups)} group(s) × {per}); factors kept at the end: "
