@@ -98,34 +98,3 @@ def model_name(request: pytest.FixtureRequest) -> str:
     cross the cases with options (approximation, granularity, attention, ...).
     """
     return request.param
-
-
-def decompose_both_ways(sums: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """``decompose_all`` with one torch thread (sequential) and with two (concurrent eighs, Grams first).
-
-    Returns ``(sequential, concurrent, threads seen right after the concurrent call)``; the count is restored.
-    """
-    from kronfisher.decompose import entry as factors
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        seq = factors.decompose_all(sums, cfg)
-        torch.set_num_threads(2)
-        par = factors.decompose_all(sums, cfg)
-        after = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-    return seq, par, after
-
-
-def assert_same_factors(seq: dict[str, Any], par: dict[str, Any]) -> None:
-    """Same layers, ranks and factors: the same float64 matrices through the same eigh agree to round-off
-    (1e-12 of the largest entry)."""
-    assert list(par) == list(seq)
-    for name in seq:
-        for side in ("A", "G"):
-            a, b = getattr(seq[name], side), getattr(par[name], side)
-            assert a.rank == b.rank, (name, side)
-            ref = a.to_dense()
-            assert float((b.to_dense() - ref).abs().max()) <= 1e-12 * float(ref.abs().max()), (name, side)

@@ -234,3 +234,23 @@ def test_dense_sum_fold_oom_keeps_the_sum_on_cpu_with_warning(monkeypatch):
     assert seen
     for name in ref.layer_names:
         assert all(torch.equal(x, y) for x, y in zip(got.factors(name), ref.factors(name))), name
+
+
+def test_lowrank_layers_equal_dense_when_tokens_below_out() -> None:
+    """With ``T < out`` the ``[T, T]`` path (``lowrank_layers``) gives the dense K-FAC and EK-FAC blocks.
+
+    benchmarks/README.md cites this for the ``T < d`` discussion: same data in both passes, float64 storage of ``U``.
+    """
+    model = make_model("qwen2")
+    data = [{"input_ids": random_ids(1, 10)}]  # T = 10 tokens < out = 24 of gate/up
+    for ekfac in (False, True):
+        fits = [
+            kf.fit(model, data, kf.KFACConfig(accumulate_dtype="float64", lowrank_dtype="float64", ekfac=ekfac, **kw))
+            for kw in ({}, {"lowrank_layers": (r"mlp\.(gate|up)_proj",)})
+        ]
+        names = [n for n in fits[0].layer_names if "gate_proj" in n or "up_proj" in n]
+        assert names and all(fits[1].block(n).representation == "lowrank" for n in names)
+        for n in names:
+            ref, got = fits[0].to_dense(n), fits[1].to_dense(n)
+            # float64 round-off of two eigendecompositions of the same G: 1e-13 relative.
+            assert float((got - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
