@@ -270,3 +270,24 @@ def test_cli_budget_too_small_is_one_line_naming_the_layer(tmp_path, capsys) -> 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Layer 'model.layers.0.self_attn.q_proj'" in err and "bytes" in err and "Traceback" not in err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the plan counts one low-rank column per token; an MC Fisher keeps mc_samples columns per token, so U, "
+    "its [m, m] Gram and the dense/low-rank choice are planned for 1/mc_samples of the real columns",
+)
+def test_plan_counts_the_columns_of_an_mc_fisher() -> None:
+    """With ``fisher="mc"`` and ``mc_samples = s`` a low-rank ``G`` holds ``s`` columns per token: the plan must not
+    count fewer columns than the run holds (reference: ``num_columns`` of the collected sum)."""
+    model = make_model("qwen2")
+    cfg = kf.KFACConfig(
+        accumulate_dtype="float64", lowrank_threshold=20, lowrank_dtype="float64", max_memory="1GiB", fisher="mc"
+    )
+    cfg = cfg.replace(mc_samples=3, seed=1)
+    batches = [{"input_ids": random_ids(1, 4, seed=s)} for s in (1, 2)]
+    _, collector, report = kf.collect(model, batches, cfg)
+    assert report.plan is not None
+    for name, s in collector.sums.items():
+        if s.G.kind == "lowrank":
+            assert report.plan["layers"][name]["columns"] >= s.G.num_columns, name
