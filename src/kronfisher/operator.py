@@ -23,7 +23,8 @@ from .algebra.block import KronBlock, block_summary
 from .algebra.damping import Damping, spectrum
 from .algebra.kron import kron_apply
 from .algebra.woodbury import woodbury_power
-from .collection.placement import block_on, on_cpu_after_oom
+from .collection import placement
+from .collection.placement import block_on
 from .collection.sums import LayerSums
 from .config import KFACConfig, check_number
 from .decompose.entry import decompose_all
@@ -275,7 +276,7 @@ class KFAC:
             return kron_apply(v.to(where, work), g, a, span.to(where, work), t)
 
         what = f"the product of layer {name!r} (out={block.G.dim}, in={block.A.dim})"
-        return on_cpu_after_oom(run, dev, what).to(v.device, v.dtype)
+        return placement.on_cpu_after_oom(run, dev, what).to(v.device, v.dtype)
 
     def fvp(self, vectors: Mapping[str, Tensor], damped: bool = False) -> dict[str, Tensor]:
         """Fisher-vector product ``F v`` (undamped unless ``damped``)."""

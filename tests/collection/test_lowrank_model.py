@@ -12,7 +12,7 @@ import kronfisher.collection.placement as placement
 from conftest import make_model, random_ids
 from kronfisher.drivers.ekfac import correct
 from kronfisher.errors import PlacementWarning, TiedWeightsWarning
-from placement_faults import oom_once
+from placement_faults import oom_once, oom_once_after
 
 BATCHES = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(2)]
 OTHER = [{"input_ids": random_ids(3, 5, seed=10 + s)} for s in range(2)]
@@ -159,29 +159,18 @@ def test_a_factor_oom_falls_back_too(monkeypatch):
 def test_decomposition_oom_reruns_that_factor_on_cpu(monkeypatch, factor):
     """A real OOM in the eigendecomposition of one dense factor (its float64 copy and the solver's workspace) reruns
     that decomposition on CPU with a PlacementWarning naming layer, factor and size; every block is identical.
-    The accelerator is simulated (no GPU here); the injected error is the first eigh of that factor."""
-    import kronfisher.decompose.layer as factors
-
+    The accelerator is simulated (no GPU here); the injected error is the first run of that decomposition."""
     model = make_model("llama")
     cfg = kf.KFACConfig(**F64)
     ref = kf.fit(model, BATCHES, cfg)
     monkeypatch.setattr(placement, "is_accelerator", lambda device: True)
-    real, calls = factors.safe_eigh, []
-
-    def eigh(mean, *, name, factor, **kw):
-        if name == "model.layers.1.mlp.down_proj" and factor == factor_name:
-            calls.append(factor)
-            if len(calls) == 1:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB (injected)")
-        return real(mean, name=name, factor=factor, **kw)
-
-    factor_name = factor
-    monkeypatch.setattr(factors, "safe_eigh", eigh)
+    what = f"eigendecomposition of factor {factor} of layer 'model.layers.1.mlp.down_proj'"
+    calls = oom_once_after(monkeypatch, what)
     dim = 24 if factor == "A" else 16
-    match = rf"eigendecomposition of factor {factor} of layer 'model.layers.1.mlp.down_proj' \({dim} × {dim}\)"
+    match = rf"{what} \({dim} × {dim}\)"
     with pytest.warns(PlacementWarning, match=match):
         got = kf.fit(model, BATCHES, cfg)
-    assert calls == [factor, factor]  # the failed attempt, then the CPU rerun
+    assert calls == [True, False]  # the failed attempt, then the CPU rerun
     for name in ref.layer_names:
         b, r = got.block(name), ref.block(name)
         assert torch.equal(b.A.vectors, r.A.vectors) and torch.equal(b.G.values, r.G.values), name
@@ -203,12 +192,7 @@ def test_sum_allocation_oom_puts_that_sum_on_cpu(monkeypatch):
 
 
 def test_decomposition_oom_on_cpu_is_not_swallowed(monkeypatch):
-    import kronfisher.decompose.layer as factors
-
-    def eigh(mean, **kw):
-        raise torch.OutOfMemoryError("out of memory (injected)")
-
-    monkeypatch.setattr(factors, "safe_eigh", eigh)
+    oom_once_after(monkeypatch, "eigendecomposition of factor")
     with pytest.raises(torch.OutOfMemoryError):  # already on CPU: nothing to fall back to
         kf.fit(make_model("llama"), BATCHES, kf.KFACConfig(**F64))
 

@@ -15,7 +15,6 @@ import torch
 import kronfisher as kf
 import kronfisher.algebra.columns as columns
 import kronfisher.collection.placement as placement
-import kronfisher.operator as operator_module
 from conftest import make_model, random_ids
 from kronfisher.algebra.columns import ColumnStore, Residence
 from kronfisher.algebra.kron import thin_kron_apply
@@ -23,7 +22,7 @@ from kronfisher.algebra.lowrank import eigen_from_columns
 from kronfisher.collection.sums import LowRankSum
 from kronfisher.errors import PlacementWarning
 from kronfisher.transfer import STATS
-from placement_faults import oom_once
+from placement_faults import oom_once, oom_once_after
 
 BATCHES = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(2)]
 F64 = {"accumulate_dtype": "float64", "lowrank_dtype": "float64", "damping": 0.05}
@@ -137,38 +136,17 @@ def test_operator_product_out_of_memory_is_computed_on_the_host(monkeypatch):
     ref = kf.fit(model, BATCHES, CFG)
     _simulate(monkeypatch)
     got = kf.fit(model, BATCHES, CFG)
-    real, calls = operator_module.kron_apply, []
-
-    def kron_apply(v, g, a, span, tail):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (injected)")
-        return real(v, g, a, span, tail)
-
-    monkeypatch.setattr(operator_module, "kron_apply", kron_apply)
+    calls = oom_once_after(monkeypatch, "the product of layer")
     with pytest.warns(PlacementWarning, match=r"the product of layer"):
         _same_fit(got, ref)
-
-
-def _fail_first(fn):
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("out of memory (injected)")
-        return fn(*args, **kwargs)
-
-    return wrapped
+    assert calls[:2] == [True, False]  # the device product failed, the host one ran
 
 
 def test_lowrank_eigenform_out_of_memory_is_computed_on_the_host(monkeypatch):
-    import kronfisher.decompose.layer as layer
-
     model = make_model("qwen2")
     ref = kf.fit(model, BATCHES, CFG)
     _simulate(monkeypatch)
-    monkeypatch.setattr(layer, "eigen_from_columns", _fail_first(layer.eigen_from_columns))
+    oom_once_after(monkeypatch, "low-rank eigenform of G of layer 'lm_head'")
     with pytest.warns(PlacementWarning, match=r"low-rank eigenform of G of layer 'lm_head' \(24 columns of out=40\)"):
         got = kf.fit(model, BATCHES, CFG)
     assert got.block("lm_head").G.columns.residence == Residence(torch.device("cpu"))

@@ -176,7 +176,10 @@ def on_cpu_after_oom(run: Callable[[torch.device], R], device: torch.device, wha
     """``run(device)``; after a real out-of-memory error on an accelerator, ``run(cpu)`` with a warning.
 
     For work done once per factor after collection (the eigendecomposition of a dense factor: its float64 copy and
-    the solver's workspace need several times the factor's memory). ``what`` names the layer, factor and size.
+    the solver's workspace need several times the factor's memory) and for the operator's products. ``what`` names
+    the layer, factor and size. Callers reach it as ``placement.on_cpu_after_oom``, so that it is also the one
+    public seam where tests inject an out-of-memory error into that work (with :meth:`Placement.run` and
+    :meth:`Placement.allocate` for the per-batch work).
 
     Raises:
         torch.OutOfMemoryError: out of memory on CPU, or on an accelerator during the CPU rerun's own allocations.

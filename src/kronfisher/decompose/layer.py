@@ -17,7 +17,7 @@ from ..algebra.block import KronBlock
 from ..algebra.columns import Residence
 from ..algebra.eigen import Eigen, safe_eigh
 from ..algebra.lowrank import eigen_from_columns, eigen_from_rows
-from ..collection.placement import on_cpu_after_oom
+from ..collection import placement
 from ..collection.sums import DenseSum, LayerSums
 from ..config import KFACConfig
 
@@ -67,9 +67,9 @@ def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> 
         return decompose_factor(mean, name=name, factor=factor, cfg=cfg, symmetric=True)
 
     what = f"the eigendecomposition of factor {factor} of layer {name!r} ({part.dim} × {part.dim})"
-    eig = on_cpu_after_oom(run, device, what)
+    eig = placement.on_cpu_after_oom(run, device, what)
     if eig.vectors.device != device:  # rerun on CPU: back to the sum's device if it can hold the result
-        eig = on_cpu_after_oom(lambda where: Eigen(eig.vectors.to(where), eig.values.to(where)), device, what)
+        eig = placement.on_cpu_after_oom(lambda where: Eigen(eig.vectors.to(where), eig.values.to(where)), device, what)
     return eig
 
 
@@ -101,7 +101,7 @@ def decompose_G(name: str, sums: LayerSums, cfg: KFACConfig) -> Eigen:
             )
 
         what = f"the low-rank eigenform of G of layer {name!r} ({g.num_columns} columns of out={g.dim})"
-        return on_cpu_after_oom(run, cols.device, what)
+        return placement.on_cpu_after_oom(run, cols.device, what)
     return decompose_dense(name, sums.G, "G", cfg)
 
 
