@@ -34,7 +34,7 @@ test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests
 
 analyze: $(HFSTAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/kronfisher analyze --output-dir results/default
+	HF_HUB_OFFLINE=1 $(BIN)/kronfisher analyze --output-dir results/default --no-factor-file
 
 bench: $(HFSTAMP)
 	$(PIP) -q -e ".[bench]"

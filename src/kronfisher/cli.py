@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-sums", action="store_true", help="no raw sums in factor files (the default; kept for scripts)")
     r.add_argument("--no-plots", action="store_true", help="skip the plots")
+    r.add_argument("--no-factor-file", action="store_true", help="keep the report only, no factor files (no reuse)")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
 
     i = sub.add_parser("inspect", help="table of the layers of a factor file")
@@ -213,6 +214,7 @@ def cmd_analyze(args: argparse.Namespace, argv: Sequence[str]) -> int:
         checkpoint_every=args.checkpoint_every,
         overlap_k=args.overlap_k,
         save_sums=args.save_sums and not args.no_sums,
+        save_factors=not args.no_factor_file,
         plots=not args.no_plots,
         quiet=args.quiet,
         command=command_line(list(argv)),

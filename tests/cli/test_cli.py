@@ -334,3 +334,22 @@ def test_merge_of_disjoint_runs_equals_the_run_on_the_union(
     fm, fu = kf.load(merged), kf.load(files[2])
     for name in fu.layer_names:
         torch.testing.assert_close(fm.to_dense(name), fu.to_dense(name), rtol=1e-8, atol=1e-12)
+
+
+def test_no_factor_file_keeps_the_report_and_writes_no_factors(workdir: Path, e2e: tuple[Path, dict]) -> None:
+    """``--no-factor-file`` (what ``make analyze`` runs): the same report numbers, no factor file on disk."""
+    out, want = workdir / "report-only", e2e[1]
+    args = ["analyze", "--model", str(workdir / "qwen"), "--data", str(workdir / "a.txt"), "--output-dir", str(out)]
+    assert main([*args, *COMMON, "--max-tokens", "300", "--damping", "0.01", "--no-factor-file"]) == 0
+    got = json.loads((out / "report.json").read_text())
+    assert not list(out.rglob("*.safetensors")) and not (out / "checkpoints").exists()
+    assert got["models"][0]["factor_file"] is None
+    assert got["models"][0]["layers"].keys() == want["models"][0]["layers"].keys()
+    for layer, row in got["models"][0]["layers"].items():
+        for key, value in row.items():
+            ref = want["models"][0]["layers"][layer][key]
+            # Same data, same factors: equal up to the rounding of GEMMs run in another order of allocation.
+            assert value == (pytest.approx(ref, rel=1e-10, abs=1e-300) if isinstance(value, float) else ref), (
+                layer,
+                key,
+            )

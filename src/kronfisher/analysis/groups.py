@@ -37,11 +37,11 @@ def fit_groups(
     plan: MemoryPlan,
     info: Callable[[str], None],
     timings: dict[str, float],
-    factor_path: Path,
+    factor_path: Path | None,
     identity: dict[str, Any],
     sources: Any,
 ) -> KFAC:
-    """Run the groups of ``plan`` and save the factor file (without sums); phases are printed with ``info``."""
+    """Run the groups of ``plan`` and save the factor file (without sums; none when ``factor_path`` is None)."""
     t = time.monotonic()
     fisher = run_groups(
         lm.model,
@@ -57,6 +57,8 @@ def fit_groups(
         "data; each group's raw sums were freed once decomposed, so the factor file holds no sums (no merge)."
     )
     timings["groups"] = time.monotonic() - t
+    if factor_path is None:
+        return fisher
     t = time.monotonic()
     factor_path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"identity": identity, "data": sources}  # as the ungrouped path writes them (resume compares identity)

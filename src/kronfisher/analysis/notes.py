@@ -61,7 +61,7 @@ def model_entry(
     grad: Any,
     collection: dict[str, Any],
     rows: Mapping[str, dict[str, Any]],
-    factor_file: str,
+    factor_file: str | None,
 ) -> dict[str, Any]:
     """The report's entry of one analysed model (``report.json["models"][i]``), without its timings."""
     params = next(lm.model.parameters())

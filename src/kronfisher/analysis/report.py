@@ -142,7 +142,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         t = m["totals"]
         lines += [f"## Model {i}: {m['name']}", ""]
         lines += [
-            f"- source: `{m['source']}`; factor file: `{m['factor_file']}`",
+            f"- source: `{m['source']}`; factor file: `{m['factor_file'] or 'not kept (--no-factor-file)'}`",
             f"- layers: {t['layers']} ({', '.join(f'{k}: {v}' for k, v in t['representations'].items())}), "
             f"parameters covered: {t['params']}",
             f"- mean loss on the data: {fmt(m['loss'], 4)} (perplexity {fmt(m['perplexity'], 4)})",
@@ -245,7 +245,7 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
         parts.append(f'<h2 id="model-{i}">Model {i}: {_h(m["name"])}</h2>')
         summary = [
             ["source", m["source"]],
-            ["factor file", m["factor_file"]],
+            ["factor file", m["factor_file"] or "not kept (--no-factor-file)"],
             ["layers", f"{t['layers']} ({', '.join(f'{k}: {v}' for k, v in t['representations'].items())})"],
             ["parameters covered", fmt(t["params"])],
             ["mean loss / perplexity", f"{fmt(m['loss'], 4)} / {fmt(m['perplexity'], 4)}"],

@@ -73,6 +73,7 @@ class AnalyzeOptions:
     checkpoint_every: int | None = None
     overlap_k: int = 16
     save_sums: bool = False
+    save_factors: bool = True
     plots: bool = True
     quiet: bool = False
     command: str = ""
@@ -163,7 +164,8 @@ def _fit_and_save(run: _ModelRun, opts: AnalyzeOptions, console: Console) -> KFA
     cfg, lm, shard, timings = opts.cfg, run.lm, run.shard, run.timings
     plan = plan_for(lm, shard, cfg, console.info)  # printed before the first batch
     if len(plan.groups) > 1:  # layer groups, each with its own passes; no checkpoints, no sums in the file
-        return fit_groups(lm, shard, cfg, plan, console.info, timings, run.factor_path, run.identity, run.tb.sources)
+        path = run.factor_path if opts.save_factors else None
+        return fit_groups(lm, shard, cfg, plan, console.info, timings, path, run.identity, run.tb.sources)
     t = time.monotonic()
     bar = console.bar(run.tb.tokens, "  K-FAC factors")
     try:
@@ -200,15 +202,16 @@ def _fit_and_save(run: _ModelRun, opts: AnalyzeOptions, console: Console) -> KFA
             bar.close()
         timings["ekfac"] = time.monotonic() - t
     t = time.monotonic()
-    kept = sums_writer(lm, collector.infos, collector.sums, cfg, report, run.identity, shard)
-    with keeping_sums(run.factor_path, run.ckpt, kept, shard.world_size):  # a full disk: the sums are kept
-        save(  # on every rank: rank 0 writes, the others wait for the complete file
-            fisher,
-            run.factor_path,
-            model=lm.model,
-            include_sums=opts.save_sums,
-            extra_meta={"identity": run.identity, "data": run.tb.sources},
-        )
+    if opts.save_factors:
+        kept = sums_writer(lm, collector.infos, collector.sums, cfg, report, run.identity, shard)
+        with keeping_sums(run.factor_path, run.ckpt, kept, shard.world_size):  # a full disk: the sums are kept
+            save(  # on every rank: rank 0 writes, the others wait for the complete file
+                fisher,
+                run.factor_path,
+                model=lm.model,
+                include_sums=opts.save_sums,
+                extra_meta={"identity": run.identity, "data": run.tb.sources},
+            )
     remove_checkpoint(run.ckpt)  # each rank its own checkpoint
     barrier()
     if is_main_process() and run.ckpt.parent.is_dir() and not any(run.ckpt.parent.iterdir()):
@@ -227,7 +230,8 @@ def analyze_model(
     reuse = False
     if opts.resume and run.factor_path.exists():
         reuse = not mismatch(read_metadata(run.factor_path).get("extra", {}).get("identity", {}), run.identity)
-    if broadcast_object(reuse):  # rank 0 decides for all: a split decision would pair unrelated collectives
+    reuse = broadcast_object(reuse)  # rank 0 decides for all: a split decision would pair unrelated collectives
+    if reuse:
         console.info(f"  factors already complete in {run.factor_path}: reusing them")
         fisher = load(run.factor_path, model=lm.model, allow_subset=True)  # same identity: this run's own layers
     else:
@@ -251,7 +255,9 @@ def analyze_model(
         spectra[name] = {"A": b.A.values.detach().cpu().numpy(), "G": b.G.values.detach().cpu().numpy()}
     timings["metrics"] = time.monotonic() - t
     timings["total"] = time.monotonic() - t0
-    entry = model_entry(index, lm, tb, grad, fisher.report.to_dict(), rows, str(run.factor_path.relative_to(out)))
+    kept = reuse or opts.save_factors
+    saved = str(run.factor_path.relative_to(out)) if kept else None  # --no-factor-file: the report only
+    entry = model_entry(index, lm, tb, grad, fisher.report.to_dict(), rows, saved)
     entry["timings_s"] = timings
     return lm, ModelResult(f"{index}: {lm.source.name}", fisher, layer_params(lm.model, fisher), entry, spectra)
 
