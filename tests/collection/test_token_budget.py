@@ -69,3 +69,19 @@ def test_default_budget_is_exact_when_tokens_fit():
     exact = kf.fit(model, batches, kf.KFACConfig(**base, lowrank_max_rank=None))
     assert budget.block("lm_head").G.tail == 0.0
     torch.testing.assert_close(budget.to_dense("lm_head"), exact.to_dense("lm_head"), rtol=1e-12, atol=0)
+
+
+def test_staged_rows_whose_gram_would_overflow_are_refused_like_non_finite_ones():
+    # Rows are staged and their Gram formed at commit: the check refuses finite rows whose Gram could overflow the
+    # sum's dtype (n · max|a|² beyond its range), as a check of the Gram itself did, and accepts ordinary ones.
+    from kronfisher.collection.collector import FactorCollector
+    from kronfisher.layers import LayerInfo
+
+    info = LayerInfo("lin", "linear", 4, 3, True, "lin.weight", "lin.bias")
+    collector = FactorCollector({"lin": info}, kf.KFACConfig())  # float32 sums
+    ok = torch.full((8, 4), 1e15)  # 8 · 1e30 < 3.4e38
+    big = torch.full((8, 4), 1e19)  # 8 · 1e38 overflows float32
+    assert bool(collector.check(("lin", "A", ok, (8.0, 1.0))))
+    assert not bool(collector.check(("lin", "A", big, (8.0, 1.0))))
+    assert not bool(collector.check(("lin", "G", ok, (8.0, 1e5))))  # the scale enters as s²
+    assert not bool(collector.check(("lin", "A", torch.tensor([[float("nan"), 0, 0, 0]]), (1.0, 1.0))))

@@ -57,11 +57,13 @@ def test_rows_route_refuses_no_rows_and_pays_only_below_the_ratio():
     assert rows_route_pays(100, 1000) and not rows_route_pays(900, 1000) and not rows_route_pays(0, 1000)
 
 
-@pytest.mark.parametrize("ekfac", [False, True])
-def test_fit_with_the_rows_route_equals_the_dense_path(monkeypatch, ekfac):
-    # A tiny Qwen2 on 12 tokens per batch: down_proj's A (24) and the lm_head's G (40) are kept as rows (T ≤ d / 2)
-    # and decomposed from their [T, T] Gram; ROWS_RATIO = 0 forces the dense path. Same factors and the same damped
-    # inverse, float64, 1e-10 relative (EK-FAC on the K-FAC data: per-sample gradients have no null-space part).
+@pytest.mark.parametrize(("seq", "ekfac"), [(6, False), (6, True), (3, False)])
+def test_fit_with_the_rows_route_equals_the_dense_path(monkeypatch, seq, ekfac):
+    # A tiny Qwen2 on 2 × seq tokens: with 12, down_proj's A (24) and the lm_head's G (40) are kept as rows
+    # (T ≤ d / 2); with 6, every A is, q/k/v sharing one stored copy of their input rows (decomposed once).
+    # They are decomposed from their [T, T] Gram; ROWS_RATIO = 0 forces the dense path. Same factors and the same
+    # damped inverse, float64, 1e-10 relative (EK-FAC on the K-FAC data: per-sample gradients have no null-space
+    # part).
     import importlib
 
     import kronfisher as kf
@@ -70,9 +72,20 @@ def test_fit_with_the_rows_route_equals_the_dense_path(monkeypatch, ekfac):
     collect = importlib.import_module("kronfisher.collection.collector")
 
     model = make_model("qwen2")
-    batches = [{"input_ids": random_ids(2, 6, seed=s)} for s in range(1)]
+    batches = [{"input_ids": random_ids(2, seq, seed=s)} for s in range(1)]
     cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_dtype="float64", damping=1e-3, ekfac=ekfac)
     route = kf.fit(model, batches, cfg)
+    if seq == 3:
+        from kronfisher.decompose.layer import shared_A_owners
+
+        _, collector, _ = kf.collect(model, batches, cfg)
+        sums = collector.sums
+        assert all(s.A.holds_rows for s in sums.values()) and sums["lm_head"].G.holds_rows
+        owners = shared_A_owners(sums)
+        assert owners["model.layers.0.self_attn.v_proj"] == owners["model.layers.0.self_attn.q_proj"]
+        assert (
+            sums["model.layers.0.self_attn.k_proj"].A.rows[0][0] is sums["model.layers.0.self_attn.q_proj"].A.rows[0][0]
+        )
     monkeypatch.setattr(collect, "ROWS_RATIO", 0.0)
     dense = kf.fit(model, batches, cfg)
     for name in dense.layer_names:
