@@ -41,8 +41,13 @@ def describe_fisher(cfg: KFACConfig) -> str:
     kind = "EK-FAC (eigenvalue-corrected, George et al. 2018)" if cfg.ekfac else "K-FAC (Martens & Grosse 2015)"
     fisher = "empirical Fisher (data targets)" if cfg.fisher == "empirical" else f"MC Fisher ({cfg.mc_samples} draws)"
     damp = f"damping {cfg.damping:g} ({cfg.damping_mode})"
-    low = f"low-rank G for out > {cfg.lowrank_threshold}" + (
-        f" with a budget of {cfg.lowrank_max_rank} eigenpairs plus an isotropic tail" if cfg.lowrank_max_rank else ""
+    # The memory plan chooses G per layer (docs/concepts.md#memory-plan-and-module-groups): the budget is not
+    # applied to every layer above the threshold, only where a dense G does not fit (or the layer is named).
+    low = f"G dense, or for out > {cfg.lowrank_threshold} exact low-rank U Uᵀ while the tokens are below out" + (
+        f"; a budget of {cfg.lowrank_max_rank} eigenpairs plus an isotropic tail only where a dense G does not fit "
+        "in max_memory or the layer is named by lowrank_layers (see the plan)"
+        if cfg.lowrank_max_rank
+        else ""
     )
     return f"{kind} of the {fisher}, {cfg.approx} approximation, {damp}, {low}."
 
