@@ -312,3 +312,14 @@ def test_weight_digest_is_the_documented_strided_float32_sample() -> None:
         h.update(f"{list(t.shape)};".encode())
         h.update(t.detach().reshape(-1)[idx].to(torch.float32).numpy().astype("<f4").tobytes())
     assert kfp.weight_digest(layer) == h.hexdigest()[:16]
+
+
+def test_merge_refuses_an_output_that_is_one_of_its_inputs(qwen_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kronfisher merge F F`` replaced F by a K-FAC file of itself (EK-FAC dropped); now one line and F unchanged."""
+    before = qwen_file.read_bytes()
+    assert main(["merge", str(qwen_file), str(qwen_file)]) == 2
+    err = capsys.readouterr().err
+    assert "also one of its inputs" in err and "hint:" in err and "Traceback" not in err, err
+    with pytest.raises(kf.FileFormatError, match="also one of its inputs"):
+        kf.merge_files([qwen_file.parent / "." / qwen_file.name], qwen_file)  # the same file, spelled otherwise
+    assert qwen_file.read_bytes() == before

@@ -117,6 +117,13 @@ def merge_files(
     paths = [Path(p) for p in paths]
     if not paths:
         raise KronfisherError("merge_files needs at least one input file.")
+    out = Path(out_path)
+    if out.exists() and any(p.exists() and p.samefile(out) for p in paths):
+        # Written atomically over its own input, the file would lose what a merge drops (EK-FAC eigenvalues).
+        raise FileFormatError(
+            f"The merge output {out} is also one of its inputs; it would be replaced by the merged file.",
+            hint="Name a new output file first: kronfisher merge OUTPUT INPUT INPUT...",
+        )
     files = []
     for p in paths:
         f = load_sums(p)
