@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kronfisher.data import _text_pieces, build_batches
+from kronfisher.data import build_batches, text_pieces
 from kronfisher.errors import DataError
 from kronfisher.models import ModelLoadError, embedded_text_path, resolve_source
 from test_cli_helpers import char_tokenizer
@@ -71,7 +71,7 @@ def test_token_budget_spans_sources(tmp_path: Path) -> None:
 
 def test_plain_text_pieces_cover_the_text_exactly() -> None:
     text = embedded_text_path().read_text(encoding="utf-8")
-    pieces = list(_text_pieces(text, 1000))
+    pieces = list(text_pieces(text, 1000))
     assert "".join(pieces) == text and len(pieces) > 10
     assert all(p.endswith("\n") for p in pieces[:-1])  # cut after a newline
     assert "It is a truth universally acknowledged" in text[:200]

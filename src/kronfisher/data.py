@@ -41,7 +41,7 @@ def source_kind(path: Path) -> str:
     return "text"
 
 
-def _text_pieces(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+def text_pieces(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
     """``text`` in consecutive pieces of about ``size`` characters, each ending after a newline when possible."""
     start = 0
     while start < len(text):
@@ -128,7 +128,7 @@ def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[Itera
         raise DataError(f"Data file {p} does not exist.", hint="Pass --data with a .txt, .jsonl or dataset folder.")
     kind = source_kind(p)
     if kind == "text":
-        yield _text_pieces(_read_text(p))
+        yield text_pieces(_read_text(p))
     elif kind == "jsonl":
         for doc in _jsonl_documents(p, text_field):
             yield iter((doc,))

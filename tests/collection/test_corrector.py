@@ -9,7 +9,7 @@ from kronfisher.collection.corrector import EigenCorrector
 
 
 def test_ekfac_span_commit_equals_the_batched_formula() -> None:
-    """``EigenCorrector._add_span`` (per-sequence products into a reused scratch, added in place at commit) is
+    """``EigenCorrector.add_span`` (per-sequence products into a reused scratch, added in place at commit) is
     ``Σ_b (z_bᵀ y_b)²``, and ``z²ᵀ y²`` for token granularity; into a float32 sum from float64 projections too."""
     corrector = EigenCorrector({}, {}, kf.KFACConfig())
     gen = torch.Generator().manual_seed(2)
@@ -18,16 +18,16 @@ def test_ekfac_span_commit_equals_the_batched_formula() -> None:
         y = torch.randn(b, s, a, generator=gen, dtype=torch.float64)
         ref = torch.einsum("bsr,bsa->bra", z, y).square().sum(0)
         got = torch.ones(r, a, dtype=torch.float64)
-        corrector._add_span(got, z, y)
+        corrector.add_span(got, z, y)
         # float64 products summed in another order: 1e-13 relative (on top of the sum's previous content).
         assert float((got - 1 - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
         single = torch.zeros(r, a, dtype=torch.float32)
-        corrector._add_span(single, z, y)
+        corrector.add_span(single, z, y)
         assert float((single.double() - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
         flat_z, flat_y = z.reshape(-1, r).square(), y.reshape(-1, a).square()
         token = torch.zeros(r, a, dtype=torch.float64)
-        corrector._add_span(token, flat_z, flat_y)
+        corrector.add_span(token, flat_z, flat_y)
         torch.testing.assert_close(token, flat_z.t() @ flat_y, rtol=1e-13, atol=0)
     empty = torch.zeros(4, 2)
-    corrector._add_span(empty, torch.zeros(0, 3, 4), torch.zeros(0, 3, 2))
+    corrector.add_span(empty, torch.zeros(0, 3, 4), torch.zeros(0, 3, 2))
     assert torch.equal(empty, torch.zeros(4, 2))

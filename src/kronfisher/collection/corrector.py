@@ -53,7 +53,7 @@ class EigenCorrector:
         self.sums: dict[str, Tensor] = {}
         self.tail_sums: dict[str, Tensor] = {}
         self.counts: dict[str, float] = {n: 0.0 for n in blocks}
-        self._scratch: dict[tuple[Any, ...], Tensor] = {}  # see _add_span
+        self._scratch: dict[tuple[Any, ...], Tensor] = {}  # see add_span
         self._rotations: dict[tuple[Any, ...], Tensor] = {}  # Q_A in the work dtype on the work device, per block
         self.placement = Placement(on_fallback=self._move_to_host)
         self.blocks = dict(blocks)
@@ -133,7 +133,7 @@ class EigenCorrector:
                 staged.append((name, "tail", (tail / max(block.G.dim - block.G.rank, 1)).to(dtype), (0.0, None)))
         return staged
 
-    def _add_span(self, total: Tensor, z: Tensor, y: Tensor) -> None:
+    def add_span(self, total: Tensor, z: Tensor, y: Tensor) -> None:
         """``total += Σ_b (z_bᵀ y_b)²`` (sequence: ``z`` ``[B, S, r]``, ``y`` ``[B, S, a]``) or ``z²ᵀ y²`` (token).
 
         For token granularity ``z`` and ``y`` arrive squared (``[T, r]``, ``[T, a]``). Formed at commit from the
@@ -173,7 +173,7 @@ class EigenCorrector:
         """Add checked contributions: the span sums from the staged projections, in place, layer by layer."""
         for name, target, tensor, (count, y) in staged:
             if target == "span":
-                self._add_span(self.sums[name], tensor, y)
+                self.add_span(self.sums[name], tensor, y)
                 self.counts[name] += count
             else:
                 self.tail_sums[name].add_(tensor.to(self.tail_sums[name].device))
