@@ -2,6 +2,14 @@
 
 Test cases are data: ``TINY_MODELS`` maps a name to a constructor; tests take the ``model_name`` fixture (every
 architecture, or the ones a ``parametrize`` mark names) and cross it with options.
+
+Layout: the tests of ``kronfisher/<pkg>/<module>.py`` are in ``tests/<pkg>/`` (``algebra``, ``collection``,
+``decompose``, ``io``, ``drivers``, ``analysis``, ``cli``); top-level modules and package-wide checks (docs, README,
+examples, import floors) have theirs here. Shared helpers live in this folder and are imported by name
+(``conftest``, ``helpers_oracle``, ``distributed_helper``, ``placement_faults``, ``gguf_fixture``,
+``test_cli_helpers``): the folders have no ``__init__.py`` (``tests/io`` must not shadow the standard ``io``), so
+every test file's basename is unique across ``tests/``. A regression test is named after the bug it pins and sits
+with the tests of the module it pins.
 """
 
 from __future__ import annotations
