@@ -69,7 +69,8 @@ class CollectState:
                     theirs.sum = theirs.sum.to(mine.sum.device)
                 elif mine.kind == theirs.kind == "lowrank":
                     columns_like(theirs, mine)
-                    theirs.max_rank, theirs.buffer = mine.max_rank, mine.buffer  # the plan's budget (None: exact)
+                    # the plan's budget (None: exact) and the dtype of its [m, m] work, as the uninterrupted pass
+                    theirs.max_rank, theirs.buffer, theirs.gram_dtype = mine.max_rank, mine.buffer, mine.gram_dtype
             collector.sums[name] = saved
         return int(self.batches_done)
 
