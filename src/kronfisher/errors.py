@@ -107,7 +107,7 @@ class TiedWeightsWarning(KronfisherWarning):
 
 
 class InputError(KronfisherError, ValueError):
-    """A user input that cannot be used (CLI): the message says what, ``hint`` says what to do.
+    """A user input that cannot be used (a command-line argument, a batch): the message says what, ``hint`` what to do.
 
     Attributes:
         hint: one line suggesting a fix, or None.

@@ -17,6 +17,7 @@ from ..report import CollectionReport
 from .collector import FactorCollector
 from .forward import activation_only_backward, eval_mode, model_device, model_inputs, to_device
 from .hooks import Capture
+from .inputs import check_lm_batch, loss_without_grad, vocab_sizes
 from .lossterms import PASS_KFAC, MCDraws, lm_terms, mc_generator, summed_ce
 from .tied import find_tied, note_tied
 
@@ -66,6 +67,9 @@ def run_batch(
         if cfg.fisher != "empirical":
             raise ConfigError("fisher='mc' needs logits: use a causal-LM batch (no loss_fn) for the MC Fisher.")
         loss, info = loss_fn(model, batch)
+        if not (isinstance(loss, Tensor) and loss.requires_grad):
+            cap.discard()  # the forward's hooked inputs; nothing was staged
+            raise loss_without_grad(loss, batch, index)
         n = int(info["num_terms"])
         mask = info.get("attention_mask")
         t = int(mask.sum()) if mask is not None else 1
@@ -82,6 +86,8 @@ def run_batch(
         return ok
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise ConfigError(f"Batch {index}: expected a mapping with 'input_ids' (or pass loss_fn).")
+    vocab, classes = vocab_sizes(model)  # before the forward: a bad batch never reaches the model or the sums
+    batch = check_lm_batch(batch, index, vocab=vocab, classes=classes, ignore_index=cfg.ignore_index)
     fwd = model_inputs(model, batch)
     logits = model(**fwd).logits
     terms = lm_terms(logits, batch, cfg.ignore_index)
