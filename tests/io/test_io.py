@@ -199,6 +199,25 @@ def test_merge_halves_equals_union(tmp_path):
     assert [d["path"] for d in kf.read_metadata(out)["extra"]["merged_from"]] == [str(p1), str(p2)]
 
 
+def test_merge_of_runs_whose_plans_chose_different_representations_equals_union(tmp_path):
+    """gate/up (out 24 > lowrank_threshold 20) are exact low-rank in a run of 8 tokens and dense in one of 128 (the
+    plan chooses by the token count): the merge raised AttributeError. Now the low-rank ``G`` joins the dense one as
+    ``W Wᵀ``; reference: one run over the union (float64, relative 1e-12), either input first."""
+    model = make_model("qwen2")
+    cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_threshold=20, lowrank_dtype="float64", max_memory="1GiB")
+    few, many = [{"input_ids": random_ids(1, 8, seed=1)}], [{"input_ids": random_ids(4, 16, seed=s)} for s in (2, 3)]
+    gate = "model.layers.0.mlp.gate_proj"
+    small, large = kf.fit(model, few, cfg), kf.fit(model, many, cfg)
+    assert (small.block(gate).representation, large.block(gate).representation) == ("lowrank", "dense")
+    paths = [f.save(tmp_path / f"{i}.safetensors", include_sums=True) for i, f in enumerate((small, large))]
+    union = kf.fit(model, few + many, cfg)
+    for k, inputs in enumerate((paths, paths[::-1])):
+        merged = kf.load(kf.merge_files(inputs, tmp_path / f"m{k}.safetensors"))
+        for name in union.layer_names:
+            ref = union.to_dense(name)
+            torch.testing.assert_close(merged.to_dense(name), ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
+
+
 def test_merge_refuses_incompatible_and_drops_ekfac(kfac_qwen, ekfac_qwen, tmp_path):
     _, fisher = kfac_qwen
     p1 = fisher.save(tmp_path / "a.safetensors", include_sums=True)

@@ -7,8 +7,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..algebra.gram import add_gram
+from ..collection.sums import DenseSum, LowRankSum
 from ..config import sum_fields
 from ..errors import FileFormatError, FingerprintError, KronfisherError
 from ..operator import KFAC
@@ -64,15 +67,40 @@ def _check_mergeable(files: list[tuple[Path, SumsFile]]) -> list[str]:
     return notes
 
 
+def _dense_G(g: DenseSum | LowRankSum, dtype: torch.dtype, name: str, path: Path) -> DenseSum:
+    """``g`` as a dense sum, to merge it with an input where the same layer's ``G`` is dense.
+
+    An exact low-rank ``G`` becomes ``W Wᵀ``, the dense sum of the same rows. One compressed to a token budget
+    cannot (its discarded mass has no dense form).
+    """
+    if g.kind == "dense":
+        return g  # type: ignore[return-value]
+    assert isinstance(g, LowRankSum)
+    if g.tail_mass > 0:
+        raise FileFormatError(
+            f"G of layer {name!r} is dense in one merge input and compressed to a token budget in another "
+            f"(merging {path}): the budget's discarded mass cannot be added to a dense G.",
+            hint="Collect those inputs with the same representation (--lowrank-layers, or --lowrank-rank all).",
+        )
+    dense = DenseSum(g.dim, dtype, g.device)
+    for chunk in g.columns().chunks:
+        add_gram(dense.sum, chunk)
+    dense.count = g.count
+    return dense
+
+
 def _add_up(files: list[tuple[Path, SumsFile]]) -> tuple[dict[str, Any], dict[str, Any], CollectionReport]:
     """Layer infos, summed sums and the combined collection report of the files (the first file's sums in place)."""
     base = files[0][1]
     infos = dict(base.infos)
     sums = dict(base.sums)
     report = CollectionReport(skipped_layers=dict(base.report.skipped_layers))
-    for _, f in files[1:]:
+    for path, f in files[1:]:
         for name, s in f.sums.items():
             if name in sums:
+                if sums[name].G.kind != s.G.kind:  # the plan chose G by each run's token count (docs/concepts.md)
+                    dense = s.G if s.G.kind == "dense" else sums[name].G
+                    sums[name].G, s.G = (_dense_G(g, dense.dtype, name, path) for g in (sums[name].G, s.G))
                 sums[name].merge(s)
             else:
                 infos[name], sums[name] = f.infos[name], s
