@@ -1,4 +1,4 @@
-"""Decompose what has rank: a dense factor of dimension ``d`` seen on ``T < d`` rows (issue 11, item 5).
+"""Decompose what has rank: a dense factor of dimension ``d`` seen on ``T < d`` rows.
 
 For each ``d``, ``T`` and dtype, the same factor ``F = Xᵀ X / T`` (``X``: ``[T, d]`` random rows with a decaying
 column scale, float32 as collected) is decomposed two ways:
@@ -10,13 +10,14 @@ column scale, float32 as collected) is decomposed two ways:
 
 Both run in the same process, one after the other, on the same rows; ``ratio = full / rows``. ``agree`` is the
 largest relative difference of ``(F + δ I)^{-1} v`` (``δ = 10⁻³ λ_max``, 8 random ``v``) between the two, a check that
-both decomposed the same factor. ``collect_gram_s`` is the time of the ``[d, d]`` Gram a dense sum pays during
+both decomposed the same factor. ``collect_gram_s`` is the wall time of the ``[d, d]`` Gram a dense sum pays during
 collection for those ``T`` rows (float32, the accumulation dtype), which the rows route does not pay (it keeps the
 rows and forms the ``[T, T]`` Gram once).
 
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/bench_rank.py [--dims 1536 8960] [--tokens 512 1024 ...]
 [--dtypes float64 float32] [--out rank.json]`` (JSON on stdout, a table on stderr). The default grid takes about
-30 minutes on a 2-core box; ``--quick`` runs ``d = 1536`` only.
+30 minutes on a 2-core box; ``--quick`` runs ``d = 1536`` only. ``--budget`` measures the token-budget compression
+instead (:func:`budget_case`). Results and their reading: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -149,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.budget:
         rows = [budget_case(args.width, args.rank, b, args.budget_tokens) for b in args.batches]
-        print(json.dumps({"bench": "bench_rank --budget", "torch": torch.__version__, "rows": rows}, indent=1))
+        text = json.dumps({"bench": "bench_rank --budget", "torch": torch.__version__, "rows": rows}, indent=1)
+        print(text)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
         for r in rows:
             print(json.dumps(r), file=sys.stderr)
         return
