@@ -113,7 +113,7 @@ class EigenCorrector:
             gr = ctx.select(g, info, "output gradient").to(dev, work)  # [T, out], unscaled
             z = _scaled(block.G.rows_project(gr), scale)  # [T, r]: ĝ_tᵀ P (implicit P for low-rank G)
             z2 = z.square_()
-            staged.append((name, "span", z2, (ctx.num_terms, y2)))  # Σ_t z_t² y_tᵀ formed at commit, in place
+            staged.append(self.span_entry(name, z2, y2, ctx.num_terms))
             if thin:
                 resid = (gr.square().sum(1).mul_(scale * scale) - z2.sum(1)).clamp_min(0.0)  # ‖(I − PPᵀ) ĝ_t‖²
                 tail = (resid @ y2) / max(block.G.dim - block.G.rank, 1)
@@ -125,7 +125,7 @@ class EigenCorrector:
             y = hit
             gr = ctx.masked(g, info, "output gradient").to(dev, work)  # [B, S, out], unscaled
             z = _scaled(block.G.rows_project(gr), scale)  # [B, S, r]
-            staged.append((name, "span", z, (ctx.num_terms, y)))  # Σ_b (z_bᵀ y_b)² formed at commit, in place
+            staged.append(self.span_entry(name, z, y, ctx.num_terms))
             if thin:
                 k = (gr @ gr.transpose(1, 2)).mul_(scale * scale)  # [B, S, S]: Gram of ĝ per sequence
                 k.sub_(z @ z.transpose(1, 2))  # minus that of Pᵀ ĝ: Gram of (I − PPᵀ) ĝ
@@ -169,11 +169,27 @@ class EigenCorrector:
         other = entry[3][1]
         return ok if other is None else ok & all_finite(other).to(ok.device)
 
+    def span_entry(self, name: str, z: Tensor, y: Tensor, count: float) -> tuple[str, str, Tensor, Any]:
+        """What a layer call stages for its span sum: the smaller of its projections and its contribution.
+
+        The projections ``z`` (``[.., r]``, paired with ``y``) when they have fewer rows than ``a``, the span sum is
+        then formed at commit straight into the layer's sum; else the ``[r, a]`` contribution itself.
+        """
+        rows, r, a = z.numel() // max(z.shape[-1], 1), z.shape[-1], y.shape[-1]
+        if rows <= a:
+            return (name, "span", z, (count, y))  # formed at commit, in place
+        span = torch.zeros(r, a, dtype=z.dtype, device=z.device)
+        self.add_span(span, z, y)
+        return (name, "span", span, (count, None))
+
     def commit(self, staged: Staged) -> None:
-        """Add checked contributions: the span sums from the staged projections, in place, layer by layer."""
+        """Add checked contributions: span sums from staged projections (in place) or staged ``[r, a]`` values."""
         for name, target, tensor, (count, y) in staged:
             if target == "span":
-                self.add_span(self.sums[name], tensor, y)
+                if y is None:
+                    self.sums[name].add_(tensor.to(self.sums[name].device, self.sums[name].dtype))
+                else:
+                    self.add_span(self.sums[name], tensor, y)
                 self.counts[name] += count
             else:
                 self.tail_sums[name].add_(tensor.to(self.tail_sums[name].device))
