@@ -206,6 +206,7 @@ def agreement(wl: Workload) -> dict[str, Any]:
     error (2-norm) of the undamped EK-FAC matrix-vector product on a random vector, max over layers.
     """
     import kronfisher as kf
+    from kronfisher.decompose.layer import symmetric_mean
     from kronfisher.drivers.ekfac import correct
     from kronfisher.operator import KFAC
     from workloads import kronfisher_loss_fn
@@ -220,8 +221,8 @@ def agreement(wl: Workload) -> dict[str, Any]:
     worst: dict[str, str] = {}
     for name, sums in collector.sums.items():
         key = f"lm.{name}"
-        ea = _rel(sums.A.mean(), op._input_covariances[key])
-        eg = _rel(sums.G.mean(), op._gradient_covariances[key])
+        ea = _rel(symmetric_mean(sums.A), op._input_covariances[key])
+        eg = _rel(symmetric_mean(sums.G), op._gradient_covariances[key])
         if ea > err_a:
             err_a, worst["A"] = ea, name
         if eg > err_g:

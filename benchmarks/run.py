@@ -171,6 +171,7 @@ def _eigh_matrices(fisher: Any, sums: dict[str, Any], cfg: Any) -> tuple[list[An
     import torch
 
     from kronfisher.collection.sums import LowRankSum
+    from kronfisher.decompose.layer import symmetric_mean
 
     mats, columns = [], []
     seen: set[int] = set()
@@ -180,14 +181,14 @@ def _eigh_matrices(fisher: Any, sums: dict[str, Any], cfg: Any) -> tuple[list[An
         if id(block.A) not in seen:
             seen.add(id(block.A))
             dt = cfg.eigh_torch_dtype if s.A.dim <= cfg.eigh_max_dim else torch.float32
-            mats.append(s.A.mean(torch.float64).to(dt))
+            mats.append(symmetric_mean(s.A).to(dt))
         if isinstance(s.G, LowRankSum):
             w = torch.cat([c.to(torch.float64) for c in s.G.columns().chunks])  # [m, out]
             columns.append(w)
             mats.append((w @ w.t()).div_(s.G.count))
         else:
             dt = cfg.eigh_torch_dtype if s.G.dim <= cfg.eigh_max_dim else torch.float32
-            mats.append(s.G.mean(torch.float64).to(dt))
+            mats.append(symmetric_mean(s.G).to(dt))
     return mats, columns
 
 
@@ -212,7 +213,7 @@ def _bare_eigh_pool(mats: list[Any], threads: int) -> None:
 
 
 def _gemm_shapes(fisher: Any) -> list[tuple[int, int, int]]:
-    """``(m, k, n)`` of every GEMM in :func:`kronfisher.linalg.kron_apply` for one vector per layer."""
+    """``(m, k, n)`` of every GEMM in :func:`kronfisher.algebra.kron.kron_apply` for one vector per layer."""
     shapes = []
     for name in fisher.layer_names:
         b = fisher.block(name)

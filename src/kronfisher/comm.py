@@ -11,11 +11,11 @@ so a rank that runs out of batches early, or has no tokens at all, cannot hang t
   ones, so ``G = U Uᵀ`` plus the summed tail mass is the merge of the sums;
 * decompositions are spread over ranks by estimated cost (longest first, to the least loaded rank) and every
   result is broadcast by its owner, so all ranks hold bit-identical eigenbases (the EK-FAC pass relies on it;
-  :mod:`kronfisher.spread`).
+  :mod:`kronfisher.decompose.spread`).
 
 The result equals one process over the union of the data up to summation order (tested against one process, float64
 ``rtol 1e-10``). With a token budget the merged columns are exact until the merged count passes ``2 · max_rank``
-(the threshold :meth:`~kronfisher.accumulate.LowRankSum.add` uses); past it both paths compress at different
+(the threshold :meth:`~kronfisher.collection.sums.LowRankSum.add` uses); past it both paths compress at different
 points and only the trace and the counts stay exact.
 
 Files: only rank 0 writes. A writer is called on every rank and does ``if is_main_process(): write(...)`` then

@@ -124,7 +124,7 @@ class KFAC:
         """Replace the factors by new sums; every block (and so every cached spectrum) is rebuilt (docs/concepts.md).
 
         EK-FAC eigenvalues belong to the old eigenbases: an EK-FAC operator becomes plain K-FAC, with a warning,
-        until :func:`kronfisher.ekfac.correct` is run again (docs/concepts.md).
+        until :func:`kronfisher.drivers.ekfac.correct` is run again (docs/concepts.md).
         """
         was_ekfac = any(b.is_ekfac for b in self._blocks.values())
         live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
@@ -133,7 +133,7 @@ class KFAC:
         if was_ekfac:
             warnings.warn(
                 "update_sums: the EK-FAC eigenvalues were computed in the old eigenbases and are dropped; the "
-                "operator is plain K-FAC until kronfisher.ekfac.correct(fisher, model, batches) runs again.",
+                "operator is plain K-FAC until kronfisher.drivers.ekfac.correct(fisher, model, batches) runs again.",
                 KronfisherWarning,
                 stacklevel=2,
             )

@@ -1,7 +1,7 @@
 """Damped eigenvalue functions (docs/concepts.md): one function serves every power and every damping mode.
 
 ``spectrum(block, p, damping)`` returns the eigenvalues of ``(F + damping)^p`` in the block's Kronecker eigenbasis,
-``(span [r, a], tail [a] or None)``, ready for :func:`~kronfisher.linalg.kron_apply`.
+``(span [r, a], tail [a] or None)``, ready for :func:`~kronfisher.algebra.kron.kron_apply`.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def safe_eigh(
         factor: which factor (for messages).
         dtype: dtype of the eigendecomposition.
         symmetric: the caller guarantees that ``matrix`` is *exactly* symmetric (e.g. the ``(S + Sᵀ) / 2c`` of
-            :func:`kronfisher.factors.symmetric_mean` or a mirrored Gram); the symmetrisation, a transposed
+            :func:`kronfisher.decompose.layer.symmetric_mean` or a mirrored Gram); the symmetrisation, a transposed
             ``d × d`` pass worth about 3 % of a float64 eigh at d = 1,536, is then skipped. Same bits: ``(m + mᵀ) / 2``
             of an exactly symmetric ``m`` is ``m``.
 

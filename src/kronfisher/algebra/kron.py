@@ -65,7 +65,7 @@ def two_pass(
 
 
 def thin_kron_apply(v: Tensor, g: Any, a: Eigen, span: Tensor, tail: Tensor | None) -> Tensor:
-    """:func:`~kronfisher.linalg.kron_apply` for a thin (or implicit) ``P``, blockwise on the ``G`` side's device.
+    """:func:`~kronfisher.algebra.kron.kron_apply` for a thin (or implicit) ``P``, blockwise on the ``G`` side's device.
 
     ``out = P (span ∘ Pᵀ V Q) Qᵀ + ((I − P Pᵀ) V Q) diag(tail) Qᵀ = (P ((span − tail) ∘ y) + (V Q) ∘ tail) Qᵀ``
     with ``y = Pᵀ V Q``; ``tail`` None maps the complement to 0. The result is on the ``G`` side's device.

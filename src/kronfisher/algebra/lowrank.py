@@ -43,7 +43,7 @@ from .eigen import Eigen, safe_eigh
 class LowRankEigen:
     """Thin eigenbasis of a low-rank ``G`` with an implicit basis ``P = W C`` (docs/concepts.md).
 
-    Same interface as :class:`~kronfisher.linalg.Eigen` (``values``, ``tail``, ``dim``, ``rank``, ``full``,
+    Same interface as :class:`~kronfisher.algebra.eigen.Eigen` (``values``, ``tail``, ``dim``, ``rank``, ``full``,
     ``trace``, ``cast``, ``vectors``, ``to_dense``, ``rows_project``), so operators, EK-FAC and files need not know
     which one they hold. ``G = P diag(values) Pᵀ + tail (I − P Pᵀ)``.
 
@@ -143,8 +143,8 @@ def eigen_from_columns(
         dtype: arithmetic dtype of ``C`` and the eigenvalues.
         name: layer name for messages.
         gram: ``columns.gram()`` when the caller already computed it (the GEMM-bound part, run with every thread
-            before the eighs run concurrently, :func:`kronfisher.factors.decompose_all`); it is consumed (scaled in
-            place). None: computed here.
+            before the eighs run concurrently, :func:`kronfisher.decompose.entry.decompose_all`); it is consumed
+            (scaled in place). None: computed here.
         gram_dtype: dtype of the ``[m, m]`` Gram and its eigh (the configured ``eigh_dtype``).
 
     """
@@ -259,7 +259,7 @@ def eigen_from_rows(
 
     Returns:
         ``Eigen`` with square ``[d, d]`` vectors and ascending eigenvalues (zeros on the null space), like
-        :func:`~kronfisher.linalg.safe_eigh` on the dense factor.
+        :func:`~kronfisher.algebra.eigen.safe_eigh` on the dense factor.
 
     """
     chunks = [c for c in chunks if c.shape[0]]

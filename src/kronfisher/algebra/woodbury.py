@@ -38,7 +38,7 @@ def woodbury_kron_apply(
     """``(G + δ_G I)^{-1} V Q diag(a_scale) Qᵀ`` with ``G = W Wᵀ / N`` by Woodbury (docs/concepts.md).
 
     ``(G + δI)^{-1} X = X/δ − U S^{-1} Uᵀ X / δ² = X/δ − W S^{-1} Wᵀ X / (N δ²)`` with ``U = W/√N`` and
-    ``S = I_T + UᵀU/δ``; ``solve`` applies ``S^{-1}`` (:func:`~kronfisher.linalg.woodbury_factor`).
+    ``S = I_T + UᵀU/δ``; ``solve`` applies ``S^{-1}`` (:func:`~kronfisher.algebra.woodbury.woodbury_factor`).
     """
     work = v.dtype
     factor = -1.0 / (float(count) * delta_g**2)

@@ -92,9 +92,10 @@ def mean_gradient(
 ) -> MeanGradient:
     """Mean-loss gradient of every tracked layer over causal-LM ``batches`` (empirical targets).
 
-    The same forward/backward as the K-FAC pass (:func:`~kronfisher.fit.run_batch`) with a gradient processor in
-    place of the factor collector. Under ``torchrun`` pass this rank's :class:`~kronfisher.distributed.Shard`:
-    the sums and counts of every rank are added at the end, so every rank returns the gradient over all the data.
+    The same forward/backward as the K-FAC pass (:func:`~kronfisher.collection.passes.run_batch`) with a gradient
+    processor in place of the factor collector. Under ``torchrun`` pass this rank's
+    :class:`~kronfisher.distributed.Shard`: the sums and counts of every rank are added at the end, so every rank
+    returns the gradient over all the data.
 
     Args:
         model: causal LM.

@@ -56,7 +56,8 @@ def run_batch(
         batch: a causal-LM mapping, or anything ``loss_fn`` accepts.
         cap: the armed capture.
         cfg: configuration (Fisher type, MC draws, ignore index, seed).
-        index: global index of the batch (reports, errors and the MC seed, :func:`~kronfisher.lossterms.mc_generator`).
+        index: global index of the batch (reports, errors and the MC seed,
+            :func:`~kronfisher.collection.lossterms.mc_generator`).
         report: updated with this batch's counts and summed data loss.
         loss_fn: optional user loss (empirical Fisher only).
         pass_id: which pass this is, for the MC seed (K-FAC or EK-FAC).

@@ -108,7 +108,7 @@ class Placement:
 
     Attributes:
         on_cpu: ``(layer, factor)`` pairs moved to CPU by an out-of-memory error.
-        messages: the warnings issued (for :attr:`~kronfisher.accumulate.CollectionReport.warnings`).
+        messages: the warnings issued (for :attr:`~kronfisher.report.CollectionReport.warnings`).
 
     """
 

@@ -3,7 +3,7 @@
 Every rank holds the same reduced sums after a pass. Instead of each rank decomposing every factor, the tasks (one
 per distinct ``A`` and one per ``G``) are assigned longest-first to the least-loaded rank; each owner decomposes its
 tasks and broadcasts the results packed in one buffer per task, so all ranks end with bit-identical eigenbases (the
-EK-FAC pass relies on it). Used by :func:`kronfisher.factors.decompose_all` with ``spread=True``.
+EK-FAC pass relies on it). Used by :func:`kronfisher.decompose.entry.decompose_all` with ``spread=True``.
 """
 
 from __future__ import annotations

@@ -40,11 +40,11 @@ logger = logging.getLogger("kronfisher")
 class CollectState:
     """Where an interrupted K-FAC pass stopped (docs/files.md): sums, report and batches consumed.
 
-    MC targets are seeded per batch (:func:`~kronfisher.lossterms.mc_generator`), so no generator state is needed
-    to draw, after the resume, what the uninterrupted run would have drawn.
+    MC targets are seeded per batch (:func:`~kronfisher.collection.lossterms.mc_generator`), so no generator state is
+    needed to draw, after the resume, what the uninterrupted run would have drawn.
 
     Attributes:
-        sums: :class:`~kronfisher.accumulate.LayerSums` by layer, e.g. ``kf.load_sums(path).sums``.
+        sums: :class:`~kronfisher.collection.sums.LayerSums` by layer, e.g. ``kf.load_sums(path).sums``.
         report: the collection report so far.
         batches_done: number of leading batches (of this process's iterable) already in ``sums``.
 

@@ -1,7 +1,7 @@
 """Factor files: save, lazy load, raw sums for resume and merge, inspection (docs/files.md).
 
 Files are safetensors plus JSON metadata (format and library version, config, per-layer representation, shapes,
-token counts, a model fingerprint and checksums; see :mod:`kronfisher.io_format`). Never pickle; model weights are
+token counts, a model fingerprint and checksums; see :mod:`kronfisher.io.format`). Never pickle; model weights are
 never stored. Two kinds of file share the format:
 
 * ``"kfac"`` (:func:`save`, :meth:`KFAC.save`): decomposed blocks per layer (eigenbases of ``A`` and ``G``, a thin
@@ -114,7 +114,7 @@ def save(
 def _eigen_meta(payload: Payload, prefix: str, eig: Any) -> dict[str, Any]:
     """Store an eigenbasis: explicit ``Q`` (``Eigen``) or, for an implicit low-rank ``P = W C``, ``W`` and ``C``.
 
-    The implicit form (:class:`~kronfisher.lowrank.LowRankEigen`) is stored as it is held: ``W`` token-major
+    The implicit form (:class:`~kronfisher.algebra.lowrank.LowRankEigen`) is stored as it is held: ``W`` token-major
     in its storage dtype (the same bytes as the raw low-rank sum, so the payload keeps one copy) and ``C``; building
     ``P`` (``out × r``) is never needed.
     """

@@ -11,7 +11,7 @@ shape and the SHA-256 of its bytes, so every byte of the file is covered by a ch
 * the tensor payload: per-tensor SHA-256, checked whenever a tensor is read, so lazy loading (one layer at a time)
   still never hands out a corrupted tensor; :func:`verify_payload` checks them all at once.
 
-Writes are atomic (:mod:`kronfisher.io_atomic`).
+Writes are atomic (:mod:`kronfisher.io.atomic`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Raw sums and counts are saved (:func:`save_sums`) so that collection can resume after an interruption and so that
 files from disjoint data merge exactly by adding sums and counts. The model fingerprint (layer name ->
 ``[out, in, has_bias]``) is checked against a model when one is given. The file format itself (checksums) lives in
-:mod:`kronfisher.io_format`, atomic writes in :mod:`kronfisher.io_atomic`; the public entry points are re-exported
+:mod:`kronfisher.io.format`, atomic writes in :mod:`kronfisher.io.atomic`; the public entry points are re-exported
 by :mod:`kronfisher.io`.
 """
 
@@ -96,7 +96,7 @@ def report_from_dict(d: Mapping[str, Any]) -> CollectionReport:
 def write_file(path: PathLike, payload: Payload, meta: dict[str, Any], *, local: bool = False) -> Path:
     """Record per-tensor checksums and the payload checksum in ``meta``, then write atomically.
 
-    ``local``: see :func:`~kronfisher.io_atomic.atomic_write`.
+    ``local``: see :func:`~kronfisher.io.atomic.atomic_write`.
     """
     tensors, entries = payload.prepared()
     meta["tensors"] = entries
@@ -177,7 +177,7 @@ class SumsFile:
 
     Attributes:
         infos: static layer descriptions by name.
-        sums: :class:`~kronfisher.accumulate.LayerSums` by name (fresh tensors, safe to keep accumulating into).
+        sums: :class:`~kronfisher.collection.sums.LayerSums` by name (fresh tensors, safe to keep accumulating into).
         cfg: the configuration the sums were collected with.
         report: the collection report.
         meta: the whole file metadata (``meta["extra"]`` holds what the writer passed as ``extra_meta``).
