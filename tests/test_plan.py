@@ -274,11 +274,6 @@ def test_cli_budget_too_small_is_one_line_naming_the_layer(tmp_path, capsys) -> 
     assert "Layer 'model.layers.0.self_attn.q_proj'" in err and "bytes" in err and "Traceback" not in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the plan counts one low-rank column per token; an MC Fisher keeps mc_samples columns per token, so U, "
-    "its [m, m] Gram and the dense/low-rank choice are planned for 1/mc_samples of the real columns",
-)
 def test_plan_counts_the_columns_of_an_mc_fisher() -> None:
     """With ``fisher="mc"`` and ``mc_samples = s`` a low-rank ``G`` holds ``s`` columns per token: the plan must not
     count fewer columns than the run holds (reference: ``num_columns`` of the collected sum)."""
@@ -295,11 +290,6 @@ def test_plan_counts_the_columns_of_an_mc_fisher() -> None:
             assert report.plan["layers"][name]["columns"] >= s.G.num_columns, name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each group's collection checks for factors on its own: a group whose tracked layers never fire (not on "
-    "the loss path, an expert no token was routed to) raises NoFactorsError where the unpartitioned run reports them",
-)
 def test_a_group_of_layers_that_never_fire_does_not_fail_the_run() -> None:
     """Reference: the unpartitioned run, which reports the unused layer in ``never_fired`` and returns the rest."""
     model = make_model("qwen2")

@@ -209,16 +209,17 @@ def _build(
 ) -> LayerPlan:
     cfg, t, rows = ctx.cfg, ctx.tokens, ctx.rows
     a, out = info.a_dim, info.out_features
+    draws = cfg.mc_samples if cfg.fisher == "mc" else 1  # a low-rank G holds a column per token and draw
     acc = _size(cfg.accumulate_torch_dtype)
     if rep == "dense":
         m, r = 0, out
         g = _dense_side(out, cfg, ctx.device, True, rows)
     else:
-        m = t if t is not None else rows  # exact: every token (unknown T: one batch, grows with T)
+        m = draws * (t if t is not None else rows)  # exact: every column (unknown T: one batch, grows with T)
         if max_rank is not None:
-            m = min(m, 2 * max_rank + rows)  # compression when more than 2k columns are held
+            m = min(m, 2 * max_rank + draws * rows)  # compression when more than 2k columns are held
         r = min(m, out, max_rank if max_rank is not None else m)
-        g = _lowrank_side(out, m, r, cfg, g_device or ctx.g_device, rows, max_rank is not None)
+        g = _lowrank_side(out, m, r, cfg, g_device or ctx.g_device, draws * rows, max_rank is not None)
     side_a = _dense_side(a, cfg, ctx.device, owner, rows)
     if cfg.ekfac:
         thin = rep != "dense" and r < out
@@ -227,7 +228,7 @@ def _build(
         g.bytes["ekfac_staging"] += rows * (a + out) * 4 + r * a * 4
     flops = None
     if out > cfg.lowrank_threshold and t is not None:
-        d, lo = _g_flops(out, a, t, t, cfg.ekfac)
+        d, lo = _g_flops(out, a, t, draws * t, cfg.ekfac)
         flops = {"dense": d, "lowrank": lo}
     return LayerPlan(info.name, a, out, rep, max_rank, m, reason, unit_key(info), owner, {"A": side_a, "G": g}, flops)
 

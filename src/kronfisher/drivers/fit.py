@@ -89,6 +89,7 @@ def collect(
     on_batch_end: BatchEnd | None = None,
     plan: MemoryPlan | None = None,
     layers: Sequence[str] | None = None,
+    check: bool = True,
 ) -> tuple[Discovery, FactorCollector, CollectionReport]:
     """The K-FAC pass: sums and counts for every tracked layer, or for one group of them (no decomposition).
 
@@ -108,6 +109,8 @@ def collect(
             :func:`kronfisher.save_sums` (``local=True`` under ``torchrun``).
         plan: the memory plan (each layer's ``G`` and where a low-rank ``U`` lives); default: :func:`plan_run`.
         layers: hook only these tracked layers (one group of the plan); default: every tracked layer.
+        check: raise :class:`~kronfisher.errors.NoFactorsError` when no layer got factors (a group of a larger
+            run checks nothing: its layers may all be unused while other groups' are not).
 
     """
     model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks
@@ -139,7 +142,8 @@ def collect(
     )
     fired = cap.fired | {n for n, s in collector.sums.items() if s.A.count > 0}  # incl. batches before a resume
     fired = reduce_collection(collector.sums, report, fired)  # once per pass; no-op on one process
-    check_factors(collector.sums, report, seen=None)
+    if check:
+        check_factors(collector.sums, report, seen=None)
     finish_report(report, discovery, fired, cap, model=model, collector=collector)
     return discovery, collector, report
 
@@ -273,14 +277,15 @@ def run_groups(
     report: CollectionReport | None = None
     for k, names in enumerate(plan.groups, start=1):
         phase(k, "collect")
+        group = None if n == 1 else names
         _, collector, part = collect(
-            model, batches, cfg, loss_fn=loss_fn, progress=progress, plan=plan, layers=None if n == 1 else names
+            model, batches, cfg, loss_fn=loss_fn, progress=progress, plan=plan, layers=group, check=n == 1
         )
         phase(k, "decompose")
         infos = {name: discovery.infos[name] for name in names}
         fisher = KFAC.from_sums(infos, collector.sums, cfg, report=part, model=model, spread=True)
         del collector  # a grouped run frees each group's sums once decomposed
-        if cfg.ekfac:
+        if cfg.ekfac and fisher.layer_names:  # a group whose layers never fired has nothing to correct
             phase(k, "ekfac")
             correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
         if n == 1:
@@ -290,6 +295,8 @@ def run_groups(
         report = _merge_reports(report, fisher.report)
     phase(n, "done")
     assert report is not None
+    if not blocks:
+        check_factors({}, report, seen=None)  # no group got factors: say why, as one run would
     live = {name: discovery.infos[name] for name in discovery.infos if name in blocks}
     return KFAC(live, {name: blocks[name] for name in live}, cfg, report=report, model=model)
 
