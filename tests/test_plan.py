@@ -304,3 +304,13 @@ def test_a_group_of_layers_that_never_fire_does_not_fail_the_run() -> None:
     grouped = run_groups(model, batches, cfg, discovery, dataclasses.replace(plan, groups=[used, ["model.unused"]]))
     assert grouped.layer_names == one.layer_names
     assert grouped.report.never_fired == ["model.unused"]
+
+
+def test_budget_below_the_kept_factors_says_no_grouping_fits() -> None:
+    infos = {f"l{i}": _info(f"l{i}", 100, 100) for i in range(12)}
+    cfg = kf.KFACConfig()
+    one = plan_memory({"l0": infos["l0"]}, cfg, tokens=64, budgets={"cpu": GIB}, workers=1)
+    kept = 12 * one.result["cpu"]
+    budget = max(one.peaks[0]["cpu"], kept // 2)  # every layer fits alone; their factors together do not
+    with pytest.raises(MemoryBudgetError, match="no grouping fits"):
+        plan_memory(infos, cfg, tokens=64, budgets={"cpu": budget}, workers=1)

@@ -373,13 +373,13 @@ def _pack(
                 close()
             lp = lp if fits([lp]) else (_on_host(lp, infos[lp.name], ctx) or lp)
             if not fits([lp]):
-                raise _too_small(lp, ctx, kept)
+                raise _too_small(lp, ctx, kept, _result([x for u in units for x in u]))
             current.append(lp)
     close()
     return groups, peaks, kept
 
 
-def _too_small(lp: LayerPlan, ctx: _Ctx, kept: dict[str, int]) -> MemoryBudgetError:
+def _too_small(lp: LayerPlan, ctx: _Ctx, kept: dict[str, int], total: dict[str, int]) -> MemoryBudgetError:
     need = _peak([lp], ctx.workers, ctx.cfg.ekfac)
     dev = next(d for d, b in need.items() if kept.get(d, 0) + b > ctx.budgets[d])
     part = {c: lp.total(c).get(dev, 0) for c in ("sums", "eigen", "workspace", "ekfac")}
@@ -392,4 +392,9 @@ def _too_small(lp: LayerPlan, ctx: _Ctx, kept: dict[str, int]) -> MemoryBudgetEr
         f"({format_bytes(ctx.budgets[dev])})"
         + (f", of which the factors kept from earlier layers take {format_bytes(earlier)}" if earlier else "")
         + ". Raise max_memory (--max-memory) or leave the layer out (exclude)."
+        + (
+            f" The factors all tracked layers keep at the end need {format_bytes(total[dev])} there: no grouping fits."
+            if total.get(dev, 0) > ctx.budgets[dev]
+            else ""
+        )
     )
