@@ -20,7 +20,6 @@ A group that runs out of device memory is decomposed factor by factor the usual 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -193,8 +192,3 @@ def _device_groups(parts: dict[Key, DenseSum], cfg: KFACConfig) -> dict[Key, Eig
                 eigs = [decompose_dense(k[1], parts[k], k[0], cfg) for k in chunk]  # its own CPU fallback
             out.update(zip(chunk, eigs))
     return out
-
-
-def expected_cost(dim: int) -> float:
-    """Flops of one dense eigh, ``~9 d³`` (for plans and logs)."""
-    return 9.0 * math.pow(dim, 3)
