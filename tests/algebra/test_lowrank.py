@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kronfisher as kf
-from kronfisher.algebra.woodbury import woodbury_solve
+from kronfisher.algebra.woodbury import woodbury_factor
 from kronfisher.collection.sums import DenseSum, LayerSums, LowRankSum
 from kronfisher.errors import ConfigError, NumericalWarning
 from kronfisher.layers import LayerInfo
@@ -115,14 +115,15 @@ def test_woodbury_equals_eigenform_and_reference(tokens, mode):
     torch.testing.assert_close(_apply(wood, v, -0.5), _apply(eig, v, -0.5), rtol=0, atol=0)
 
 
-def test_woodbury_solve_matches_dense_solve_and_asserts_orientation():
+def test_woodbury_factor_gives_the_dense_damped_solve_and_refuses_a_non_square_gram():
     gen = torch.Generator().manual_seed(3)
     u = torch.randn(40, 7, generator=gen, dtype=torch.float64)
     x = torch.randn(40, 3, generator=gen, dtype=torch.float64)
     ref = torch.linalg.solve(u @ u.t() + 0.05 * torch.eye(40, dtype=torch.float64), x)
-    torch.testing.assert_close(woodbury_solve(u, 0.05, x), ref, rtol=1e-9, atol=0)  # float64
-    with pytest.raises(kf.DecompositionError, match=r"U must be \[out, T\]"):
-        woodbury_solve(u.t(), 0.05, x)  # U given transposed ([T, out]) is refused, not solved
+    solve = woodbury_factor(u.t() @ u, 0.05)  # S = I + UᵀU/δ; (UUᵀ + δI)^{-1} X = X/δ − U S^{-1} Uᵀ X / δ²
+    torch.testing.assert_close(x / 0.05 - u @ solve(u.t() @ x) / 0.05**2, ref, rtol=1e-9, atol=0)  # float64
+    with pytest.raises(kf.DecompositionError):
+        woodbury_factor(u, 0.05)  # not a [T, T] Gram: refused, not solved
 
 
 def test_injected_cholesky_failure_falls_back_to_eigh_with_warning(monkeypatch):

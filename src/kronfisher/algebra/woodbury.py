@@ -128,30 +128,3 @@ def woodbury_factor(
     vals, vecs = torch.linalg.eigh(s)
     vals = vals.clamp_min(1.0)
     return lambda z: vecs @ ((vecs.t() @ z.to(vecs.dtype)) / vals.unsqueeze(1))
-
-
-def woodbury_solve(u: Tensor, delta: float, x: Tensor, eps: float | None = None, *, name: str = "?") -> Tensor:
-    """``(U Uᵀ + δ I)^{-1} X`` by Woodbury: ``X/δ − U S^{-1} Uᵀ X / δ²`` with ``S = I_T + Uᵀ U / δ`` (docs/concepts.md).
-
-    Args:
-        u: ``U`` with shape ``[out, T]`` (asserted against ``X``'s ``out`` rows).
-        delta: damping ``δ > 0``.
-        x: ``[out, k]`` right-hand sides.
-        eps: Cholesky jitter (see :func:`woodbury_factor`).
-        name: layer name for messages.
-
-    Returns:
-        ``[out, k]`` in ``x``'s dtype; arithmetic in float32 or higher (``S`` in float64).
-
-    """
-    if u.dim() != 2 or x.dim() != 2 or u.shape[0] != x.shape[0]:
-        raise DecompositionError(
-            f"Woodbury for layer {name!r}: U must be [out, T] with out = X's rows; got U {list(u.shape)}, "
-            f"X {list(x.shape)}."
-        )
-    work = torch.promote_types(torch.promote_types(u.dtype, x.dtype), torch.float32)
-    u = u.to(work)
-    xw = x.to(work)
-    solve = woodbury_factor(u.t().to(torch.float64) @ u.to(torch.float64), delta, eps, name=name)
-    w = solve((u.t() @ xw).to(torch.float64)).to(work)
-    return (xw / delta - (u @ w) / delta**2).to(x.dtype)
