@@ -109,3 +109,10 @@ TEXT_B = (
     '"But it is," returned she; "for Mrs. Long has just been here, and she\n'
     'told me all about it."\n'
 )
+
+
+def model_and_text(folder: Path) -> Path:
+    """``folder`` with a saved tiny Qwen2 (``qwen/``) and ``a.txt``: what the CLI fault tests run on."""
+    save_model(build_model("qwen2", seed=0), folder / "qwen")
+    (folder / "a.txt").write_text(TEXT_A, encoding="utf-8")
+    return folder

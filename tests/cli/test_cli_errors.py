@@ -16,7 +16,7 @@ import torch
 
 from kronfisher.analysis.outdir import LOCK_NAME
 from kronfisher.cli import main
-from test_cli_helpers import TEXT_A, build_model, save_model
+from test_cli_helpers import build_model, model_and_text, save_model
 
 ARGS = ["--seq-len", "16", "--batch-size", "2", "--max-tokens", "64", "--no-plots", "--quiet"]
 ARGS += ["--save-sums"]  # the merge test needs mergeable files
@@ -25,10 +25,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("clierr")
-    save_model(build_model("qwen2", seed=0), d / "qwen")
-    (d / "a.txt").write_text(TEXT_A, encoding="utf-8")
-    return d
+    return model_and_text(tmp_path_factory.mktemp("clierr"))
 
 
 @pytest.fixture(scope="module")

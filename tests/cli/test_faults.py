@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 import kronfisher as kf
 import kronfisher.io.atomic as io_atomic
 from kronfisher.cli import main
-from test_cli_helpers import TEXT_A, build_model, save_model
+from test_cli_helpers import model_and_text
 
 ARGS = ["--seq-len", "16", "--batch-size", "2", "--max-tokens", "200", "--no-plots", "--quiet"]
 ARGS += ["--save-sums"]  # the tests compare the factor files' raw sums
@@ -40,10 +40,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("faults")
-    save_model(build_model("qwen2", seed=0), d / "qwen")
-    (d / "a.txt").write_text(TEXT_A, encoding="utf-8")
-    return d
+    return model_and_text(tmp_path_factory.mktemp("faults"))
 
 
 def analyze_args(work: Path, out: Path, *extra: str) -> list[str]:
