@@ -1,0 +1,38 @@
+"""``benchmarks/bench_tokens.py --quick``: the lm_head keeps the token budget, so its memory does not grow with T.
+
+The quick shapes (hidden 64, vocabulary 4,096, budget k = 128, ``max_memory`` 256 MiB so that a dense ``G`` does not
+fit) run in child processes at 4,096 and 8,192 tokens, K-FAC only (about 15 s on 2 cores). Past the first few
+compressions the peak RSS is flat in T (measured: 620, 604, 592 MiB at 4k, 8k, 16k tokens); keeping every token
+instead would hold 4,096 × T float32 columns, 64 MiB more at 8k than at 4k, plus a [T, T] Gram.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+MIB = 2**20
+
+
+def test_quick_mode_keeps_the_lm_head_within_its_token_budget(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_tokens import QUICK, main
+    finally:
+        sys.path.remove(str(BENCH))
+    assert main(["--quick", "--no-ekfac", "--tokens", "4096", "8192", "--every", "100"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    runs = {r["tokens"]: r for r in report["runs"]}
+    assert sorted(runs) == [4096, 8192]
+    k = QUICK["max_rank"]
+    for t, r in runs.items():
+        assert r["plan_lm_head"]["representation"] == "lowrank" and r["plan_lm_head"]["max_rank"] == k
+        assert r["plan_lm_head"]["columns"] == 2 * k + 1024  # 2k plus one batch, whatever T
+        op = r["operator_lm_head"]
+        assert op["representation"] == "lowrank" and op["rank_G"] == k and op["T"] == t
+        assert 0 < op["discarded_G"] < op["trace_G"]  # compressed, trace kept in the tail
+        assert set(r["phases"]) >= {"build", "group1_collect", "group1_decompose", "fit"}
+    small, large = runs[4096]["peak_rss_fit_bytes"], runs[8192]["peak_rss_fit_bytes"]
+    assert large <= small + 48 * MIB, (small / MIB, large / MIB)
