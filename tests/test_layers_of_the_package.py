@@ -26,6 +26,7 @@ FLOORS: list[set[str]] = [
         "comm",
         "data",
         "models",
+        "footprint",
         "plan",
         "transfer",
         "budget",

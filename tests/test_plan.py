@@ -11,7 +11,7 @@ import torch
 import kronfisher as kf
 from conftest import make_model, random_ids
 from kronfisher.cli import main
-from kronfisher.drivers.fit import run_groups
+from kronfisher.drivers.groups import run_groups
 from kronfisher.drivers.planning import count_tokens, plan_run, tracked_layers
 from kronfisher.errors import ConfigError, MemoryBudgetError
 from kronfisher.layers import LayerInfo, discover_layers
@@ -158,7 +158,7 @@ def test_plan_accounting_matches_allocations() -> None:
     assert torch.get_num_threads() >= 1
 
 
-def _budget_for_groups(model: torch.nn.Module, batches: list, cfg: kf.KFACConfig) -> int:
+def budget_for_groups(model: torch.nn.Module, batches: list, cfg: kf.KFACConfig) -> int:
     """A max_memory that splits the tracked layers into several groups."""
     infos = discover_layers(model, cfg.include, cfg.exclude).infos
     tokens, largest = count_tokens(batches)
@@ -169,7 +169,7 @@ def _budget_for_groups(model: torch.nn.Module, batches: list, cfg: kf.KFACConfig
     return whole.result["cpu"] + alone  # every layer fits after all the others' factors; not all at once
 
 
-def _assert_same_blocks(one: kf.KFAC, grouped: kf.KFAC) -> None:
+def assert_same_blocks(one: kf.KFAC, grouped: kf.KFAC) -> None:
     assert grouped.layer_names == one.layer_names
     for name in one.layer_names:
         a, b = one.block(name), grouped.block(name)
@@ -196,11 +196,11 @@ def test_grouped_run_equals_unpartitioned(kw: dict, tmp_path) -> None:
     cfg = cfg.replace(lowrank_max_rank=8)  # the lm_head compresses (its workspace stays below the groups)
     one = kf.fit(model, batches, cfg)
     assert len(one.report.plan["groups"]) == 1 and one.sums is not None
-    grouped = kf.fit(model, batches, cfg.replace(max_memory=_budget_for_groups(model, batches, cfg)))
+    grouped = kf.fit(model, batches, cfg.replace(max_memory=budget_for_groups(model, batches, cfg)))
     groups = grouped.report.plan["groups"]
     assert len(groups) >= 2 and [n for g in groups for n in g] == one.layer_names
     assert grouped.sums is None  # each group's sums were freed once decomposed
-    _assert_same_blocks(one, grouped)
+    assert_same_blocks(one, grouped)
     assert (grouped.report.tokens, grouped.report.loss_terms) == (one.report.tokens, one.report.loss_terms)
     path = kf.save(grouped, tmp_path / "f.safetensors", include_sums=False)
     assert kf.read_metadata(path)["report"]["plan"]["groups"] == groups  # the plan is in the file
@@ -229,7 +229,7 @@ def test_cli_max_memory_runs_groups(tmp_path) -> None:
     args += ["--ekfac", "--quiet", "--no-plots", "--exclude", "lm_head"]
     batches = reference_batches(tmp_path / "qwen", [TEXT_A], 16, 3, max_tokens=120)
     cfg = kf.KFACConfig(accumulate_dtype="float64", ekfac=True, lowrank_max_rank=512, exclude=("lm_head",))
-    budget = _budget_for_groups(load_saved(tmp_path / "qwen"), batches, cfg)
+    budget = budget_for_groups(load_saved(tmp_path / "qwen"), batches, cfg)
     assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
     assert main([*args, "--output-dir", str(tmp_path / "grouped"), "--max-memory", str(budget)]) == 0
     files = {}
@@ -239,7 +239,7 @@ def test_cli_max_memory_runs_groups(tmp_path) -> None:
         plan = kf.read_metadata(files[run])["report"]["plan"]
         assert report["collection"]["plan"]["groups"] == plan["groups"]
         assert (len(plan["groups"]) > 1) == (run == "grouped")
-    _assert_same_blocks(kf.load(files["one"]), kf.load(files["grouped"]))
+    assert_same_blocks(kf.load(files["one"]), kf.load(files["grouped"]))
 
 
 def test_lowrank_columns_go_to_host_memory_when_the_accelerator_cannot_hold_them() -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from ._version import __version__
 from .algebra.damping import Damping
 from .config import KFACConfig
-from .drivers.fit import CaptureSession, capture, collect, fit
+from .drivers.fit import CaptureSession, capture, collect
+from .drivers.groups import fit
 from .errors import (
     ConfigError,
     CorruptedFileError,

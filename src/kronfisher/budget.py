@@ -91,8 +91,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         span = group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
         lines.append(f"  group {i + 1}/{len(groups)}: {_layers(len(group))} ({span}), peak {_per_device(peak)}")
     per = 2 if plan["ekfac"] else 1
-    lines.append(
-        f"  passes over the data: {plan['passes']} ({len(groups)} group(s) × {per}); factors kept at the end: "
-    )
+    where = "written to the factor file group by group" if plan.get("spill") else "kept at the end"
+    lines.append(f"  passes over the data: {plan['passes']} ({len(groups)} group(s) × {per}); factors {where}: ")
     lines[-1] += _per_device(plan["result"])
     return "\n".join(lines)

@@ -18,7 +18,7 @@ workspaces; EK-FAC: eigenbases, EK-FAC sums + staged contributions) on top of th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,122 +26,8 @@ import torch
 from .budget import format_bytes, format_plan, resolve_budgets
 from .config import KFACConfig
 from .errors import MemoryBudgetError
+from .footprint import LayerPlan, dense_side, g_flops, group_peak, lowrank_side, size_of, unit_key
 from .layers import LayerInfo
-
-EIGH_FLOPS = 32.0  # an eigh with vectors of n costs ~32 n³ GEMM flops (LAPACK syevd measured against GEMM on CPU)
-GRAM_WORK = 40  # bytes per m² while a [m, m] float64 Gram is decomposed (Gram, eigh copy, vectors, workspace)
-COMPONENTS = ("sums", "columns", "staging", "eigen", "workspace", "ekfac", "ekfac_staging", "result")
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-@dataclass
-class Side:
-    """What one factor side of a layer needs on one device (bytes per component, see :data:`COMPONENTS`)."""
-
-    device: str
-    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0))
-
-
-@dataclass
-class LayerPlan:
-    """The plan of one layer.
-
-    Attributes:
-        name, a_dim, out: the layer, the dimension of ``A``, the output dimension.
-        representation, max_rank, columns, reason: ``G`` is ``"dense"`` or ``"lowrank"`` with token budget ``k``
-            (None: exact) and ``columns`` held at the peak, and why.
-        unit, owner: key of the layers sharing this layer's input (and ``A``); whether this one decomposes it.
-        sides: ``"A"`` and ``"G"`` :class:`Side` (devices and bytes).
-        flops: ``{"dense": f, "lowrank": f}`` of ``G`` over the run (None when ``T`` is unknown).
-
-    """
-
-    name: str
-    a_dim: int
-    out: int
-    representation: str
-    max_rank: int | None
-    columns: int
-    reason: str
-    unit: str
-    owner: bool
-    sides: dict[str, Side]
-    flops: dict[str, float] | None = None
-
-    def total(self, component: str) -> dict[str, int]:
-        """Bytes of ``component`` by device."""
-        out: dict[str, int] = {}
-        for side in self.sides.values():
-            out[side.device] = out.get(side.device, 0) + side.bytes[component]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        keys = ("representation", "max_rank", "columns", "reason", "unit", "flops")
-        sizes = {c: {d: b for d, b in self.total(c).items() if b} for c in COMPONENTS}
-        return {**{k: getattr(self, k) for k in keys}, "bytes": {c: v for c, v in sizes.items() if v}}
-
-
-def _dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int) -> Side:
-    acc = _size(cfg.accumulate_torch_dtype)
-    eigh64 = dim <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64"
-    side = Side(device)
-    side.bytes["sums"] = dim * dim * acc
-    side.bytes["staging"] = dim * dim * max(acc, 4) + rows * dim * 4
-    if owner:
-        side.bytes["eigen"] = (dim * dim + dim) * acc
-        side.bytes["workspace"] = dim * dim * (32 if eigh64 else 24)  # float64 mean + eigh copy, vectors, work
-    side.bytes["result"] = side.bytes["eigen"]
-    return side
-
-
-def _lowrank_side(out: int, m: int, r: int, cfg: KFACConfig, device: str, rows: int, budget: bool) -> Side:
-    lr = _size(cfg.lowrank_torch_dtype)
-    work = 8 if cfg.accumulate_dtype == "float64" else 4
-    side = Side(device)
-    side.bytes["sums"] = side.bytes["columns"] = out * m * lr
-    side.bytes["staging"] = rows * out * (4 + lr) + (GRAM_WORK * m * m if budget else 0)  # rows (+ compression)
-    side.bytes["eigen"] = (m * r + r) * work  # C [m, r] and λ; U itself is the sum, kept by the eigenbasis
-    side.bytes["workspace"] = GRAM_WORK * m * m
-    side.bytes["ekfac_staging"] = rows * (out + m) * 4  # ĝ rows and their projections
-    side.bytes["result"] = side.bytes["eigen"] + side.bytes["sums"]
-    return side
-
-
-def _g_flops(out: int, a: int, t: int, m: int, ekfac: bool) -> tuple[float, float]:
-    """(dense, low-rank) flops of ``G`` over a run of ``t`` tokens with ``m`` low-rank columns (docstring)."""
-    dense = out * out * t + EIGH_FLOPS * out**3 + (2.0 * out * out * t + 2.0 * out * a * t if ekfac else 0.0)
-    low = out * m * m + EIGH_FLOPS * m**3 + (2.0 * (out * m + m * m) * t + 2.0 * m * a * t if ekfac else 0.0)
-    return float(dense), float(low)
-
-
-def unit_key(info: LayerInfo) -> str:
-    """Layers of one parent module with the same input width read the same input (q/k/v, gate/up)."""
-    return f"{info.name.rsplit('.', 1)[0] if '.' in info.name else ''}|{info.a_dim}"
-
-
-def _peak(layers: list[LayerPlan], workers: int, ekfac: bool, keep_sums: bool = False) -> dict[str, int]:
-    """Peak bytes per device of one group's passes (module docstring); ``keep_sums``: dense sums kept to the end."""
-    devices = {s.device for lp in layers for s in lp.sides.values()}
-    out = {}
-    for dev in devices:
-        sides = [s for lp in layers for s in lp.sides.values() if s.device == dev]
-
-        def tot(c: str, sides: list[Side] = sides) -> int:
-            return sum(s.bytes[c] for s in sides)
-
-        def top(c: str, k: int, sides: list[Side] = sides) -> int:
-            return sum(sorted((s.bytes[c] for s in sides), reverse=True)[:k])
-
-        collect = tot("sums") + tot("staging")  # a batch's contributions are staged, then checked and committed
-        decompose = tot("sums") + tot("eigen") + top("workspace", workers)
-        kept = tot("result") + (tot("sums") - tot("columns") if keep_sums else 0)
-        correct = kept + tot("ekfac") + tot("ekfac_staging") if ekfac else 0
-        out[dev] = max(collect, decompose, correct)
-    return out
 
 
 @dataclass
@@ -155,6 +41,8 @@ class MemoryPlan:
         groups: layer names of each group (model order); one group is an unpartitioned run.
         peaks: peak bytes per device of each group's passes, including what earlier groups keep.
         result: bytes per device kept at the end (eigenbases, low-rank columns, EK-FAC eigenvalues).
+        spill: each group's factors are written to the factor file and dropped as it finishes, so a group's peak
+            does not include the earlier groups' factors (``fit(..., save_to=path)``).
 
     """
 
@@ -166,6 +54,7 @@ class MemoryPlan:
     groups: list[list[str]]
     peaks: list[dict[str, int]]
     result: dict[str, int]
+    spill: bool = False
 
     @property
     def passes(self) -> int:
@@ -182,7 +71,7 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the report and the factor file's metadata)."""
-        out = {k: getattr(self, k) for k in ("tokens", "batch_tokens", "ekfac", "passes")}
+        out = {k: getattr(self, k) for k in ("tokens", "batch_tokens", "ekfac", "passes", "spill")}
         out.update(budgets=dict(self.budgets), groups=[list(g) for g in self.groups], result=dict(self.result))
         out.update(peaks=[dict(p) for p in self.peaks], layers={n: lp.to_dict() for n, lp in self.layers.items()})
         return out
@@ -202,6 +91,7 @@ class _Ctx:
     budgets: dict[str, int]
     workers: int
     host: str | None  # where a low-rank U goes (streamed) when it does not fit on the accelerator, or None
+    spill: bool = False  # earlier groups' factors are written out, not kept
 
 
 def _build(
@@ -210,17 +100,17 @@ def _build(
     cfg, t, rows = ctx.cfg, ctx.tokens, ctx.rows
     a, out = info.a_dim, info.out_features
     draws = cfg.mc_samples if cfg.fisher == "mc" else 1  # a low-rank G holds a column per token and draw
-    acc = _size(cfg.accumulate_torch_dtype)
+    acc = size_of(cfg.accumulate_torch_dtype)
     if rep == "dense":
         m, r = 0, out
-        g = _dense_side(out, cfg, ctx.device, True, rows)
+        g = dense_side(out, cfg, ctx.device, True, rows)
     else:
         m = draws * (t if t is not None else rows)  # exact: every column (unknown T: one batch, grows with T)
         if max_rank is not None:
             m = min(m, 2 * max_rank + draws * rows)  # compression when more than 2k columns are held
         r = min(m, out, max_rank if max_rank is not None else m)
-        g = _lowrank_side(out, m, r, cfg, g_device or ctx.g_device, draws * rows, max_rank is not None)
-    side_a = _dense_side(a, cfg, ctx.device, owner, rows)
+        g = lowrank_side(out, m, r, cfg, g_device or ctx.g_device, draws * rows, max_rank is not None)
+    side_a = dense_side(a, cfg, ctx.device, owner, rows)
     if cfg.ekfac:
         thin = rep != "dense" and r < out
         side_a.bytes["ekfac"] = (r * a + (a if thin else 0)) * acc  # span (and tail) sums
@@ -228,13 +118,13 @@ def _build(
         g.bytes["ekfac_staging"] += rows * (a + out) * 4 + r * a * 4
     flops = None
     if out > cfg.lowrank_threshold and t is not None:
-        d, lo = _g_flops(out, a, t, draws * t, cfg.ekfac)
+        d, lo = g_flops(out, a, t, draws * t, cfg.ekfac)
         flops = {"dense": d, "lowrank": lo}
     return LayerPlan(info.name, a, out, rep, max_rank, m, reason, unit_key(info), owner, {"A": side_a, "G": g}, flops)
 
 
 def _alone(lp: LayerPlan, ctx: _Ctx) -> dict[str, int]:
-    return _peak([lp], ctx.workers, ctx.cfg.ekfac)
+    return group_peak([lp], ctx.workers, ctx.cfg.ekfac)
 
 
 def _fits(peak: dict[str, int], kept: dict[str, int], budgets: dict[str, int]) -> bool:
@@ -289,6 +179,7 @@ def plan_memory(
     lowrank_device: str | torch.device | None = None,
     budgets: dict[str, int] | None = None,
     workers: int | None = None,
+    spill: bool = False,
 ) -> MemoryPlan:
     """Plan a run: the representation of each layer's ``G``, groups that fit the budget, bytes per device.
 
@@ -302,6 +193,8 @@ def plan_memory(
             fit goes to host memory and is streamed, :meth:`MemoryPlan.host_columns`).
         budgets: bytes per device (default: from ``cfg.max_memory``, see :func:`resolve_budgets`).
         workers: concurrent eigendecompositions (default: torch's threads on CPU, 1 on an accelerator).
+        spill: when the layers run in groups, each group's factors are written to the factor file and dropped as
+            it finishes (:attr:`MemoryPlan.spill`); otherwise they stay in memory and count in the later groups.
 
     Raises:
         MemoryBudgetError: a layer needs more than its device's budget even alone (the message names it).
@@ -318,20 +211,21 @@ def plan_memory(
         budgets.setdefault(d, max(budgets.values()))
     if workers is None:
         workers = torch.get_num_threads() if torch.device(dev).type == "cpu" else 1
-    ctx = _Ctx(cfg, tokens, rows, dev, g_dev, budgets, max(int(workers), 1), host)
+    ctx = _Ctx(cfg, tokens, rows, dev, g_dev, budgets, max(int(workers), 1), host, spill)
     units: dict[str, list[LayerPlan]] = {}
     for info in infos.values():  # the first layer of a unit decomposes the shared A
         lp = _choose(info, ctx, owner=unit_key(info) not in units)
         units.setdefault(lp.unit, []).append(lp)
     every = [lp for unit in units.values() for lp in unit]
-    single = _peak(every, ctx.workers, cfg.ekfac, keep_sums=True)  # one group: the operator keeps its sums
+    single = group_peak(every, ctx.workers, cfg.ekfac, keep_sums=True)  # one group: the operator keeps its sums
     if _fits(single, {}, budgets):
         groups, peaks, kept = [every], [single], _result(every)
     else:
         groups, peaks, kept = _pack(list(units.values()), ctx, infos)
     layers = {lp.name: lp for g in groups for lp in g}
     names = [[lp.name for lp in g] for g in groups]
-    return MemoryPlan(tokens, rows, cfg.ekfac, budgets, {n: layers[n] for n in infos}, names, peaks, kept)
+    spilled = spill and len(groups) > 1
+    return MemoryPlan(tokens, rows, cfg.ekfac, budgets, {n: layers[n] for n in infos}, names, peaks, kept, spilled)
 
 
 def _result(layers: list[LayerPlan], kept: dict[str, int] | None = None) -> dict[str, int]:
@@ -350,13 +244,16 @@ def _pack(
     kept: dict[str, int] = {}
     current: list[LayerPlan] = []
 
+    def held() -> dict[str, int]:  # what earlier groups leave in memory
+        return {} if ctx.spill else kept
+
     def fits(layers: list[LayerPlan]) -> bool:
-        return _fits(_peak(layers, ctx.workers, ctx.cfg.ekfac), kept, ctx.budgets)
+        return _fits(group_peak(layers, ctx.workers, ctx.cfg.ekfac), held(), ctx.budgets)
 
     def close() -> None:
         if current:
-            peak = _peak(current, ctx.workers, ctx.cfg.ekfac)
-            peaks.append({d: kept.get(d, 0) + b for d, b in peak.items()})
+            peak = group_peak(current, ctx.workers, ctx.cfg.ekfac)
+            peaks.append({d: held().get(d, 0) + b for d, b in peak.items()})
             groups.append(list(current))
             kept.update(_result(current, kept))
             current.clear()
@@ -373,17 +270,16 @@ def _pack(
                 close()
             lp = lp if fits([lp]) else (_on_host(lp, infos[lp.name], ctx) or lp)
             if not fits([lp]):
-                raise _too_small(lp, ctx, kept, _result([x for u in units for x in u]))
+                raise _too_small(lp, ctx, held(), _result([x for u in units for x in u]))
             current.append(lp)
     close()
     return groups, peaks, kept
 
 
 def _too_small(lp: LayerPlan, ctx: _Ctx, kept: dict[str, int], total: dict[str, int]) -> MemoryBudgetError:
-    need = _peak([lp], ctx.workers, ctx.cfg.ekfac)
+    need = group_peak([lp], ctx.workers, ctx.cfg.ekfac)
     dev = next(d for d, b in need.items() if kept.get(d, 0) + b > ctx.budgets[d])
-    part = {c: lp.total(c).get(dev, 0) for c in ("sums", "eigen", "workspace", "ekfac")}
-    earlier = kept.get(dev, 0)
+    part, earlier = {c: lp.total(c).get(dev, 0) for c in ("sums", "eigen", "workspace", "ekfac")}, kept.get(dev, 0)
     return MemoryBudgetError(
         f"Layer {lp.name!r} (in {lp.a_dim:,}, out {lp.out:,}, G {lp.representation}) needs {need[dev]:,} bytes "
         f"({format_bytes(need[dev])}) on {dev}: sums {format_bytes(part['sums'])}, eigenbases "
@@ -393,8 +289,9 @@ def _too_small(lp: LayerPlan, ctx: _Ctx, kept: dict[str, int], total: dict[str, 
         + (f", of which the factors kept from earlier layers take {format_bytes(earlier)}" if earlier else "")
         + ". Raise max_memory (--max-memory) or leave the layer out (exclude)."
         + (
-            f" The factors all tracked layers keep at the end need {format_bytes(total[dev])} there: no grouping fits."
-            if total.get(dev, 0) > ctx.budgets[dev]
+            f" The factors all tracked layers keep at the end need {format_bytes(total[dev])} there: no grouping fits "
+            "in memory; write each group's factors to a file as it finishes (fit(..., save_to=path))."
+            if total.get(dev, 0) > ctx.budgets[dev] and not ctx.spill
             else ""
         )
     )

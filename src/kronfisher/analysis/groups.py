@@ -14,7 +14,7 @@ from typing import Any
 
 from ..comm import Shard
 from ..config import KFACConfig
-from ..drivers.fit import run_groups
+from ..drivers.groups import run_groups
 from ..drivers.planning import plan_run, tracked_layers
 from ..io.files import save
 from ..models import LoadedModel
@@ -22,9 +22,14 @@ from ..operator import KFAC
 from ..plan import MemoryPlan
 
 
-def plan_for(lm: LoadedModel, shard: Shard, cfg: KFACConfig, info: Callable[[str], None]) -> MemoryPlan:
-    """The memory plan of one model's run over ``shard``, printed with ``info``."""
-    plan = plan_run(lm.model, tracked_layers(lm.model, cfg), shard, cfg)
+def plan_for(
+    lm: LoadedModel, shard: Shard, cfg: KFACConfig, info: Callable[[str], None], *, spill: bool = False
+) -> MemoryPlan:
+    """The memory plan of one model's run over ``shard``, printed with ``info``.
+
+    ``spill``: a factor file will be written, so groups write their factors to it as they finish.
+    """
+    plan = plan_run(lm.model, tracked_layers(lm.model, cfg), shard, cfg, spill=spill)
     for line in plan.format().splitlines():
         info(f"  {line}")
     return plan
@@ -41,27 +46,49 @@ def fit_groups(
     identity: dict[str, Any],
     sources: Any,
 ) -> KFAC:
-    """Run the groups of ``plan`` and save the factor file (without sums; none when ``factor_path`` is None)."""
+    """Run the groups of ``plan`` and save the factor file (without sums; none when ``factor_path`` is None).
+
+    With a spilling plan (:attr:`MemoryPlan.spill`) each group's factors are written to ``factor_path`` as the group
+    finishes, and the operator returned reads its layers from that file.
+    """
     t = time.monotonic()
+    extra = {"identity": identity, "data": sources}  # as the ungrouped path writes them (resume compares identity)
+    spilled = plan.spill and factor_path is not None
+    if spilled:
+        factor_path.parent.mkdir(parents=True, exist_ok=True)
     fisher = run_groups(
         lm.model,
         shard,
         cfg,
         tracked_layers(lm.model, cfg),
         plan,
-        on_phase=lambda k, n, phase: info(f"  group {k}/{n}: {phase}"),
+        on_phase=PhaseClock(info, timings),
+        save_to=factor_path if spilled else None,
+        extra_meta=extra,
     )
     fisher.attach_model(lm.model)
-    fisher.report.warnings.append(
-        f"The tracked layers ran in {len(plan.groups)} groups to fit max_memory, each with its own passes over the "
-        "data; each group's raw sums were freed once decomposed, so the factor file holds no sums (no merge)."
-    )
     timings["groups"] = time.monotonic() - t
-    if factor_path is None:
+    if factor_path is None or spilled:
         return fisher
     t = time.monotonic()
     factor_path.parent.mkdir(parents=True, exist_ok=True)
-    extra = {"identity": identity, "data": sources}  # as the ungrouped path writes them (resume compares identity)
     save(fisher, factor_path, model=lm.model, include_sums=False, extra_meta=extra)
     timings["save"] = time.monotonic() - t
     return fisher
+
+
+class PhaseClock:
+    """Prints each group's phases and times them: ``timings["group k/n: phase"]`` lasts until the next phase."""
+
+    def __init__(self, info: Callable[[str], None], timings: dict[str, float]) -> None:
+        self.info, self.timings = info, timings
+        self.current: str | None = None
+        self.since = time.monotonic()
+
+    def __call__(self, k: int, n: int, phase: str) -> None:
+        """``run_groups``'s ``on_phase``."""
+        now = time.monotonic()
+        if self.current is not None:
+            self.timings[self.current] = now - self.since
+        self.current, self.since = (None if phase == "done" else f"group {k}/{n}: {phase}"), now
+        self.info(f"  group {k}/{n}: {phase}")

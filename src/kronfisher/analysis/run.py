@@ -162,7 +162,7 @@ def _load(index: int, spec: str | None, opts: AnalyzeOptions, console: Console, 
 def _fit_and_save(run: _ModelRun, opts: AnalyzeOptions, console: Console) -> KFAC:
     """The K-FAC pass (resumable), decomposition, EK-FAC pass and factor file of one model."""
     cfg, lm, shard, timings = opts.cfg, run.lm, run.shard, run.timings
-    plan = plan_for(lm, shard, cfg, console.info)  # printed before the first batch
+    plan = plan_for(lm, shard, cfg, console.info, spill=opts.save_factors)  # printed before the first batch
     if len(plan.groups) > 1:  # layer groups, each with its own passes; no checkpoints, no sums in the file
         path = run.factor_path if opts.save_factors else None
         return fit_groups(lm, shard, cfg, plan, console.info, timings, path, run.identity, run.tb.sources)

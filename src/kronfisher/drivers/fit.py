@@ -30,7 +30,6 @@ from ..layers import Discovery
 from ..operator import KFAC
 from ..plan import MemoryPlan
 from ..report import CollectionReport
-from .ekfac import correct
 from .planning import plan_run, tracked_layers
 
 logger = logging.getLogger("kronfisher")
@@ -187,118 +186,6 @@ def _few(indices: list[int], n: int = 8) -> str:
     if len(indices) <= n:
         return str(indices)
     return f"[{', '.join(map(str, indices[:n]))}, …] ({len(indices)} in all)"
-
-
-def _merge_reports(into: CollectionReport | None, part: CollectionReport) -> CollectionReport:
-    """One report for the groups of a run: counts from the first group (the same batches), the rest merged."""
-    if into is None:
-        return part
-    mine, theirs = {b for b, _ in into.nonfinite_batches}, {b for b, _ in part.nonfinite_batches}
-    if mine != theirs:  # on_nonfinite="skip" drops a batch only where it is non-finite: groups saw other batches
-        into.warnings.append(f"Batches {sorted(mine ^ theirs)} were dropped as non-finite by some layer groups only.")
-    into.never_fired.extend(n for n in part.never_fired if n not in into.never_fired)
-    into.nonfinite_batches.extend(b for b in part.nonfinite_batches if b not in into.nonfinite_batches)
-    into.warnings.extend(w for w in part.warnings if w not in into.warnings)
-    into.tied.update(part.tied)
-    return into
-
-
-def fit(
-    model: nn.Module,
-    batches: Iterable[Any],
-    cfg: KFACConfig | None = None,
-    *,
-    loss_fn: LossFn | None = None,
-    progress: bool = False,
-) -> KFAC:
-    """Collect, decompose and (with ``cfg.ekfac``) correct: the whole pipeline (docs/library.md).
-
-    Before the first batch the run is planned against ``cfg.max_memory`` (:func:`plan_run`, logged): when the
-    tracked layers do not fit together, each group of layers runs its own passes over the same batches (collect,
-    decompose, EK-FAC), and its sums are freed once decomposed; the factors are exactly those of one unpartitioned
-    run (same batches, same order, same MC seeds). Then the operator keeps no sums (``fisher.sums`` is None).
-
-    Args:
-        model: a causal LM (batches with ``input_ids``, optional ``attention_mask`` / ``labels``) or any model with
-            ``loss_fn(model, batch) -> (loss, {"num_terms": N, "attention_mask": mask, "reduction": ...})``.
-        batches: an iterable of batches; re-iterable (a list, a DataLoader) when ``cfg.ekfac`` is set or the plan
-            has several groups.
-        cfg: configuration (default :class:`KFACConfig`).
-        loss_fn: optional user loss (empirical Fisher only).
-        progress: show progress bars.
-
-    Returns:
-        The decomposed :class:`~kronfisher.operator.KFAC` operator.
-
-    """
-    cfg = cfg or KFACConfig()
-    model = unwrap_model(model)
-    once = iter(batches) is batches  # type: ignore[comparison-overlap]
-    if cfg.ekfac and once:
-        raise ConfigError("ekfac=True needs two passes over the data: pass a list or a DataLoader, not an iterator.")
-    discovery = tracked_layers(model, cfg)
-    plan = plan_run(model, discovery, None if once else batches, cfg)
-    logger.info("%s", plan.format())
-    if len(plan.groups) > 1 and once:
-        raise ConfigError(
-            f"The memory plan has {len(plan.groups)} groups, each with its own pass over the data: "
-            "pass a list or a DataLoader, not an iterator (or raise max_memory)."
-        )
-    return run_groups(model, batches, cfg, discovery, plan, loss_fn=loss_fn, progress=progress)
-
-
-Phase = Callable[[int, int, str], None]
-
-
-def run_groups(
-    model: nn.Module,
-    batches: Iterable[Any],
-    cfg: KFACConfig,
-    discovery: Discovery,
-    plan: MemoryPlan,
-    *,
-    loss_fn: LossFn | None = None,
-    progress: bool = False,
-    on_phase: Phase | None = None,
-) -> KFAC:
-    """The passes of each group of ``plan``: collect, decompose, (EK-FAC); one operator for all (see :func:`fit`).
-
-    ``on_phase(group, groups, phase)`` is called as each phase starts (``"collect"``, ``"decompose"``, ``"ekfac"``)
-    and once with ``"done"``; the same events are logged as ``group i/n: phase``.
-    """
-    n = len(plan.groups)
-
-    def phase(k: int, name: str) -> None:
-        logger.info("group %d/%d: %s", k, n, name)
-        if on_phase is not None:
-            on_phase(k, n, name)
-
-    blocks: dict[str, Any] = {}
-    report: CollectionReport | None = None
-    for k, names in enumerate(plan.groups, start=1):
-        phase(k, "collect")
-        group = None if n == 1 else names
-        _, collector, part = collect(
-            model, batches, cfg, loss_fn=loss_fn, progress=progress, plan=plan, layers=group, check=n == 1
-        )
-        phase(k, "decompose")
-        infos = {name: discovery.infos[name] for name in names}
-        fisher = KFAC.from_sums(infos, collector.sums, cfg, report=part, model=model, spread=True)
-        del collector  # a grouped run frees each group's sums once decomposed
-        if cfg.ekfac and fisher.layer_names:  # a group whose layers never fired has nothing to correct
-            phase(k, "ekfac")
-            correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
-        if n == 1:
-            phase(k, "done")
-            return fisher  # unpartitioned: the operator keeps its sums, as always
-        blocks.update({name: fisher.block(name) for name in fisher.layer_names})
-        report = _merge_reports(report, fisher.report)
-    phase(n, "done")
-    assert report is not None
-    if not blocks:
-        check_factors({}, report, seen=None)  # no group got factors: say why, as one run would
-    live = {name: discovery.infos[name] for name in discovery.infos if name in blocks}
-    return KFAC(live, {name: blocks[name] for name in live}, cfg, report=report, model=model)
 
 
 class CaptureSession:

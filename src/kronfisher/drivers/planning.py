@@ -39,8 +39,14 @@ def count_tokens(batches: Iterable[Any]) -> tuple[int | None, int | None]:
     return (sum(sizes), max(sizes)) if sizes else (None, None)
 
 
-def plan_run(model: nn.Module, discovery: Discovery, batches: Iterable[Any] | None, cfg: KFACConfig) -> MemoryPlan:
-    """The memory plan of a run over ``batches`` (:func:`~kronfisher.plan.plan_memory`), the same on every rank."""
+def plan_run(
+    model: nn.Module, discovery: Discovery, batches: Iterable[Any] | None, cfg: KFACConfig, *, spill: bool = False
+) -> MemoryPlan:
+    """The memory plan of a run over ``batches`` (:func:`~kronfisher.plan.plan_memory`), the same on every rank.
+
+    ``spill``: groups write their factors to the factor file as they finish (``fit(..., save_to=path)``).
+    """
     tokens, largest = count_tokens(batches) if batches is not None else (None, None)
-    plan = plan_memory(discovery.infos, cfg, tokens=tokens, batch_tokens=largest, device=str(model_device(model)))
+    device = str(model_device(model))
+    plan = plan_memory(discovery.infos, cfg, tokens=tokens, batch_tokens=largest, device=device, spill=spill)
     return broadcast_object(plan)  # free memory differs between ranks; their passes must not

@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +91,32 @@ def atomic_write(
 
 
 def _atomic_write_local(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta)  # insertion order kept: layers stay in model order
     header_meta = {META_KEY: text, META_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    return write_through_temporary(
+        path,
+        lambda tmp: write_safetensors(tensors, str(tmp), header_meta),
+        needed=lambda: payload_bytes(tensors, header_meta),
+    )
+
+
+def write_through_temporary(path: Path, write: Callable[[Path], None], needed: Callable[[], int]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then flush and rename it over ``path``.
+
+    On any failure the temporary file is removed and ``path`` is left as it was; a full disk or a read-only file
+    system becomes one :class:`~kronfisher.errors.WriteError` naming ``path`` and the ``needed()`` bytes. This
+    process writes (no rank-0 rule: see :func:`atomic_write`).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
     except OSError as err:
-        raise write_error(err, path, needed=payload_bytes(tensors, header_meta)) from err
+        raise write_error(err, path, needed=needed()) from err
     mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what the umask gives a new file
     os.close(fd)
     try:
-        write_safetensors(tensors, str(tmp), header_meta)
+        write(tmp)
         os.chmod(tmp, mode)  # the safetensors writer renames its own 0600 temporary file over ours
         _fsync_path(tmp)
         os.replace(tmp, path)
@@ -109,7 +124,7 @@ def _atomic_write_local(path: Path, tensors: dict[str, Tensor], meta: dict[str, 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(err, (OSError, SafetensorError)):  # a full disk, a read-only file system: one clear line
-            raise write_error(err, path, needed=payload_bytes(tensors, header_meta)) from err
+            raise write_error(err, path, needed=needed()) from err
         raise
     _fsync_path(path.parent, directory=True)
     return path
@@ -132,19 +147,4 @@ def payload_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> int:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary name and a rename (reports, plots): never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise write_error(err, path, needed=len(data)) from err
-        raise
-    return path
+    return write_through_temporary(Path(path), lambda tmp: tmp.write_bytes(data), needed=lambda: len(data))

@@ -15,6 +15,7 @@ never stored. Two kinds of file share the format:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from ..errors import FileFormatError
 from ..layers import LayerInfo
 from ..operator import KFAC
 from .fingerprint import check_model
-from .format import Header, LazyLayers, Payload, read_header, read_tensors, verify_payload
+from .format import Header, Payload, read_header, read_tensors, verify_payload
+from .lazy import LazyLayers
 from .sums import (
     PathLike,
     base_meta,
@@ -152,7 +154,8 @@ class _BlockReader:
         self.header = header
         self.infos = infos
         self.device = torch.device(device)
-        self._eigen: dict[tuple[str, ...], Any] = {}
+        # weak: an eigenbasis shared by layers (one A) is read once while any of them holds it, and freed with them
+        self._eigen: weakref.WeakValueDictionary[tuple[str, ...], Any] = weakref.WeakValueDictionary()
 
     def _build(self, em: Mapping[str, Any], read: Mapping[str, Tensor]) -> Any:
         if em.get("form") == "implicit":
@@ -171,9 +174,13 @@ class _BlockReader:
         eig = {}
         for which in ("A", "G"):
             sig = _eigen_keys(bm[which])
-            if sig not in self._eigen:
-                self._eigen[sig] = self._build(bm[which], read)
-            eig[which] = self._eigen[sig]
+            held = self._eigen.get(sig)
+            if held is None:
+                if not set(_eigen_keys(bm[which])) <= set(read):  # freed since the key list was made
+                    read.update(read_tensors(self.header, _eigen_keys(bm[which])))
+                held = self._build(bm[which], read)
+                self._eigen[sig] = held
+            eig[which] = held
         info = self.infos[name]
         a, g = eig["A"], eig["G"]
         if (a.dim, a.rank) != (info.a_dim, info.a_dim) or g.dim != info.out_features:
@@ -185,6 +192,18 @@ class _BlockReader:
             None if bm[k] is None else read[bm[k]].to(self.device) for k in ("corrected", "corrected_tail")
         )
         return KronBlock(a, g, corrected, tail, tokens=dict(bm["tokens"]))
+
+
+def block_bytes(block: KronBlock) -> int:
+    """Bytes of a block's tensors (eigenvectors or low-rank columns and coefficients, values, EK-FAC values)."""
+    tensors = [block.corrected, block.corrected_tail]
+    for eig in (block.A, block.G):
+        tensors.append(eig.values)
+        if eig.kind == "lowrank":
+            tensors += [eig.coeffs, *eig.columns.chunks]
+        else:
+            tensors.append(eig.vectors)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class LoadedKFAC(KFAC):
@@ -223,6 +242,7 @@ def load(
     device: torch.device | str = "cpu",
     verify: bool = False,
     allow_subset: bool = False,
+    keep_bytes: int | None = None,
 ) -> KFAC:
     """Load a factor file (docs/files.md). Layers load lazily: each layer's tensors are read on first use.
 
@@ -237,6 +257,9 @@ def load(
         verify: read every tensor now and check the payload checksum (otherwise each tensor is checked when read).
         allow_subset: accept a model with more tracked layers than the file (natural gradients then cover the
             file's layers only).
+        keep_bytes: hold at most this many bytes of loaded blocks; the least recently used are dropped and read
+            again when needed (an operator larger than memory, used one layer at a time). None: keep every block
+            once read.
 
     Raises:
         FileFormatError: truncated, corrupted or unsupported file (the message names the file).
@@ -259,7 +282,8 @@ def load(
     if header.meta.get("kind") != "kfac":
         raise FileFormatError(f"Factor file {header.path}: unknown kind {header.meta.get('kind')!r}.")
     names = list(header.meta["blocks"])
-    blocks: LazyLayers[KronBlock] = LazyLayers(names, _BlockReader(header, infos, device))
+    reader = _BlockReader(header, infos, device)
+    blocks: LazyLayers[KronBlock] = LazyLayers(names, reader, limit=keep_bytes, size=block_bytes)
     sums = None
     if header.meta.get("sums"):
         sums = LazyLayers(header.meta["sums"], lambda n: read_layer_sums(header, n, cfg, device))

@@ -20,10 +20,10 @@ import hashlib
 import json
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -61,9 +61,6 @@ _ST_CODES = {
 
 
 _TORCH_DTYPES = {name: getattr(torch, name) for name in _ST_CODES}
-
-
-V = TypeVar("V")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -333,56 +330,3 @@ def verify_payload(header: Header) -> str:
     if digest != header.meta.get("payload_sha256"):
         raise _fail(header.path, "payload checksum mismatch (corrupted file).")
     return digest
-
-
-class LazyLayers(MutableMapping[str, V]):
-    """A mapping layer name -> value whose values are loaded by ``loader`` on first access and then kept.
-
-    Membership, iteration and ``len`` never load anything. Assigning a value replaces (or adds) it without
-    reading the file. Used for the blocks and sums of a loaded factor file (layers load lazily).
-    """
-
-    def __init__(self, names: Iterable[str], loader: Callable[[str], V]) -> None:
-        self._names = list(names)
-        self._known = set(self._names)
-        self._loader = loader
-        self._cache: dict[str, V] = {}
-
-    def __getitem__(self, key: str) -> V:
-        if key in self._cache:
-            return self._cache[key]
-        if key not in self._known:
-            raise KeyError(key)
-        value = self._loader(key)
-        self._cache[key] = value
-        return value
-
-    def __setitem__(self, key: str, value: V) -> None:
-        if key not in self._known:
-            self._names.append(key)
-            self._known.add(key)
-        self._cache[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self._known:
-            raise KeyError(key)
-        self._known.discard(key)
-        self._names.remove(key)
-        self._cache.pop(key, None)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._known
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._names))
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    @property
-    def loaded(self) -> list[str]:
-        """Names whose values are in memory."""
-        return [n for n in self._names if n in self._cache]
-
-    def __repr__(self) -> str:
-        return f"LazyLayers({len(self._names)} layers, {len(self._cache)} loaded)"
