@@ -10,9 +10,10 @@ import torch
 
 import kronfisher as kf
 from conftest import make_model, random_ids
+from kronfisher.budget import activation_bytes
 from kronfisher.cli import main
 from kronfisher.drivers.groups import run_groups
-from kronfisher.drivers.planning import count_tokens, plan_run, tracked_layers
+from kronfisher.drivers.planning import count_tokens, model_bytes, plan_run, tracked_layers
 from kronfisher.errors import ConfigError, MemoryBudgetError
 from kronfisher.layers import LayerInfo, discover_layers
 from kronfisher.plan import plan_memory
@@ -118,7 +119,26 @@ def test_max_memory_config_and_budgets() -> None:
     assert 0 < default.budgets["cpu"] < 2**50
     with pytest.raises(ConfigError, match=r"devices \['cuda:0'\] are not used by this run"):
         plan_memory(infos, kf.KFACConfig(max_memory={"cuda:0": "1GB"}), tokens=64)
-    assert plan_memory(infos, kf.KFACConfig(max_memory={"cpu": "1GB"}), tokens=64).budgets == {"cpu": 10**9}
+    given = plan_memory(infos, kf.KFACConfig(max_memory={"cpu": "1GB"}), tokens=64, resident={"cpu": 10**6})
+    acts = activation_bytes(infos, 64)
+    assert given.reserved == {"cpu": acts + 10**6}  # max_memory bounds the run: weights and activations come first
+    assert given.budgets == {"cpu": 10**9 - acts - 10**6}
+    assert "set aside for weights and activations" in given.format()
+
+
+def test_max_memory_counts_the_model_weights(tmp_path) -> None:
+    """The factors get max_memory less the model's weights (a tied weight once) and one batch's activations."""
+    model = make_model("qwen2")
+    batches = [{"input_ids": random_ids(2, 12)}]
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # ties once
+    assert model_bytes(model) == {"cpu": weights}
+    cfg = kf.KFACConfig(max_memory=10**8)
+    plan = plan_run(model, tracked_layers(model, cfg), batches, cfg)
+    acts = activation_bytes(tracked_layers(model, cfg).infos, 24)
+    assert plan.reserved == {"cpu": weights + acts} and plan.budgets == {"cpu": 10**8 - weights - acts}
+    tight = kf.KFACConfig(max_memory=weights + acts + 1000)  # room for the model, not for a layer's factors
+    with pytest.raises(MemoryBudgetError, match=r"max_memory less .* of model weights and activations"):
+        plan_run(model, tracked_layers(model, tight), batches, tight)
 
 
 def _allocated(fisher: kf.KFAC) -> dict[str, int]:
@@ -166,7 +186,8 @@ def budget_for_groups(model: torch.nn.Module, batches: list, cfg: kf.KFACConfig)
     whole = plan_memory(infos, cfg, **kw)
     alone = max(plan_memory({n: i}, cfg, **kw).peaks[0]["cpu"] for n, i in infos.items())
     assert alone < whole.peaks[0]["cpu"] - whole.result["cpu"]
-    return whole.result["cpu"] + alone  # every layer fits after all the others' factors; not all at once
+    reserved = model_bytes(model)["cpu"] + activation_bytes(infos, largest)  # max_memory counts these first
+    return reserved + whole.result["cpu"] + alone  # every layer fits after all the others' factors; not all at once
 
 
 def assert_same_blocks(one: kf.KFAC, grouped: kf.KFAC) -> None:

@@ -44,26 +44,40 @@ def activation_bytes(infos: dict[str, LayerInfo], batch_tokens: int) -> int:
 
 
 def resolve_budgets(
-    cfg: KFACConfig, devices: list[str], infos: dict[str, LayerInfo], batch_tokens: int
-) -> dict[str, int]:
-    """Budget per device: ``cfg.max_memory`` (one size for all, or per device), else free memory less activations.
+    cfg: KFACConfig,
+    devices: list[str],
+    infos: dict[str, LayerInfo],
+    batch_tokens: int,
+    resident: dict[str, int] | None = None,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Factor budget per device, and what was set aside for the rest of the run (docs/concepts.md, memory plan).
 
-    A device a ``{device: size}`` mapping leaves out gets its free memory; one it names that the run does not use is
-    an error (a typo such as ``"cuda"`` for ``"cuda:0"``).
+    ``cfg.max_memory`` (one size for all, or per device) bounds the run's memory on a device: the factors get it less
+    the model's weights there (``resident``) and one batch's activations (:func:`activation_bytes`). Without it, a
+    device gives what it has free now (the weights are already in place) less the activations. A device a
+    ``{device: size}`` mapping leaves out gets its free memory; one it names that the run does not use is an error
+    (a typo such as ``"cuda"`` for ``"cuda:0"``).
+
+    Returns:
+        ``(budgets, reserved)``: bytes for the factors per device, and bytes set aside per device for the weights
+        and activations (counted in ``max_memory``; for free memory, the activations only).
+
     """
     mm = cfg.max_memory
     if isinstance(mm, dict) and set(mm) - set(devices):
         unused = sorted(set(mm) - set(devices))
         raise ConfigError(f"Invalid max_memory: devices {unused} are not used by this run (it uses {devices}).")
-    out = {}
+    acts = activation_bytes(infos, batch_tokens)
+    budgets, reserved = {}, {}
     for dev in devices:
-        if isinstance(mm, dict) and dev in mm:
-            out[dev] = int(mm[dev])
-        elif mm is not None and not isinstance(mm, dict):
-            out[dev] = int(mm)
+        size = mm.get(dev) if isinstance(mm, dict) else mm
+        if size is None:
+            reserved[dev] = acts
+            budgets[dev] = max(available_memory(dev) - acts, 0)
         else:
-            out[dev] = max(available_memory(dev) - activation_bytes(infos, batch_tokens), 0)
-    return out
+            reserved[dev] = acts + (resident or {}).get(dev, 0)
+            budgets[dev] = max(int(size) - reserved[dev], 0)
+    return budgets, reserved
 
 
 def _per_device(sizes: dict[str, int]) -> str:
@@ -79,7 +93,9 @@ def format_plan(plan: dict[str, Any]) -> str:
     t = "unknown" if plan["tokens"] is None else f"{plan['tokens']:,}"
     kind = "EK-FAC" if plan["ekfac"] else "K-FAC"
     lines = [f"memory plan: {len(plan['layers'])} layers, T = {t} tokens (batches of {plan['batch_tokens']:,}), {kind}"]
-    lines[0] += f"; budget {_per_device(plan['budgets'])}"
+    lines[0] += f"; factor budget {_per_device(plan['budgets'])}"
+    if plan.get("reserved"):
+        lines[0] += f" (set aside for weights and activations: {_per_device(plan['reserved'])})"
     kinds: dict[str, list[str]] = {}
     for name, lp in plan["layers"].items():
         key = "low-rank exact" if lp["max_rank"] is None else f"low-rank, budget k = {lp['max_rank']}"

@@ -18,7 +18,7 @@ workspaces; EK-FAC: eigenbases, EK-FAC sums + staged contributions) on top of th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,8 @@ class MemoryPlan:
         result: bytes per device kept at the end (eigenbases, low-rank columns, EK-FAC eigenvalues).
         spill: each group's factors are written to the factor file and dropped as it finishes, so a group's peak
             does not include the earlier groups' factors (``fit(..., save_to=path)``).
+        reserved: bytes per device set aside before ``budgets`` (weights and activations, see
+            :func:`~kronfisher.budget.resolve_budgets`); empty when the budgets were given.
 
     """
 
@@ -55,6 +57,7 @@ class MemoryPlan:
     peaks: list[dict[str, int]]
     result: dict[str, int]
     spill: bool = False
+    reserved: dict[str, int] = field(default_factory=dict)
 
     @property
     def passes(self) -> int:
@@ -72,6 +75,7 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the report and the factor file's metadata)."""
         out = {k: getattr(self, k) for k in ("tokens", "batch_tokens", "ekfac", "passes", "spill")}
+        out["reserved"] = dict(self.reserved)
         out.update(budgets=dict(self.budgets), groups=[list(g) for g in self.groups], result=dict(self.result))
         out.update(peaks=[dict(p) for p in self.peaks], layers={n: lp.to_dict() for n, lp in self.layers.items()})
         return out
@@ -92,6 +96,7 @@ class _Ctx:
     workers: int
     host: str | None  # where a low-rank U goes (streamed) when it does not fit on the accelerator, or None
     spill: bool = False  # earlier groups' factors are written out, not kept
+    reserved: dict[str, int] = field(default_factory=dict)  # set aside for weights and activations
 
 
 def _build(
@@ -180,6 +185,7 @@ def plan_memory(
     budgets: dict[str, int] | None = None,
     workers: int | None = None,
     spill: bool = False,
+    resident: dict[str, int] | None = None,
 ) -> MemoryPlan:
     """Plan a run: the representation of each layer's ``G``, groups that fit the budget, bytes per device.
 
@@ -191,10 +197,12 @@ def plan_memory(
         device: the model's device, where ``A`` and dense ``G`` live.
         lowrank_device: where low-rank ``G`` lives (default: ``device``; on an accelerator, a ``U`` that does not
             fit goes to host memory and is streamed, :meth:`MemoryPlan.host_columns`).
-        budgets: bytes per device (default: from ``cfg.max_memory``, see :func:`resolve_budgets`).
+        budgets: bytes per device for the factors (default: ``cfg.max_memory`` or the free memory, less the
+            weights and activations, see :func:`~kronfisher.budget.resolve_budgets`).
         workers: concurrent eigendecompositions (default: torch's threads on CPU, 1 on an accelerator).
         spill: when the layers run in groups, each group's factors are written to the factor file and dropped as
             it finishes (:attr:`MemoryPlan.spill`); otherwise they stay in memory and count in the later groups.
+        resident: bytes of the model's weights per device (counted in an explicit ``max_memory``).
 
     Raises:
         MemoryBudgetError: a layer needs more than its device's budget even alone (the message names it).
@@ -206,12 +214,15 @@ def plan_memory(
     accelerator = torch.device(dev).type not in ("cpu", "meta")
     host = "cpu" if accelerator and lowrank_device is None else None
     devices = sorted({dev, g_dev} | ({"cpu"} if accelerator else set()))
-    budgets = dict(budgets) if budgets is not None else resolve_budgets(cfg, devices, infos, rows)
+    reserved: dict[str, int] = {}
+    if budgets is None:
+        budgets, reserved = resolve_budgets(cfg, devices, infos, rows, resident)
+    budgets = dict(budgets)
     for d in devices:
         budgets.setdefault(d, max(budgets.values()))
     if workers is None:
         workers = torch.get_num_threads() if torch.device(dev).type == "cpu" else 1
-    ctx = _Ctx(cfg, tokens, rows, dev, g_dev, budgets, max(int(workers), 1), host, spill)
+    ctx = _Ctx(cfg, tokens, rows, dev, g_dev, budgets, max(int(workers), 1), host, spill, reserved)
     units: dict[str, list[LayerPlan]] = {}
     for info in infos.values():  # the first layer of a unit decomposes the shared A
         lp = _choose(info, ctx, owner=unit_key(info) not in units)
@@ -225,7 +236,8 @@ def plan_memory(
     layers = {lp.name: lp for g in groups for lp in g}
     names = [[lp.name for lp in g] for g in groups]
     spilled = spill and len(groups) > 1
-    return MemoryPlan(tokens, rows, cfg.ekfac, budgets, {n: layers[n] for n in infos}, names, peaks, kept, spilled)
+    layers = {n: layers[n] for n in infos}
+    return MemoryPlan(tokens, rows, cfg.ekfac, budgets, layers, names, peaks, kept, spilled, reserved)
 
 
 def _result(layers: list[LayerPlan], kept: dict[str, int] | None = None) -> dict[str, int]:
@@ -284,8 +296,9 @@ def _too_small(lp: LayerPlan, ctx: _Ctx, kept: dict[str, int], total: dict[str, 
         f"Layer {lp.name!r} (in {lp.a_dim:,}, out {lp.out:,}, G {lp.representation}) needs {need[dev]:,} bytes "
         f"({format_bytes(need[dev])}) on {dev}: sums {format_bytes(part['sums'])}, eigenbases "
         f"{format_bytes(part['eigen'])}, decomposition workspace {format_bytes(part['workspace'])}, EK-FAC sums "
-        f"{format_bytes(part['ekfac'])}; max_memory there is {ctx.budgets[dev]:,} bytes "
-        f"({format_bytes(ctx.budgets[dev])})"
+        f"{format_bytes(part['ekfac'])}; the factors may use {ctx.budgets[dev]:,} bytes "
+        f"({format_bytes(ctx.budgets[dev])}) there"
+        + _set_aside(ctx, dev)
         + (f", of which the factors kept from earlier layers take {format_bytes(earlier)}" if earlier else "")
         + ". Raise max_memory (--max-memory) or leave the layer out (exclude)."
         + (
@@ -295,3 +308,13 @@ def _too_small(lp: LayerPlan, ctx: _Ctx, kept: dict[str, int], total: dict[str, 
             else ""
         )
     )
+
+
+def _set_aside(ctx: _Ctx, dev: str) -> str:
+    """What the budget of ``dev`` leaves out, for the error message."""
+    if dev not in ctx.reserved:
+        return ""
+    mm = ctx.cfg.max_memory
+    if (mm.get(dev) if isinstance(mm, dict) else mm) is None:
+        return f" (its free memory less {format_bytes(ctx.reserved[dev])} of activations)"
+    return f" (max_memory less {format_bytes(ctx.reserved[dev])} of model weights and activations)"

@@ -48,5 +48,20 @@ def plan_run(
     """
     tokens, largest = count_tokens(batches) if batches is not None else (None, None)
     device = str(model_device(model))
-    plan = plan_memory(discovery.infos, cfg, tokens=tokens, batch_tokens=largest, device=device, spill=spill)
+    kw = {"tokens": tokens, "batch_tokens": largest, "device": device, "spill": spill}
+    plan = plan_memory(discovery.infos, cfg, **kw, resident=model_bytes(model))
     return broadcast_object(plan)  # free memory differs between ranks; their passes must not
+
+
+def model_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's parameters and buffers per device (a tied weight, one storage, counted once)."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if key in seen or t.device.type == "meta":
+            continue
+        seen.add(key)
+        out[str(t.device)] = out.get(str(t.device), 0) + storage.nbytes()
+    return out
