@@ -264,9 +264,10 @@ class KFACConfig:
     max_memory: int | str | Mapping[str, int | str] | None = field(
         default=None,
         metadata=_meta(
-            "Memory budget of the factors per device: bytes or a size such as '20GiB' / '500MB' (every device), or "
-            "{device: size}. Default (None): what each device has free once the model is loaded, less its "
-            "activations. Layers that do not fit together run in groups, each with its own passes (docs/concepts.md).",
+            "Memory the run may use per device: bytes or a size such as '20GiB' / '500MB' (every device), or "
+            "{device: size}; the model's weights there and one batch's activations count in it, the factors get the "
+            "rest. Default (None): what each device has free once the model is loaded, less the activations. Layers "
+            "that do not fit together run in groups, each with its own passes (docs/concepts.md).",
             Rule("bytes", optional=True, none_means="what each device has free"),
             cli="--max-memory",
         ),

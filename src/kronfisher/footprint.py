@@ -19,7 +19,7 @@ from .layers import LayerInfo
 
 EIGH_FLOPS = 32.0  # an eigh with vectors of n costs ~32 n³ GEMM flops (LAPACK syevd measured against GEMM on CPU)
 GRAM_WORK = 40  # bytes per m² while a [m, m] float64 Gram is decomposed (Gram, eigh copy, vectors, workspace)
-COMPONENTS = ("sums", "columns", "staging", "eigen", "workspace", "ekfac", "ekfac_staging", "result")
+COMPONENTS = ("sums", "columns", "staging", "transient", "eigen", "workspace", "ekfac", "ekfac_staging", "result")
 
 
 def size_of(dtype: torch.dtype) -> int:
@@ -81,7 +81,8 @@ def dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int) -
     eigh64 = dim <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64"
     side = Side(device)
     side.bytes["sums"] = dim * dim * acc
-    side.bytes["staging"] = dim * dim * max(acc, 4) + rows * dim * 4
+    side.bytes["staging"] = rows * dim * 4  # the batch's rows; the commit adds their Gram into the sum in place
+    side.bytes["transient"] = dim * dim * acc if acc != 4 else 0  # float64 sums of float32 rows: one temporary
     if owner:
         side.bytes["eigen"] = (dim * dim + dim) * acc
         side.bytes["workspace"] = dim * dim * (32 if eigh64 else 24)  # float64 mean + eigh copy, vectors, work
@@ -95,7 +96,8 @@ def lowrank_side(out: int, m: int, r: int, cfg: KFACConfig, device: str, rows: i
     work = 8 if cfg.accumulate_dtype == "float64" else 4
     side = Side(device)
     side.bytes["sums"] = side.bytes["columns"] = out * m * lr
-    side.bytes["staging"] = rows * out * (4 + lr) + (GRAM_WORK * m * m if budget else 0)  # rows (+ compression)
+    side.bytes["staging"] = rows * out * (4 + lr)  # the batch's rows, scaled and cast
+    side.bytes["transient"] = GRAM_WORK * m * m if budget else 0  # a compression, one layer at a time
     side.bytes["eigen"] = (m * r + r) * work  # C [m, r] and λ; U itself is the sum, kept by the eigenbasis
     side.bytes["workspace"] = GRAM_WORK * m * m
     side.bytes["ekfac_staging"] = rows * (out + m) * 4  # ĝ rows and their projections
@@ -128,7 +130,8 @@ def group_peak(layers: list[LayerPlan], workers: int, ekfac: bool, keep_sums: bo
         def top(c: str, k: int, sides: list[Side] = sides) -> int:
             return sum(sorted((s.bytes[c] for s in sides), reverse=True)[:k])
 
-        collect = tot("sums") + tot("staging")  # a batch's contributions are staged, then checked and committed
+        # a batch's rows are staged, checked, then committed layer by layer (one commit's temporary at a time)
+        collect = tot("sums") + tot("staging") + top("transient", 1)
         decompose = tot("sums") + tot("eigen") + top("workspace", workers)
         kept = tot("result") + (tot("sums") - tot("columns") if keep_sums else 0)
         correct = kept + tot("ekfac") + tot("ekfac_staging") if ekfac else 0

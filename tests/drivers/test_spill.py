@@ -39,7 +39,9 @@ def test_spilled_groups_equal_one_run_and_leave_one_verified_file(kw: dict, tmp_
     model, batches, cfg = _setup(**kw)
     one = kf.fit(model, batches, cfg)
     path = tmp_path / "f.safetensors"
-    spilled = kf.fit(model, batches, cfg.replace(max_memory=budget_for_groups(model, batches, cfg)), save_to=path)
+    spilled = kf.fit(
+        model, batches, cfg.replace(max_memory=budget_for_groups(model, batches, cfg, spill=True)), save_to=path
+    )
     plan = spilled.report.plan
     assert plan["spill"] and len(plan["groups"]) >= 2
     assert isinstance(spilled, LoadedKFAC) and spilled.path == path  # read back from the file, layer by layer
@@ -65,7 +67,7 @@ def test_one_group_with_save_to_writes_the_file_and_keeps_the_operator(tmp_path)
 
 def test_a_failed_spilled_run_leaves_no_file(tmp_path) -> None:
     model, batches, cfg = _setup(ekfac=True)
-    cfg = cfg.replace(max_memory=budget_for_groups(model, batches, cfg))
+    cfg = cfg.replace(max_memory=budget_for_groups(model, batches, cfg, spill=True))
     discovery = tracked_layers(model, cfg)
     plan = plan_run(model, discovery, batches, cfg, spill=True)
     assert plan.spill and len(plan.groups) >= 2

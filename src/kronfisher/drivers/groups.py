@@ -178,5 +178,9 @@ def run_groups(
 
 
 def keep_bytes(plan: MemoryPlan) -> int:
-    """How much of a spilled operator to hold in memory: the largest group's planned peak on the model's device."""
-    return max(max(p.values()) for p in plan.peaks)
+    """How much of a spilled operator to hold in memory: a quarter of the factor budget of the model's device.
+
+    The groups are done, so their budget is free; the rest is left to what the caller does with the operator
+    (a gradient to precondition, the report's per-layer work).
+    """
+    return max(plan.budgets.values()) // 4
