@@ -1,4 +1,4 @@
-"""Huge output layers (SPEC §6, issue 3): collect, decompose, natural gradient and power(−½) with a low-rank ``G``.
+"""Huge output layers (docs/concepts.md): collect, decompose, natural gradient and power(−½) with a low-rank ``G``.
 
 Cases (each in its own process, so its peak RSS is its own):
 
@@ -313,7 +313,7 @@ def write_results(report: dict[str, Any]) -> None:
     body = "\n".join(
         [
             BEGIN,
-            "## Huge output layers (bench_lmhead.py, SPEC §6)",
+            "## Huge output layers (bench_lmhead.py, docs/concepts.md)",
             "",
             f"Run {report['started']} ({'quick' if report['quick'] else 'full'}) on {m['platform']}, {m['cpus']} CPUs, "
             f"{m.get('ram_gib', '?')} GiB RAM, load average at the end {m.get('load_avg', '?')}; "

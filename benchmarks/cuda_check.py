@@ -6,7 +6,7 @@ independent (a failure is recorded with its traceback and the next section runs)
 
 * ``equal``: ``kf.fit`` (EK-FAC, empirical, float64, tiny GPT-2 with a low-rank lm_head) on the GPU equals the CPU
   fit: max relative error of every layer's dense EK-FAC matrix and of the damped natural gradient; where each sum
-  lives (``A`` and dense ``G`` on the GPU, low-rank ``G`` on CPU, SPEC §6).
+  lives (``A`` and dense ``G`` on the GPU, low-rank ``G`` on CPU, docs/gpu.md).
 * ``mc``: the MC Fisher on the GPU is reproducible (two fits, bitwise equal) and samples on the GPU.
 * ``cli``: ``kronfisher analyze --device cuda`` against ``--device cpu`` on a saved tiny model (float64): max
   relative difference of every number of the report's layer table (undamped condition numbers excluded).
@@ -78,7 +78,7 @@ def _tiny_qwen2(vocab: int = 300, hidden: int = 32, layers: int = 2) -> nn.Modul
 
 def _tiny_gpt2(vocab: int = 300) -> nn.Module:
     """GPT-2 with sdpa attention: LayerNorm and attention keep float64 (stock Llama/Qwen2 RMSNorm computes in
-    float32 even in a float64 model, SPEC §11, which would make CPU and GPU differ at float32 round-off)."""
+    float32 even in a float64 model, which would make CPU and GPU differ at float32 round-off)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)

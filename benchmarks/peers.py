@@ -59,7 +59,7 @@ def _params_of(layers: dict[str, nn.Linear]) -> list[nn.Parameter]:
 def curvlinops_operator(model: nn.Module, wl: Workload, include_head: bool = False) -> Any:
     """curvlinops' EK-FAC operator for the workload (empirical Fisher, expand, weight and bias joint).
 
-    These are the settings under which curvlinops is kronfisher's oracle (SPEC §3.1, §5): ``"mean"``
+    These are the settings under which curvlinops is kronfisher's oracle (docs/concepts.md): ``"mean"``
     cross-entropy, every position one loss term, the sequence as the per-sample unit of the correction.
     ``include_head`` also tracks the output layer (its dense ``out × out`` G: see :func:`head_requirements`).
     """
@@ -257,7 +257,7 @@ def agreement(wl: Workload) -> dict[str, Any]:
 
 # What a peer would need for the output layer ------------------------------------------------------------------
 def head_requirements(out: int, in_: int, batch: int, eigh_seconds_2048: float | None) -> dict[str, Any]:
-    """Memory (and eigh time) a dense-``G`` peer needs for an output layer of ``out`` rows (SPEC §6 avoids it).
+    """Memory (and eigh time) a dense-``G`` peer needs for an output layer of ``out`` rows.
 
     Args:
         out: output dimension (vocabulary size).

@@ -162,7 +162,7 @@ def _prepare(spec: dict[str, Any], phase: Phases) -> tuple[Any, Any]:
 
 
 def _eigh_matrices(fisher: Any, sums: dict[str, Any], cfg: Any) -> tuple[list[Any], list[Any]]:
-    """What kronfisher's decomposition hands to LAPACK and BLAS, in its dtypes (SPEC §4, §6).
+    """What kronfisher's decomposition hands to LAPACK and BLAS, in its dtypes (docs/concepts.md).
 
     Returns ``(mats, columns)``: ``mats`` holds one matrix per distinct ``A``, every dense ``G``, and the ``[m, m]``
     Gram ``Wᵀ W / N`` of each low-rank ``G``; ``columns`` holds each low-rank ``G``'s ``W`` as ``[m, out]`` in
@@ -295,7 +295,7 @@ def fig_kronfisher(
 
     wl, model = _prepare(spec, phase)
     cfg = kf.KFACConfig() if head else kf.KFACConfig(exclude=(rf"^{re.escape(wl.head)}$",))
-    if eigh32:  # the opt-in float32 eigendecomposition (SPEC §4 default: float64)
+    if eigh32:  # the opt-in float32 eigendecomposition (default: float64)
         cfg = cfg.replace(eigh_dtype="float32")
     with phase("kfac_collect"):
         discovery, collector, report = kf.collect(model, wl.batches, cfg, loss_fn=kronfisher_loss_fn)

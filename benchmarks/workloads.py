@@ -2,8 +2,8 @@
 
 Every figure of a workload sees the same model (same seed), the same tokens and the same loss: inputs ``[B, S]``
 and *pre-shifted* targets ``[B, S]`` (token ``s + 1`` of a ``[B, S + 1]`` window), mean cross-entropy over all
-``B·S`` positions. Every position then carries exactly one loss term (``T = N``, SPEC §3.1), no padding, which is
-the setting in which kronfisher, curvlinops and kronfluence compute the same quantities (SPEC §11).
+``B·S`` positions. Every position then carries exactly one loss term (``T = N``, docs/concepts.md), no padding, which is
+the setting in which kronfisher, curvlinops and kronfluence compute the same quantities (docs/concepts.md).
 
 Workloads:
 
@@ -81,7 +81,7 @@ def mean_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def kronfisher_loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-    """The same loss in the shape of kronfisher's ``loss_fn`` (SPEC §2: mean reduction, ``N = B·S`` terms)."""
+    """The same loss in the shape of kronfisher's ``loss_fn`` (docs/concepts.md: mean reduction, ``N = B·S`` terms)."""
     return mean_loss(model, batch), {"num_terms": int(batch["targets"].numel()), "reduction": "mean"}
 
 

@@ -22,6 +22,8 @@ USER_FACING = [
     *DOCS.glob("*.md"),
     *(ROOT / "examples").glob("*.py"),
     *(p for p in (ROOT / "src").rglob("*") if p.suffix in (".py", ".txt", ".md")),  # docstrings, messages, reports
+    ROOT / "CHANGELOG.md",
+    *(p for p in (ROOT / "benchmarks").glob("*") if p.suffix in (".py", ".md")),  # what users run and read
 ]
 FORBIDDEN = [re.compile(r"\bSPEC\b"), re.compile(r"seed bug", re.IGNORECASE)]
 
