@@ -68,8 +68,8 @@ class MeanGradient:
     """Result of :func:`mean_gradient`.
 
     Attributes:
-        combined: ``∇_V L̄`` (``[out, a_dim]``, in the collection dtype) by layer name.
-        params: the same split into parameter-shaped tensors, by parameter name (weight and bias).
+        combined: ``∇_V L̄`` (``[out, a_dim]``, in the collection dtype ``accumulate_dtype``) by layer name.
+        infos: the tracked layers (for :attr:`params`, the same split into parameter-shaped tensors).
         loss: mean loss ``L_sum / N`` over the data.
         loss_terms: ``N``.
         tokens: attended positions ``T``.
@@ -77,10 +77,26 @@ class MeanGradient:
     """
 
     combined: dict[str, Tensor]
-    params: dict[str, Tensor]
+    infos: dict[str, LayerInfo]
     loss: float
     loss_terms: int
     tokens: int
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """``combined`` split into parameter-shaped tensors, by parameter name (weight and bias).
+
+        Built on access, not kept: a layer with a bias has its weight copied out of ``[W | b]``, and the report
+        holds one gradient per layer, not two (docs/cli.md).
+        """
+        params: dict[str, Tensor] = {}
+        for name, v in self.combined.items():
+            info = self.infos[name]
+            w, b = split(info, v)
+            params[info.weight_name] = w
+            if b is not None and info.bias_name:
+                params[info.bias_name] = b
+        return params
 
 
 def mean_gradient(
@@ -93,7 +109,9 @@ def mean_gradient(
     """Mean-loss gradient of every tracked layer over causal-LM ``batches`` (empirical targets).
 
     The same forward/backward as the K-FAC pass (:func:`~kronfisher.collection.passes.run_batch`) with a gradient
-    processor in place of the factor collector. Under ``torchrun`` pass this rank's
+    processor in place of the factor collector. It holds one ``[out, a_dim]`` sum per tracked layer in
+    ``cfg.accumulate_dtype`` and nothing else of that size: parameters are frozen for the pass (no ``.grad``, not
+    even of a tied embedding), and the mean is taken in place. Under ``torchrun`` pass this rank's
     :class:`~kronfisher.distributed.Shard`: the sums and counts of every rank are added at the end, so every rank
     returns the gradient over all the data.
 
@@ -114,15 +132,9 @@ def mean_gradient(
     run_pass(model, batches, cap, data_targets, report, on_batch=done)
     _reduce(proc, discovery.infos, report, model_device(model))
     n_terms = report.loss_terms
-    combined = {name: proc.sums[name] / max(n_terms, 1) for name in discovery.infos if name in proc.sums}
-    params: dict[str, Tensor] = {}
-    for name, v in combined.items():
-        info = discovery.infos[name]
-        w, b = split(info, v)
-        params[info.weight_name] = w
-        if b is not None and info.bias_name:
-            params[info.bias_name] = b
-    return MeanGradient(combined, params, report.loss_sum / max(n_terms, 1), n_terms, report.tokens)
+    # the mean in place: one [out, a_dim] tensor per layer in the collection dtype, not a second copy of them all
+    combined = {name: proc.sums[name].div_(max(n_terms, 1)) for name in discovery.infos if name in proc.sums}
+    return MeanGradient(combined, discovery.infos, report.loss_sum / max(n_terms, 1), n_terms, report.tokens)
 
 
 def _reduce(proc: GradientProcessor, infos: dict[str, LayerInfo], report: CollectionReport, device: Any) -> None:

@@ -163,6 +163,35 @@ def _norm(t: Tensor) -> float:
     return float(t.to(torch.float64).norm())
 
 
+_ROWS_ELEMENTS = 1 << 22  # float64 rows at a time in the gradient sums: 32 MiB, not a copy of a 151,936-row lm_head
+
+
+def _grad_sums(g: Tensor, ng: Tensor | None) -> tuple[float, float | None, float | None]:
+    """``‖g‖``, ``‖ng‖`` and ``⟨g, ng⟩`` in float64, over blocks of rows when the layer is large.
+
+    A small layer is summed in one piece, exactly as ever; a large one (an lm_head) in blocks of rows, so the float64
+    work is a few MiB instead of three copies of the layer (the sums then differ from one piece by round-off only).
+    """
+    step = max(1, _ROWS_ELEMENTS // max(1, g[0].numel())) if g.dim() and g.shape[0] else 1
+    if g.dim() == 0 or g.shape[0] <= step:
+        g64 = g.to(torch.float64)
+        if ng is None:
+            return _norm(g64), None, None
+        ng64 = ng.to(torch.float64)
+        return _norm(g64), _norm(ng64), float((g64 * ng64).sum())
+    g2 = n2 = dot = 0.0
+    for i in range(0, g.shape[0], step):
+        gb = g[i : i + step].to(torch.float64)
+        g2 += float(gb.square().sum())
+        if ng is not None:
+            nb = ng[i : i + step].to(torch.float64)
+            n2 += float(nb.square().sum())
+            dot += float((gb * nb).sum())
+    if ng is None:
+        return math.sqrt(g2), None, None
+    return math.sqrt(g2), math.sqrt(n2), dot
+
+
 def layer_metrics(
     fisher: KFAC,
     name: str,
@@ -221,35 +250,35 @@ def layer_metrics(
         "top1pct_trace_share": top_share(spec_f, 0.01),
     }
     if grad is not None:
-        g = grad.to(torch.float64)
-        row["grad_norm"] = _norm(g)
-        if natgrad is not None:
-            ng = natgrad.to(torch.float64)
-            row["natgrad_norm"] = _norm(ng)
-            denom = row["grad_norm"] * row["natgrad_norm"]
-            row["cosine_grad_natgrad"] = float((g * ng).sum()) / denom if denom > 0 else None
+        gn, ngn, dot = _grad_sums(grad, natgrad)
+        row["grad_norm"] = gn
+        if ngn is not None and dot is not None:
+            row["natgrad_norm"] = ngn
+            denom = gn * ngn
+            row["cosine_grad_natgrad"] = dot / denom if denom > 0 else None
     return row
 
 
+def layer_natural_gradient(fisher: KFAC, name: str, grad: Tensor) -> Tensor:
+    """``(F + δ)^{-1} g`` of one layer as ``[out, a_dim]`` from its combined gradient ``g`` (``[out, a_dim]``).
+
+    Touches only this layer's block, so a caller that goes layer by layer holds one natural gradient at a time.
+    """
+    info = fisher.infos[name]
+    w, b = split(info, grad)
+    vec = {info.weight_name: w}
+    if b is not None and info.bias_name:
+        vec[info.bias_name] = b
+    ng = fisher.natural_gradient(vec)
+    return combine(info, ng[info.weight_name], ng.get(info.bias_name) if info.bias_name else None)
+
+
 def natural_gradients(fisher: KFAC, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``(F + δ)^{-1} g`` per layer as ``[out, a_dim]`` from combined gradients (``{layer: [out, a_dim]}``)."""
-    params: dict[str, Tensor] = {}
-    for name in fisher.layer_names:
-        if name not in grads:
-            continue
-        info = fisher.infos[name]
-        w, b = split(info, grads[name])
-        params[info.weight_name] = w
-        if b is not None and info.bias_name:
-            params[info.bias_name] = b
-    ng = fisher.natural_gradient(params)
-    out = {}
-    for name in fisher.layer_names:
-        info = fisher.infos[name]
-        if info.weight_name in ng:
-            b = ng.get(info.bias_name) if info.bias_name else None
-            out[name] = combine(info, ng[info.weight_name], b)
-    return out
+    """``(F + δ)^{-1} g`` per layer as ``[out, a_dim]`` from combined gradients (``{layer: [out, a_dim]}``).
+
+    All layers at once; the report goes layer by layer with :func:`layer_natural_gradient` instead.
+    """
+    return {name: layer_natural_gradient(fisher, name, grads[name]) for name in fisher.layer_names if name in grads}
 
 
 def totals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:

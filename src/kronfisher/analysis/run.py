@@ -47,7 +47,7 @@ from .console import Console, Tracked, silence_transformers
 from .gradient import mean_gradient
 from .groups import fit_groups, plan_for
 from .launch import process_group
-from .metrics import compare_layer, layer_metrics, natural_gradients
+from .metrics import compare_layer, layer_metrics, layer_natural_gradient
 from .notes import GRADIENT_TEXT, describe_fisher, model_entry, run_notes
 from .outdir import locked_output_dir
 from .plots import Plot, comparison_plots, model_plots
@@ -85,7 +85,7 @@ class ModelResult:
 
     label: str
     fisher: KFAC
-    params: dict[str, Tensor]  # layer → V = [W | b] (CPU)
+    params: dict[str, Tensor]  # layer → V = [W | b] (CPU); only when there are models to compare
     entry: dict[str, Any]
     spectra: dict[str, dict[str, Any]]
 
@@ -99,6 +99,24 @@ def layer_params(model: nn.Module, fisher: KFAC) -> dict[str, Tensor]:
         bias = module.bias.detach() if info.has_bias else None
         out[name] = combine(info, module.weight.detach(), bias).to("cpu").clone()
     return out
+
+
+def measure_layers(fisher: KFAC, grads: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(rows, spectra)`` by layer: :func:`.metrics.layer_metrics` and the eigenvalues of ``A`` and ``G`` (numpy).
+
+    One layer at a time, ``grads`` (``{layer: [out, a_dim]}``) consumed: each gradient is taken out, preconditioned,
+    measured and dropped before the next layer's block is touched, so the analysis holds the gradients not yet
+    measured plus one layer's block and natural gradient, never every natural gradient at once (docs/cli.md).
+    """
+    rows, spectra = {}, {}
+    for name in fisher.layer_names:
+        g = grads.pop(name, None)
+        ng = None if g is None else layer_natural_gradient(fisher, name, g)
+        rows[name] = layer_metrics(fisher, name, grad=g, natgrad=ng)
+        del g, ng  # before the next layer's natural gradient
+        b = fisher.block(name)
+        spectra[name] = {"A": b.A.values.detach().cpu().numpy(), "G": b.G.values.detach().cpu().numpy()}
+    return rows, spectra
 
 
 def _check_selection(lm: LoadedModel, cfg: KFACConfig) -> None:
@@ -245,21 +263,17 @@ def analyze_model(
         bar.close()
     timings["gradient"] = time.monotonic() - t
     t = time.monotonic()
-    combined = {n: g for n, g in grad.combined.items() if n in fisher.layer_names}
-    nat = natural_gradients(fisher, combined)
-    rows = {}
-    spectra: dict[str, dict[str, Any]] = {}
-    for name in fisher.layer_names:
-        rows[name] = layer_metrics(fisher, name, grad=combined.get(name), natgrad=nat.get(name))
-        b = fisher.block(name)
-        spectra[name] = {"A": b.A.values.detach().cpu().numpy(), "G": b.G.values.detach().cpu().numpy()}
+    grads = {n: g for n, g in grad.combined.items() if n in fisher.layer_names}
+    grad.combined.clear()  # measure_layers frees each layer's gradient once measured
+    rows, spectra = measure_layers(fisher, grads)
     timings["metrics"] = time.monotonic() - t
     timings["total"] = time.monotonic() - t0
     kept = reuse or opts.save_factors
     saved = str(run.factor_path.relative_to(out)) if kept else None  # --no-factor-file: the report only
     entry = model_entry(index, lm, tb, grad, fisher.report.to_dict(), rows, saved)
     entry["timings_s"] = timings
-    return lm, ModelResult(f"{index}: {lm.source.name}", fisher, layer_params(lm.model, fisher), entry, spectra)
+    params = layer_params(lm.model, fisher) if len(opts.models) > 1 else {}  # one model: nothing to compare
+    return lm, ModelResult(f"{index}: {lm.source.name}", fisher, params, entry, spectra)
 
 
 def compare_models(base: ModelResult, other: ModelResult, k: int) -> dict[str, Any]:
