@@ -265,6 +265,7 @@ def test_cli_max_memory_runs_groups(tmp_path) -> None:
         assert report["collection"]["plan"]["groups"] == plan["groups"]
         assert (len(plan["groups"]) > 1) == (run == "grouped")
     assert_same_blocks(kf.load(files["one"]), kf.load(files["grouped"]))
+    assert not (tmp_path / "grouped" / "checkpoints").exists()  # the groups' parts were joined into the file
 
 
 def test_lowrank_columns_go_to_host_memory_when_the_accelerator_cannot_hold_them() -> None:

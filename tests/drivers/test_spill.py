@@ -140,3 +140,42 @@ def _tensors(block) -> list[torch.Tensor]:
         out.append(eig.values)
         out += [eig.coeffs, *eig.columns.chunks] if eig.kind == "lowrank" else [eig.vectors]
     return out
+
+
+def test_a_killed_run_resumes_from_the_groups_that_finished(tmp_path) -> None:
+    """Parts kept in a folder survive a failure; a resumed run reuses them (same identity and plan) and equals one
+    uninterrupted run; another identity runs every group again."""
+    model, batches, cfg = _setup(ekfac=True)
+    one = kf.fit(model, batches, cfg)
+    cfg = cfg.replace(max_memory=budget_for_groups(model, batches, cfg, spill=True))
+    discovery = tracked_layers(model, cfg)
+    plan = plan_run(model, discovery, batches, cfg, spill=True)
+    n = len(plan.groups)
+    kw = {"save_to": tmp_path / "f.safetensors", "parts": tmp_path / "parts", "extra_meta": {"identity": {"run": 1}}}
+    seen: list[tuple[int, str]] = []
+
+    def kill_in_last_group(k: int, _n: int, phase: str) -> None:
+        seen.append((k, phase))
+        if (k, phase) == (n, "ekfac"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_groups(model, batches, cfg, discovery, plan, on_phase=kill_in_last_group, **kw)
+    kept = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert kept == [f"f.group{k}-of-{n}.safetensors" for k in range(1, n)] and not (tmp_path / "f.safetensors").exists()
+    seen.clear()
+
+    def record(k: int, _n: int, phase: str) -> None:
+        seen.append((k, phase))
+
+    resumed = run_groups(model, batches, cfg, discovery, plan, on_phase=record, resume=True, **kw)
+    assert [p for k, p in seen if k < n] == ["reused"] * (n - 1) and (n, "collect") in seen
+    assert list((tmp_path / "parts").iterdir()) == []  # joined into the factor file
+    assert_same_blocks(one, resumed)
+    assert resumed.report.tokens == one.report.tokens
+    with pytest.raises(KeyboardInterrupt):
+        run_groups(model, batches, cfg, discovery, plan, on_phase=kill_in_last_group, **kw)
+    seen.clear()
+    other = {**kw, "extra_meta": {"identity": {"run": 2}}}  # e.g. other data: nothing is reused
+    run_groups(model, batches, cfg, discovery, plan, on_phase=record, resume=True, **other)
+    assert "reused" not in [p for _, p in seen]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..comm import Shard
+from ..comm import Shard, is_main_process
 from ..config import KFACConfig
 from ..drivers.groups import run_groups
 from ..drivers.planning import plan_run, tracked_layers
@@ -45,11 +45,16 @@ def fit_groups(
     factor_path: Path | None,
     identity: dict[str, Any],
     sources: Any,
+    *,
+    parts: Path | None = None,
+    resume: bool = False,
 ) -> KFAC:
     """Run the groups of ``plan`` and save the factor file (without sums; none when ``factor_path`` is None).
 
     With a spilling plan (:attr:`MemoryPlan.spill`) each group's factors are written to ``factor_path`` as the group
-    finishes, and the operator returned reads its layers from that file.
+    finishes, and the operator returned reads its layers from that file. The finished groups' files wait in
+    ``parts`` (the checkpoint folder) until all are done, so ``resume`` (``--resume``) after a kill reruns only the
+    groups that had not finished.
     """
     t = time.monotonic()
     extra = {"identity": identity, "data": sources}  # as the ungrouped path writes them (resume compares identity)
@@ -65,7 +70,11 @@ def fit_groups(
         on_phase=PhaseClock(info, timings),
         save_to=factor_path if spilled else None,
         extra_meta=extra,
+        parts=parts,
+        resume=resume,
     )
+    if parts is not None and is_main_process() and parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()  # the parts were joined into the factor file
     fisher.attach_model(lm.model)
     timings["groups"] = time.monotonic() - t
     if factor_path is None or spilled:

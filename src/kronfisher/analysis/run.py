@@ -183,7 +183,8 @@ def _fit_and_save(run: _ModelRun, opts: AnalyzeOptions, console: Console) -> KFA
     plan = plan_for(lm, shard, cfg, console.info, spill=opts.save_factors)  # printed before the first batch
     if len(plan.groups) > 1:  # layer groups, each with its own passes; no checkpoints, no sums in the file
         path = run.factor_path if opts.save_factors else None
-        return fit_groups(lm, shard, cfg, plan, console.info, timings, path, run.identity, run.tb.sources)
+        kw = {"parts": run.ckpt.parent, "resume": opts.resume}  # finished groups survive a kill (--resume)
+        return fit_groups(lm, shard, cfg, plan, console.info, timings, path, run.identity, run.tb.sources, **kw)
     t = time.monotonic()
     bar = console.bar(run.tb.tokens, "  K-FAC factors")
     try:

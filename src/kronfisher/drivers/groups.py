@@ -116,6 +116,8 @@ def run_groups(
     on_phase: Phase | None = None,
     save_to: PathLike | None = None,
     extra_meta: Mapping[str, Any] | None = None,
+    parts: PathLike | None = None,
+    resume: bool = False,
 ) -> KFAC:
     """The passes of each group of ``plan``: collect, decompose, (EK-FAC); one operator for all (see :func:`fit`).
 
@@ -123,6 +125,8 @@ def run_groups(
     and ``"write"`` when a group's factors go to the file) and once with ``"done"``; the same events are logged as
     ``group i/n: phase``. When ``plan.spill`` and ``save_to`` are set, each group's factors are written to
     ``save_to`` (with ``extra_meta``) as the group finishes and the operator returned is loaded from that file.
+    With ``parts`` (a folder) the finished groups' files are kept there until the end, also when the run fails, and
+    ``resume`` reuses those of a run with the same ``extra_meta["identity"]`` and plan (phase ``"reused"``).
     """
     n = len(plan.groups)
 
@@ -131,11 +135,18 @@ def run_groups(
         if on_phase is not None:
             on_phase(k, n, name)
 
-    files = GroupFiles(save_to, model) if plan.spill and save_to is not None and n > 1 else None
+    files = None
+    if plan.spill and save_to is not None and n > 1:
+        files = GroupFiles(save_to, model, keep=parts, identity=(extra_meta or {}).get("identity"))
     blocks: dict[str, Any] = {}
     report: CollectionReport | None = None
     try:
         for k, names in enumerate(plan.groups, start=1):
+            done = files.reusable(k, n, plan.groups) if files is not None and resume else None
+            if done is not None:  # a resumed run: this group's factors are on disk already
+                phase(k, "reused")
+                report = _merge_reports(report, done)
+                continue
             phase(k, "collect")
             group = None if n == 1 else names
             _, collector, part = collect(
@@ -153,7 +164,7 @@ def run_groups(
                 return fisher  # unpartitioned: the operator keeps its sums, as always
             if files is not None and fisher.layer_names:
                 phase(k, "write")
-                files.add(fisher)  # the group's factors go to disk and leave memory
+                files.add(fisher, k, n)  # the group's factors go to disk and leave memory
             else:
                 blocks.update({name: fisher.block(name) for name in fisher.layer_names})
             report = _merge_reports(report, fisher.report)

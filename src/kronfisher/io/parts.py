@@ -22,13 +22,14 @@ from typing import Any, BinaryIO
 
 from torch import nn
 
-from ..comm import barrier, is_main_process
+from ..comm import barrier, broadcast_object, is_main_process
+from ..errors import FileFormatError
 from ..operator import KFAC
 from ..report import CollectionReport
 from .atomic import write_through_temporary
 from .files import save
 from .format import META_KEY, META_SHA_KEY, payload_digest, read_header
-from .sums import PathLike
+from .sums import PathLike, report_from_dict
 
 # per-layer metadata of a factor file that the parts each hold for their own layers
 LAYER_KEYS = ("infos", "fingerprint", "blocks", "layers", "tensors")
@@ -111,31 +112,73 @@ def join_parts(parts: list[Path], dest: Path, report: CollectionReport, extra: M
 class GroupFiles:
     """Each group's factors go to a part file as the group finishes; :meth:`finish` joins them into ``dest``.
 
-    Under ``torchrun`` rank 0 writes and joins, the other ranks wait (docs/distributed.md).
+    Parts are hidden temporaries next to ``dest``, removed on failure; with ``keep`` (a folder) they are
+    ``<keep>/<dest stem>.group<k>-of-<n>.safetensors`` carrying ``identity``, kept when the run fails, so that a
+    resumed run reuses the groups that finished (:meth:`reusable`). Under ``torchrun`` rank 0 writes and joins,
+    the other ranks wait (docs/distributed.md).
 
     Args:
         dest: the factor file to write.
         model: the model (checked against the layers; digests of its weights go into the file).
+        keep: folder of resumable parts, or None.
+        identity: what a part must match to be reused (model, data, configuration), stored in each part.
 
     """
 
-    def __init__(self, dest: PathLike, model: nn.Module | None) -> None:
+    def __init__(
+        self,
+        dest: PathLike,
+        model: nn.Module | None,
+        *,
+        keep: PathLike | None = None,
+        identity: Mapping[str, Any] | None = None,
+    ) -> None:
         self.dest = Path(dest)
         self.model = model
+        self.keep = None if keep is None else Path(keep)
+        self.identity = dict(identity or {})
         self.parts: list[Path] = []
         self._tag = f"{os.getpid()}.{secrets.token_hex(6)}"
         if self.dest.is_dir():
-            raise FileExistsError(f"Cannot write factors to {self.dest}: it is a directory.")
+            raise FileFormatError(f"Cannot write factors to {self.dest}: it is a directory.")
 
-    def add(self, fisher: KFAC) -> None:
-        """Write one group's operator (blocks only) to the next part file."""
+    def path(self, k: int, n: int) -> Path:
+        """Where group ``k`` of ``n`` goes."""
+        if self.keep is not None:
+            return self.keep / f"{self.dest.stem}.group{k}-of-{n}.safetensors"
         # a name the output folder's clean-up recognises as ours (.<name>.<pid>.<hex>.tmp) should the run be killed
-        part = self.dest.parent / f".{self.dest.name}.group{len(self.parts) + 1}.{self._tag}.tmp"
+        return self.dest.parent / f".{self.dest.name}.group{k}.{self._tag}.tmp"
+
+    def add(self, fisher: KFAC, k: int, n: int) -> None:
+        """Write group ``k`` of ``n`` (its blocks, no sums) to its part file."""
+        part = self.path(k, n)
+        part.parent.mkdir(parents=True, exist_ok=True)
         self.parts.append(part)
-        save(fisher, part, model=self.model)
+        save(fisher, part, model=self.model, extra_meta={"identity": self.identity})
+
+    def reusable(self, k: int, n: int, groups: list[list[str]]) -> CollectionReport | None:
+        """The report of group ``k``'s part when a finished run of the same identity and plan left it, else None.
+
+        Decided on rank 0 and broadcast, so every rank of a ``torchrun`` job skips the same groups.
+        """
+        found: dict[str, Any] | None = None
+        part = self.path(k, n)
+        if is_main_process() and self.keep is not None and part.is_file():
+            try:
+                meta = read_header(part).meta
+            except (OSError, FileFormatError):  # damaged: run the group again
+                meta = {}
+            same = (meta.get("extra") or {}).get("identity") == self.identity
+            if same and (meta.get("report") or {}).get("plan", {}).get("groups") == groups:
+                found = meta["report"]
+        found = broadcast_object(found)
+        if found is None:
+            return None
+        self.parts.append(part)
+        return report_from_dict(found)
 
     def finish(self, report: CollectionReport, extra: Mapping[str, Any] | None = None) -> Path:
-        """Join the parts into ``dest``; returns ``dest``."""
+        """Join the parts into ``dest`` (removing them); returns ``dest``."""
         try:
             if is_main_process():
                 join_parts(self.parts, self.dest, report, extra)
@@ -144,8 +187,8 @@ class GroupFiles:
         return self.dest
 
     def discard(self) -> None:
-        """Remove every part written so far (a failed run leaves nothing partial)."""
-        if is_main_process():
+        """After a failure: remove the temporary parts (resumable ones stay for the next run)."""
+        if is_main_process() and self.keep is None:
             for part in self.parts:
                 with contextlib.suppress(OSError):
                     part.unlink()
