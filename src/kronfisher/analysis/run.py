@@ -24,14 +24,17 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from .._version import __version__
+from ..budget import available_memory
+from ..collection.forward import model_device
 from ..comm import Shard, barrier, broadcast_object, get_world_size, is_main_process
 from ..config import KFACConfig
 from ..data import TextBatches, build_batches
 from ..drivers.ekfac import correct
+from ..drivers.planning import check_selection
 from ..errors import InputError
 from ..faults import write_error
 from ..io.files import load, read_metadata, save
-from ..layers import combine, discover_layers
+from ..layers import combine
 from ..models import LoadedModel, check_seq_len, embedded_text_path, load_model
 from ..operator import KFAC
 from .checkpoint import (
@@ -119,21 +122,6 @@ def measure_layers(fisher: KFAC, grads: dict[str, Tensor]) -> tuple[dict[str, An
     return rows, spectra
 
 
-def _check_selection(lm: LoadedModel, cfg: KFACConfig) -> None:
-    """A short, actionable error when ``--include`` / ``--exclude`` leave no layer to track (docs/concepts.md)."""
-    found = discover_layers(lm.model, cfg.include, cfg.exclude)
-    if found.infos:
-        return
-    names = list(found.skipped)
-    examples = ", ".join(names[:3] + ([names[-1]] if len(names) > 3 else []))
-    raise InputError(
-        f"No layer of {lm.source.name} is tracked with --include {list(cfg.include)} --exclude "
-        f"{list(cfg.exclude)}: {len(names)} linear layers were all left out (for example {examples}).",
-        hint="The patterns are Python regexes searched in the full layer names, e.g. --include 'layers\\.0\\.' "
-        "or --include 'mlp' --exclude 'lm_head'.",
-    )
-
-
 @dataclass
 class _ModelRun:
     """One model of a run: what its phases share."""
@@ -157,7 +145,7 @@ def _load(index: int, spec: str | None, opts: AnalyzeOptions, console: Console, 
         spec, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code, quiet=opts.quiet
     )
     timings["load"] = time.monotonic() - t0
-    _check_selection(lm, opts.cfg)
+    check_selection(lm.model, opts.cfg, lm.source.name)
     check_seq_len(lm, opts.seq_len)  # before the first batch, not an IndexError inside it
     t = time.monotonic()
     tb = build_batches(
@@ -252,7 +240,10 @@ def analyze_model(
     reuse = broadcast_object(reuse)  # rank 0 decides for all: a split decision would pair unrelated collectives
     if reuse:
         console.info(f"  factors already complete in {run.factor_path}: reusing them")
-        fisher = load(run.factor_path, model=lm.model, allow_subset=True)  # same identity: this run's own layers
+        # same identity: this run's own layers, read one at a time within a quarter of the free memory (a 1.5B
+        # model's file holds ~25 GiB)
+        keep = available_memory(model_device(lm.model)) // 4
+        fisher = load(run.factor_path, model=lm.model, allow_subset=True, keep_bytes=keep)
     else:
         fisher = _fit_and_save(run, opts, console)
     fisher.sums = None  # saved; the raw sums are not needed for the analysis

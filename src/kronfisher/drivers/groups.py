@@ -103,6 +103,11 @@ def fit(
 
 Phase = Callable[[int, int, str], None]
 
+GROUPS_NOTE = (
+    "The tracked layers ran in {n} groups to fit max_memory, each with its own passes over the data; each group's "
+    "raw sums were freed once decomposed, so the factor file holds no sums (no merge)."
+)
+
 
 def run_groups(
     model: nn.Module,
@@ -148,10 +153,8 @@ def run_groups(
                 report = _merge_reports(report, done)
                 continue
             phase(k, "collect")
-            group = None if n == 1 else names
-            _, collector, part = collect(
-                model, batches, cfg, loss_fn=loss_fn, progress=progress, plan=plan, layers=group, check=n == 1
-            )
+            kw = {"loss_fn": loss_fn, "progress": progress, "plan": plan, "check": n == 1}
+            _, collector, part = collect(model, batches, cfg, layers=None if n == 1 else names, **kw)
             phase(k, "decompose")
             infos = {name: discovery.infos[name] for name in names}
             fisher = KFAC.from_sums(infos, collector.sums, cfg, report=part, model=model, spread=True)
@@ -171,10 +174,7 @@ def run_groups(
             del fisher
         phase(n, "done")
         assert report is not None
-        report.warnings.append(
-            f"The tracked layers ran in {n} groups to fit max_memory, each with its own passes over the data; each "
-            "group's raw sums were freed once decomposed, so the factor file holds no sums (no merge)."
-        )
+        report.warnings.append(GROUPS_NOTE.format(n=n))
         if files is not None and files.parts:
             files.finish(report, extra_meta)
             return load(files.dest, model=model, allow_subset=True, keep_bytes=keep_bytes(plan))

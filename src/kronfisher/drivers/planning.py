@@ -10,7 +10,7 @@ from torch import nn
 from ..collection.forward import model_device
 from ..comm import broadcast_object
 from ..config import KFACConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..layers import Discovery, discover_layers
 from ..plan import MemoryPlan, plan_memory
 
@@ -21,6 +21,21 @@ def tracked_layers(model: nn.Module, cfg: KFACConfig) -> Discovery:
     if not discovery.infos:
         raise ConfigError(f"No tracked layers (include={cfg.include}, exclude={cfg.exclude}): {discovery.skipped}")
     return discovery
+
+
+def check_selection(model: nn.Module, cfg: KFACConfig, source: str) -> None:
+    """A short, actionable error when ``--include`` / ``--exclude`` leave no layer of ``source`` to track."""
+    found = discover_layers(model, cfg.include, cfg.exclude)
+    if found.infos:
+        return
+    names = list(found.skipped)
+    examples = ", ".join(names[:3] + ([names[-1]] if len(names) > 3 else []))
+    raise InputError(
+        f"No layer of {source} is tracked with --include {list(cfg.include)} --exclude "
+        f"{list(cfg.exclude)}: {len(names)} linear layers were all left out (for example {examples}).",
+        hint="The patterns are Python regexes searched in the full layer names, e.g. --include 'layers\\.0\\.' "
+        "or --include 'mlp' --exclude 'lm_head'.",
+    )
 
 
 def count_tokens(batches: Iterable[Any]) -> tuple[int | None, int | None]:
