@@ -158,7 +158,9 @@ def run_groups(
             phase(k, "decompose")
             infos = {name: discovery.infos[name] for name in names}
             fisher = KFAC.from_sums(infos, collector.sums, cfg, report=part, model=model, spread=True)
-            del collector  # a grouped run frees each group's sums once decomposed
+            del collector  # a grouped run frees each group's sums once decomposed (before its EK-FAC pass)
+            if n > 1:
+                fisher.sums = None
             if cfg.ekfac and fisher.layer_names:  # a group whose layers never fired has nothing to correct
                 phase(k, "ekfac")
                 correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
