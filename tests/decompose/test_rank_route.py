@@ -99,18 +99,13 @@ def test_fit_with_the_rows_route_equals_the_dense_path(monkeypatch, seq, ekfac):
         assert float((got[n] - ref[n]).abs().max()) <= 1e-10 * float(ref[n].abs().max()), n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EK-FAC with an MC Fisher draws fresh targets in the correction pass, so per-sample gradients reach G's "
-    "null space; the corrected eigenvalues there depend on the null-space basis, which the rows route (QR "
-    "completion), the dense eigh (LAPACK's) and the exact low-rank G (one isotropic tail) choose differently",
-)
 @pytest.mark.parametrize("lowrank", [False, True], ids=["rows", "lowrank"])
 def test_mc_ekfac_does_not_depend_on_the_representation_of_G(monkeypatch, lowrank):
     # The memory plan picks G's representation by the token count (dense, rows while T ≤ d / 2, exact low-rank while
     # T < out), so an MC EK-FAC operator must not change with it. Reference: the dense path (ROWS_RATIO = 0,
-    # lowrank_threshold above every out), float64, 1e-8 relative. Measured: 0.7 (rows) and 0.9 (low-rank) relative
-    # on this model; with the K-FAC pass's draws in both passes the three agree to 1e-13.
+    # lowrank_threshold above every out), float64, 1e-8 relative. With fresh draws in the EK-FAC pass the
+    # representations differed by 0.7 (rows) and 0.9 (low-rank) relative on this model: the values on G's null space
+    # depended on its arbitrary basis. The EK-FAC pass now reuses the K-FAC pass's draws.
     import importlib
 
     import kronfisher as kf

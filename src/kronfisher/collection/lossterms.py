@@ -78,27 +78,24 @@ def summed_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.to(work), targets, reduction="sum")
 
 
-PASS_KFAC = 0
-
-
-PASS_EKFAC = 1
-
-
-def mc_generator(seed: int, pass_id: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of the MC targets of one batch: a function of ``(seed, pass, global batch index)`` alone.
+def mc_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the MC targets of one batch: a function of ``(seed, global batch index)`` alone.
 
     One process over all batches and ``torchrun`` ranks over their shards draw the same targets for the same batch,
-    and a resumed run draws what the uninterrupted run would have. The stream is the device's
-    own (CPU and CUDA generators differ), so no logits are copied to the CPU to sample.
+    and a resumed run draws what the uninterrupted run would have. The EK-FAC pass draws the same targets as the
+    K-FAC pass, so the eigenvalue correction measures the very sample of the Fisher the factors were built from:
+    its per-sample gradients stay in the span of ``G``, and its values do not depend on how the memory plan stores
+    ``G`` (docs/concepts.md). The stream is the device's own (CPU and CUDA generators differ), so no logits are
+    copied to the CPU to sample.
 
     Args:
         seed: ``KFACConfig.seed``.
-        pass_id: :data:`PASS_KFAC` for the factor pass, :data:`PASS_EKFAC` for the eigenvalue-correction pass.
         index: index of the batch in the whole (unsharded) data.
         device: device of the logits.
 
     """
-    digest = hashlib.sha256(f"kronfisher-mc:{int(seed)}:{int(pass_id)}:{int(index)}".encode()).digest()
+    # ":0:" kept from when the two passes drew apart, so the K-FAC draws (and resumed checkpoints) are unchanged
+    digest = hashlib.sha256(f"kronfisher-mc:{int(seed)}:0:{int(index)}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 

@@ -18,7 +18,7 @@ from .collector import FactorCollector
 from .forward import activation_only_backward, eval_mode, model_device, model_inputs, to_device
 from .hooks import Capture
 from .inputs import check_lm_batch, loss_without_grad, vocab_sizes
-from .lossterms import PASS_KFAC, MCDraws, lm_terms, mc_generator, summed_ce
+from .lossterms import MCDraws, lm_terms, mc_generator, summed_ce
 from .tied import find_tied, note_tied
 
 logger = logging.getLogger("kronfisher")
@@ -46,8 +46,6 @@ def run_batch(
     index: int,
     report: CollectionReport,
     loss_fn: LossFn | None = None,
-    *,
-    pass_id: int = PASS_KFAC,
 ) -> bool:
     """One forward and the backward(s) of one batch, then the checked commit. Returns False if skipped.
 
@@ -60,7 +58,6 @@ def run_batch(
             :func:`~kronfisher.collection.lossterms.mc_generator`).
         report: updated with this batch's counts and summed data loss.
         loss_fn: optional user loss (empirical Fisher only).
-        pass_id: which pass this is, for the MC seed (K-FAC or EK-FAC).
 
     """
     batch = to_device(batch, model_device(model))
@@ -100,7 +97,7 @@ def run_batch(
     draws = cfg.mc_samples if cfg.fisher == "mc" else 1
     mc = None
     if cfg.fisher == "mc":
-        generator = mc_generator(cfg.seed, pass_id, index, terms.logits.device)
+        generator = mc_generator(cfg.seed, index, terms.logits.device)
         mc = MCDraws(terms.logits, terms.targets, generator)
     data_loss = None if mc is None else mc.data_loss
     for d in range(draws):
@@ -132,7 +129,6 @@ def run_pass(
     report: CollectionReport,
     *,
     loss_fn: LossFn | None = None,
-    pass_id: int = PASS_KFAC,
     progress: str | None = None,
     start: int = 0,
     on_batch: BatchDone | None = None,
@@ -150,7 +146,6 @@ def run_pass(
         cfg: configuration (Fisher type, draws, ignore index, seed).
         report: counts of committed batches, dropped batches.
         loss_fn: optional user loss (empirical Fisher only).
-        pass_id: which pass this is, for the MC seed.
         progress: a progress-bar label, or None for none.
         start: skip the first ``start`` batches (already in resumed sums).
         on_batch: called after each processed batch.
@@ -162,7 +157,7 @@ def run_pass(
             if k < start:
                 continue
             index = index_of(k)
-            run_batch(model, batch, cap, cfg, index, report, loss_fn, pass_id=pass_id)
+            run_batch(model, batch, cap, cfg, index, report, loss_fn)
             if on_batch is not None:
                 on_batch(k + 1, index, batch)
 

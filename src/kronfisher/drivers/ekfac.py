@@ -9,7 +9,6 @@ from torch import nn
 
 from ..collection.corrector import EigenCorrector
 from ..collection.hooks import Capture
-from ..collection.lossterms import PASS_EKFAC
 from ..collection.passes import run_pass
 from ..collection.reduce import reduce_corrector
 from ..comm import unwrap_model
@@ -34,7 +33,7 @@ def correct(
     corrector = EigenCorrector(infos, blocks, cfg)
     cap = Capture({n: modules[n] for n in blocks}, infos, corrector, cfg.on_nonfinite)
     report = CollectionReport()
-    # MC targets are seeded by (seed, pass, global batch index): the same draws whatever the split over ranks.
+    # MC targets are seeded by (seed, global batch index): the K-FAC pass's draws, whatever the split over ranks.
     run_pass(
         model,
         batches,
@@ -42,7 +41,6 @@ def correct(
         cfg,
         report,
         loss_fn=loss_fn,
-        pass_id=PASS_EKFAC,
         progress="EK-FAC eigenvalues" if progress else None,
     )
     reduce_corrector(corrector)  # the ranks' sums and counts, once per pass; no-op on one process
