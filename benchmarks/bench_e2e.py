@@ -11,8 +11,8 @@ Steps (each also a mode of its own; every mode prints JSON on stdout, the defaul
   the folder offline.
 * ``--plain DIR``: in a fresh process, the model loaded as the CLI loads it (``kronfisher.models.load_model``) and the
   batches the CLI builds for the same options (its own parser and ``kronfisher.data.build_batches``); the memory plan
-  the CLI would print (``plan_run`` with the CLI's config); then a plain forward+backward of those batches (Hugging
-  Face loss, parameter gradients): wall s, CPU s, peak RSS (``VmHWM``).
+  the CLI would print (``plan_run`` with the CLI's config; on stderr); then a plain forward+backward of those
+  batches (Hugging Face loss, parameter gradients): wall s, CPU s, peak RSS (``VmHWM``).
 * ``--analyze DIR``: ``kronfisher analyze --model DIR --max-memory 20GiB --max-tokens 4096 --seq-len 512
   --batch-size 2 --ekfac --device cpu --output-dir OUT`` (EK-FAC is off by default in the CLI; the lm_head is tracked
   by default) in a subprocess with ``HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE``. Its output goes to ``OUT.log``
@@ -20,6 +20,8 @@ Steps (each also a mode of its own; every mode prints JSON on stdout, the defaul
   is the child's ``ru_maxrss`` (``wait4``). Per phase (load, collect, decompose, EK-FAC, each group of a grouped
   run, save, gradient, metrics and report) the wall and CPU seconds and peak RSS are read from the log's markers
   and samples (to about one poll); ``OUT/report.json`` gives the CLI's own ``timings_s`` and the memory plan.
+* ``--check-plan DIR``: only the memory plan the CLI would print for these options (or its error), in seconds: the
+  model of DIR, or of ``--layers`` / ``--tiny`` when DIR is not prepared yet, on the meta device.
 * default (``--dir DIR``): prepare (when DIR has no ``config.json``), plain, analyze, each in its own process; the
   ratio (collect + decompose + EK-FAC) / plain forward+backward (wall and CPU) and the peak RSS against 22 GiB.
   ``--out FILE`` gets the JSON after every step, so a killed run leaves what it reached.
@@ -155,16 +157,20 @@ def cli_batches_and_plan(model: Any, tokenizer: Any, args: argparse.Namespace) -
     """The batches ``kronfisher analyze`` builds for ``args`` and the memory plan it prints (or its error)."""
     from kronfisher.cli import config_from_args
     from kronfisher.data import build_batches
-    from kronfisher.drivers.planning import plan_run, tracked_layers
+    from kronfisher.drivers.planning import count_tokens, tracked_layers
     from kronfisher.errors import KronfisherError
     from kronfisher.models import embedded_text_path
+    from kronfisher.plan import plan_memory
 
     paths = args.data or [str(embedded_text_path())]
     sizes = {"seq_len": args.seq_len, "batch_size": args.batch_size, "max_tokens": args.max_tokens}
     tb = build_batches(tokenizer, paths, text_field=args.text_field, **sizes)
     cfg = config_from_args(args)
     try:
-        plan = plan_run(model, tracked_layers(model, cfg), tb.batches, cfg)
+        tokens, largest = count_tokens(tb.batches)  # as plan_run, on the CLI's device even for a meta-device model
+        plan = plan_memory(
+            tracked_layers(model, cfg).infos, cfg, tokens=tokens, batch_tokens=largest, device=args.device
+        )
     except KronfisherError as err:  # the CLI stops there too, after loading the model: say so before the long steps
         print(f"bench_e2e: the memory plan of kronfisher analyze fails: {err}", file=sys.stderr, flush=True)
         return tb, {"error": str(err)}
@@ -218,14 +224,9 @@ def plain(folder: str, opts: argparse.Namespace) -> dict[str, Any]:
         lm.model.zero_grad(set_to_none=True)
         loss += float(out.loss.detach()) / len(tb.batches)
         per_batch.append(time.monotonic() - b)
-    record["fwd_bwd"] = {
-        "wall_s": time.monotonic() - t,
-        "cpu_s": time.process_time() - cpu,
-        "peak_rss_bytes": vm("self")["VmHWM"],
-        "per_batch_s": per_batch,
-        "mean_loss": loss,
-        "threads": torch.get_num_threads(),
-    }
+    wall, cpu, peak = time.monotonic() - t, time.process_time() - cpu, vm("self")["VmHWM"]
+    record["fwd_bwd"] = {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak, "per_batch_s": per_batch}
+    record["fwd_bwd"].update(mean_loss=loss, threads=torch.get_num_threads())
     return record
 
 
@@ -333,6 +334,7 @@ def analyze(folder: str, opts: argparse.Namespace, progress: Callable[[dict], No
     reader = threading.Thread(target=pump, args=(proc.stdout, log), daemon=True)
     reader.start()
     record: dict[str, Any] = {"command": shown, "log": log.fh.name, "output_dir": str(out), "rc": None}
+    pid = status = 0
     try:
         while True:  # wait4, not Popen.poll: the child's own rusage comes with its reaping
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
