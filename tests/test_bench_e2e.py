@@ -81,18 +81,20 @@ def test_phases_of_an_ungrouped_run(tmp_path):
 def test_phases_of_a_grouped_run_are_per_group(tmp_path):
     log = be.Log(tmp_path / "run.log")
     plan = "    group 1/2: 100 layers (model.layers.0.self_attn.q_proj … model.layers.13.mlp.down_proj), peak cpu 9 GiB"
-    steps = [f"  group {k}/2: {p}" for k in (1, 2) for p in ("collect", "decompose", "ekfac")]
+    steps = [f"  group {k}/2: {p}" for k in (1, 2) for p in ("collect", "decompose", "ekfac", "write")]
     lines = [plan, *steps, "  group 2/2: done", "  gradient:  10%|█   | 410/4.10k"]
     for t, line in enumerate(lines, start=1):
         log.write(line, at=float(t))
         log.write("", _sample(1.0, 1.0, 1.5 * t), at=t + 1e-3)
-    rows = [r["phase"] for r in be.phases(log, 10.0)]
-    assert rows == ["startup", "group 1/2 collect", "group 1/2 decompose", "group 1/2 ekfac", "group 2/2 collect",
-                    "group 2/2 decompose", "group 2/2 ekfac", "save", "gradient"]  # fmt: skip
+    rows = be.phases(log, 12.0)
+    names = [f"group {k}/2 {p}" for k in (1, 2) for p in ("collect", "decompose", "ekfac", "write")]
+    assert [r["phase"] for r in rows] == ["startup", *names, "save", "gradient"]
+    timings = {f"group {k}/2: {p}": 1.0 for k in (1, 2) for p in ("collect", "decompose", "ekfac", "write")}
     rec = {"plain": {"fwd_bwd": {"wall_s": 2.0, "cpu_s": 3.0}}, "analyze": {"rc": 0, "peak_rss_bytes": 23 * GIB}}
-    rec["analyze"].update(phases=be.phases(log, 10.0), timings_s={"groups": 6.0, "collect": 99.0})
-    s = be.summary(rec)  # a grouped run records one "groups" time for all its passes
-    assert s["ratio_wall"] == pytest.approx(3.0) and s["ratio_cpu"] == pytest.approx(9.0 / 3.0)
+    rec["analyze"].update(phases=rows, timings_s={**timings, "groups": 8.5, "collect": 99.0, "save": 1.0})
+    s = be.summary(rec)  # the CLI's own time of each group's collect, decompose and EK-FAC; not the writes
+    assert s["pipeline_wall_s"] == 6.0 and s["groups_wall_s"] == 8.5 and s["ratio_wall"] == pytest.approx(3.0)
+    assert s["ratio_cpu"] == pytest.approx(6 * 1.5 / 3.0)  # six phases of one second each, 1.5 CPU s per second
     assert not s["rss_ok"] and s["ratio_ok"]
 
 
