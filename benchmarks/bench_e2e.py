@@ -12,7 +12,8 @@ Steps (each also a mode of its own; every mode prints JSON on stdout, the defaul
 * ``--plain DIR``: in a fresh process, the model loaded as the CLI loads it (``kronfisher.models.load_model``) and the
   batches the CLI builds for the same options (its own parser and ``kronfisher.data.build_batches``); the memory plan
   the CLI would print (``plan_run`` with the CLI's config; on stderr); then a plain forward+backward of those
-  batches (Hugging Face loss, parameter gradients): wall s, CPU s, peak RSS (``VmHWM``).
+  batches (Hugging Face loss, parameter gradients, each dropped once computed so that the peak holds the weights
+  and activations, as the CLI's passes do, not a second model-sized copy): wall s, CPU s, peak RSS (``VmHWM``).
 * ``--analyze DIR``: ``kronfisher analyze --model DIR --max-memory 20GiB --max-tokens 4096 --seq-len 512
   --batch-size 2 --ekfac --device cpu --output-dir OUT`` (EK-FAC is off by default in the CLI; the lm_head is tracked
   by default) in a subprocess with ``HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE``. Its output goes to ``OUT.log``
@@ -215,6 +216,8 @@ def plain(folder: str, opts: argparse.Namespace) -> dict[str, Any]:
     record.update(tokens=tb.tokens, batches=len(tb.batches), peak_rss_after_load_bytes=vm("self")["VmHWM"])
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:  # VmHWM of the fwd+bwd alone
         fh.write("5")
+    for prm in lm.model.parameters():  # every gradient is computed, then dropped: weights + activations, not + grads
+        prm.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
     per_batch, loss = [], 0.0
     t, cpu = time.monotonic(), time.process_time()
     for batch in tb.batches:
@@ -222,7 +225,6 @@ def plain(folder: str, opts: argparse.Namespace) -> dict[str, Any]:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         out = lm.model(**batch, labels=labels)
         out.loss.backward()
-        lm.model.zero_grad(set_to_none=True)
         loss += float(out.loss.detach()) / len(tb.batches)
         per_batch.append(time.monotonic() - b)
     wall, cpu, peak = time.monotonic() - t, time.process_time() - cpu, vm("self")["VmHWM"]
