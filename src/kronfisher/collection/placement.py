@@ -19,8 +19,10 @@ to host memory, streamed (:meth:`Placement.note`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
@@ -116,7 +118,9 @@ class Placement:
         """Args: on_fallback: called with ``(layer, factor)`` once a factor moves to CPU (e.g. to move its sum)."""
         self.on_cpu: set[tuple[str, str]] = set()
         self.messages: list[str] = []
-        self._on_fallback = on_fallback
+        # a bound method of the owner (collector, corrector) is held weakly: a strong one would make the owner and
+        # its sums cyclic garbage, freed only when the cycle collector happens to run (gigabytes at 1.5B)
+        self._on_fallback = weakref.WeakMethod(on_fallback) if inspect.ismethod(on_fallback) else on_fallback
 
     def run(self, info: LayerInfo, factor: str, fn: Callable[..., R], *tensors: Tensor) -> R:
         """``fn(*tensors)`` where the tensors are; on an accelerator OOM, again on CPU copies (and from then on).
@@ -149,8 +153,9 @@ class Placement:
     def _fall_back(self, info: LayerInfo, factor: str, where: torch.device, err: BaseException) -> None:
         self.on_cpu.add((info.name, factor))
         self.note(info, f"factor {factor}", where, err, "this factor's work now runs on CPU (results are identical)")
-        if self._on_fallback is not None:
-            self._on_fallback(info.name, factor)
+        call = self._on_fallback() if isinstance(self._on_fallback, weakref.WeakMethod) else self._on_fallback
+        if call is not None:
+            call(info.name, factor)
 
     def columns_to_host(self, info: LayerInfo, where: torch.device, err: torch.OutOfMemoryError) -> None:
         """The warning for a low-rank ``U`` that no longer fits on ``where``; re-raises ``err`` off an accelerator."""

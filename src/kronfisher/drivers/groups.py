@@ -9,6 +9,7 @@ operator returned reads its layers from that file on use.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -174,6 +175,7 @@ def run_groups(
                 blocks.update({name: fisher.block(name) for name in fisher.layer_names})
             report = _merge_reports(report, fisher.report)
             del fisher
+            gc.collect()  # anything a cycle still holds of this group goes before the next group allocates
         phase(n, "done")
         assert report is not None
         report.warnings.append(GROUPS_NOTE.format(n=n))
