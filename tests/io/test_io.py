@@ -439,3 +439,25 @@ def test_inspect_file_matches_sums(kfac_qwen, saved, tmp_path):
     for name in rows:
         assert srows[name]["trace_A"] == pytest.approx(rows[name]["trace_A"], rel=1e-10)
         assert srows[name]["trace_G"] == pytest.approx(rows[name]["trace_G"], rel=1e-10)
+
+
+def test_tensors_are_read_by_byte_range_in_every_stored_dtype(tmp_path) -> None:
+    """The reader reads each tensor's byte range (no whole-file mmap, which a host refuses for files larger than its
+    memory): every dtype the format stores, and an empty tensor, come back bit for bit."""
+    from kronfisher.io.format import Payload, read_header, read_tensors
+    from kronfisher.io.sums import write_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f64": torch.randn(3, 5, dtype=torch.float64, generator=g),
+        "bf16": torch.randn(7, dtype=torch.float32, generator=g).to(torch.bfloat16),
+        "i64": torch.arange(4, dtype=torch.int64),
+        "empty": torch.empty(0, 3),
+    }
+    payload = Payload()
+    for k, t in tensors.items():
+        payload.add(k, t)
+    path = write_file(tmp_path / "t.safetensors", payload, {"format": "kronfisher", "format_version": 1})
+    back = read_tensors(read_header(path), list(tensors))
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k

@@ -21,12 +21,11 @@ import json
 import os
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..errors import CorruptedFileError, FileFormatError
@@ -163,6 +162,8 @@ class Header:
     path: Path
     meta: dict[str, Any]
     stamp: FileStamp
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor -> byte range in the payload
+    data_start: int = 0  # where the payload starts in the file
 
 
 FOREIGN_HINT = "Pass a factor file written by kronfisher (analyze, merge, or save in Python)."
@@ -222,7 +223,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise _fail(path, f"unreadable metadata ({err}).") from err
     _check_version(path, meta)
     _check_layout(path, index, meta["tensors"], stamp.size - 8 - n)
-    return Header(path=path, meta=meta, stamp=stamp)
+    spans = {k: (int(e["data_offsets"][0]), int(e["data_offsets"][1])) for k, e in index.items()}
+    return Header(path=path, meta=meta, stamp=stamp, spans=spans, data_start=8 + n)
 
 
 def _check_version(path: Path, meta: Any) -> None:
@@ -296,17 +298,26 @@ def _iter_tensors(header: Header, keys: list[str]) -> Iterator[tuple[str, Tensor
             "Another process replaced the file after it was opened.",
         )
     entries = header.meta["tensors"]
+    # plain reads of each tensor's byte range: a whole-file mmap (safetensors' own reader) is refused for files
+    # larger than memory (the 27 GB factors of a 1.5B model on a 24 GiB host)
     try:
-        f = safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise _fail(path, f"cannot be opened by safetensors: {err}") from err
-    with f:
+        fh = open(path, "rb")
+    except OSError as err:
+        raise _unusable(path, f"cannot be read any more ({err}).") from err
+    with fh:
         for key in keys:
+            e = entries[key]
+            start, end = header.spans[key]
+            raw = torch.empty(end - start, dtype=torch.uint8)
             try:
-                t = f.get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+                fh.seek(header.data_start + start)
+                got = fh.readinto(memoryview(raw.numpy())) if end > start else 0
+            except OSError as err:
                 raise _fail(path, f"cannot read tensor {key!r}: {err}") from err
-            if tensor_digest(t) != entries[key]["sha256"]:
+            if got != end - start:
+                raise _fail(path, f"truncated: tensor {key!r} has {got} of its {end - start} bytes.")
+            t = raw.view(_TORCH_DTYPES[e["dtype"]]).reshape(e["shape"])
+            if tensor_digest(t) != e["sha256"]:
                 raise _fail(path, f"checksum mismatch in tensor {key!r} (corrupted file).")
             yield key, t
 
