@@ -15,9 +15,7 @@ Reproduce: ``PYTHONPATH=src .venv/bin/python benchmarks/bench_report_memory.py [
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import re
 import string
 import sys
 import tempfile
@@ -28,24 +26,12 @@ import torch
 
 import kronfisher as kf
 import kronfisher.analysis.run as analysis_run
+from bench_scale import current_rss, peak_rss, reset_peak  # the benchmarks' one RSS probe
 from kronfisher.analysis.console import Console
 from kronfisher.analysis.run import AnalyzeOptions, analyze
 from kronfisher.layers import discover_layers
 
 MIB = 2**20
-
-
-def rss(field: str) -> int:
-    """``VmRSS`` or ``VmHWM`` of this process in bytes."""
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"{field}:\s+(\d+)", fh.read()).group(1)) * 1024  # type: ignore[union-attr]
-
-
-def reset_peak() -> None:
-    """Reset ``VmHWM`` to the current RSS (Linux ``clear_refs``)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
 
 
 def save_model(folder: Path, args: argparse.Namespace) -> int:
@@ -83,15 +69,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     def gradient(*a: Any, **k: Any) -> Any:
         reset_peak()
-        records.append({"rss_before_gradient": rss("VmRSS")})
+        records.append({"rss_before_gradient": current_rss()})
         out = real_gradient(*a, **k)
-        records[-1]["peak_gradient_pass"] = rss("VmHWM")
+        records[-1]["peak_gradient_pass"] = peak_rss()
         reset_peak()  # what follows: natural gradients, metrics, spectra, parameter copies
         return out
 
     def analyze_model(*a: Any, **k: Any) -> Any:
         out = real_analyze(*a, **k)
-        records[-1]["peak"] = rss("VmHWM")
+        records[-1]["peak"] = peak_rss()
         return out
 
     with tempfile.TemporaryDirectory() as tmp:
