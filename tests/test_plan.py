@@ -15,6 +15,7 @@ from kronfisher.cli import main
 from kronfisher.drivers.groups import run_groups
 from kronfisher.drivers.planning import count_tokens, model_bytes, plan_run, tracked_layers
 from kronfisher.errors import ConfigError, MemoryBudgetError
+from kronfisher.footprint import group_peak
 from kronfisher.layers import LayerInfo, discover_layers
 from kronfisher.plan import plan_memory
 from test_cli_helpers import TEXT_A, build_model, load_saved, reference_batches, save_model
@@ -99,7 +100,9 @@ def test_groups_fit_budget_and_keep_shared_inputs_together() -> None:
 def test_budget_too_small_names_layer_and_bytes() -> None:
     infos = {"big": _info("big", 300, 200), "small": _info("small", 8, 8)}
     cfg = kf.KFACConfig()
-    need = plan_memory({"big": infos["big"]}, cfg, tokens=64, budgets={"cpu": GIB}, workers=1).peaks[0]["cpu"]
+    alone = plan_memory({"big": infos["big"]}, cfg, tokens=64, budgets={"cpu": GIB}, workers=1)
+    need = group_peak([alone.layers["big"]], 1, cfg.ekfac)["cpu"]  # in a group: its sums freed as decomposed
+    assert need < alone.peaks[0]["cpu"]  # alone in one group, the run keeps its sums
     with pytest.raises(MemoryBudgetError, match=rf"Layer 'big' \(in 300, out 200, G dense\) needs {need:,} bytes"):
         plan_memory(infos, cfg, tokens=64, budgets={"cpu": need - 1}, workers=1)
     assert plan_memory(infos, cfg, tokens=64, budgets={"cpu": need}, workers=1).groups == [["big"], ["small"]]

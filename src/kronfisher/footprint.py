@@ -19,7 +19,13 @@ from .layers import LayerInfo
 
 EIGH_FLOPS = 32.0  # an eigh with vectors of n costs ~32 n³ GEMM flops (LAPACK syevd measured against GEMM on CPU)
 GRAM_WORK = 40  # bytes per m² while a [m, m] float64 Gram is decomposed (Gram, eigh copy, vectors, workspace)
+ROWS_RATIO = 0.5  # a dense factor is held as rows while T <= ROWS_RATIO * d (benchmarks/bench_rank.py)
 COMPONENTS = ("sums", "columns", "staging", "transient", "eigen", "workspace", "ekfac", "ekfac_staging", "result")
+
+
+def rows_route_pays(rows: int, dim: int, ratio: float = ROWS_RATIO) -> bool:
+    """Whether a factor of dimension ``dim`` seen on ``rows`` rows is decomposed from its ``[T, T]`` Gram."""
+    return 0 < rows <= ratio * dim
 
 
 def size_of(dtype: torch.dtype) -> int:
@@ -75,17 +81,27 @@ class LayerPlan:
         return {**{k: getattr(self, k) for k in keys}, "bytes": {c: v for c, v in sizes.items() if v}}
 
 
-def dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int) -> Side:
-    """A dense factor of dimension ``dim`` (``owner``: this layer decomposes it) with batches of ``rows`` tokens."""
+def dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int, tokens: int | None = None) -> Side:
+    """A dense factor of dimension ``dim`` (``owner``: this layer decomposes it) with batches of ``rows`` tokens.
+
+    With ``tokens`` known and at most ``ROWS_RATIO · dim``, the factor is held as its rows and decomposed from
+    their ``[T, T]`` Gram (:func:`~kronfisher.algebra.lowrank.eigen_from_rows`): ``T · d`` bytes of sums, and a
+    workspace of the ``[T, T]`` eigh, then of the thin basis and its completion (``[d, T]`` and ``[d, d]``).
+    """
     acc = size_of(cfg.accumulate_torch_dtype)
     eigh64 = dim <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64"
     side = Side(device)
-    side.bytes["sums"] = dim * dim * acc
+    by_rows = tokens is not None and rows_route_pays(tokens, dim)
+    side.bytes["sums"] = tokens * dim * 4 if by_rows and tokens is not None else dim * dim * acc
     side.bytes["staging"] = rows * dim * 4  # the batch's rows; the commit adds their Gram into the sum in place
-    side.bytes["transient"] = dim * dim * acc if acc != 4 else 0  # float64 sums of float32 rows: one temporary
+    side.bytes["transient"] = dim * dim * acc if acc != 4 and not by_rows else 0  # float64 sums of float32 rows
     if owner:
         side.bytes["eigen"] = (dim * dim + dim) * acc
         side.bytes["workspace"] = dim * dim * (32 if eigh64 else 24)  # float64 mean + eigh copy, vectors, work
+        if by_rows and tokens is not None:  # the rows and [T, T] eigh, then thin basis, its R and the square Q
+            t = tokens
+            work = 8 if t <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64" else 4  # the [T, T] eigh's dtype
+            side.bytes["workspace"] = max(t * dim * work + GRAM_WORK * t * t, (2 * t * dim + dim * dim) * work)
     side.bytes["result"] = side.bytes["eigen"]
     return side
 
@@ -132,7 +148,18 @@ def group_peak(layers: list[LayerPlan], workers: int, ekfac: bool, keep_sums: bo
 
         # a batch's rows are staged, checked, then committed layer by layer (one commit's temporary at a time)
         collect = tot("sums") + tot("staging") + top("transient", 1)
-        decompose = tot("sums") + tot("eigen") + top("workspace", workers)
+        if keep_sums:
+            decompose = tot("sums") + tot("eigen") + top("workspace", workers)
+        else:  # each dense sum is freed as its decomposition ends: a side holds its sum or its eigenbasis, both
+            # only while one of the ``workers`` decomposes it (decompose_local(release=True))
+            dense = [s for s in sides if not s.bytes["columns"]]
+            decompose = tot("columns") + sum(max(s.bytes["sums"], s.bytes["eigen"]) for s in dense)
+            decompose += sum(
+                sorted((min(s.bytes["sums"], s.bytes["eigen"]) + s.bytes["workspace"] for s in dense), reverse=True)[
+                    :workers
+                ]
+            )
+            decompose = max(decompose, tot("sums") + top("workspace", workers))  # low-rank: columns, Gram, eigh
         kept = tot("result") + (tot("sums") - tot("columns") if keep_sums else 0)
         correct = kept + tot("ekfac") + tot("ekfac_staging") if ekfac else 0
         out[dev] = max(collect, decompose, correct)

@@ -109,16 +109,19 @@ class KFAC:
         *,
         spread: bool = False,
         on_layer: Callable[[str], None] | None = None,
+        release: bool = False,
     ) -> KFAC:
         """Normalise and decompose accumulated sums (once) into an operator.
 
         ``spread=True`` spreads the eigendecompositions over the ranks of a process group (a collective: every rank
         calls it). ``on_layer(name)`` is called as each layer's factors are decomposed (progress bars). Layers
-        without tokens (never fired) are left out.
+        without tokens (never fired) are left out. ``release=True``: each dense sum is freed as it is decomposed
+        and the operator keeps no sums (a grouped run, docs/concepts.md).
         """
         live = {n: s for n, s in sums.items() if s.A.count > 0 and s.G.count > 0}
-        blocks = decompose_all(live, cfg, spread=spread, on_layer=on_layer)
-        return cls({n: infos[n] for n in live}, blocks, cfg, sums=sums, report=report, model=model)
+        blocks = decompose_all(live, cfg, spread=spread, on_layer=on_layer, release=release)
+        kept = None if release else sums
+        return cls({n: infos[n] for n in live}, blocks, cfg, sums=kept, report=report, model=model)
 
     def update_sums(self, sums: dict[str, LayerSums]) -> None:
         """Replace the factors by new sums; every block (and so every cached spectrum) is rebuilt (docs/concepts.md).

@@ -45,6 +45,8 @@ class MemoryPlan:
             does not include the earlier groups' factors (``fit(..., save_to=path)``).
         reserved: bytes per device set aside before ``budgets`` (weights and activations, see
             :func:`~kronfisher.budget.resolve_budgets`); empty when the budgets were given.
+        keeps_sums: the run keeps its raw sums (one group that fits with them); otherwise each dense sum is freed
+            as it is decomposed (``KFAC.from_sums(..., release=True)``) and the plan counts that.
 
     """
 
@@ -58,6 +60,7 @@ class MemoryPlan:
     result: dict[str, int]
     spill: bool = False
     reserved: dict[str, int] = field(default_factory=dict)
+    keeps_sums: bool = True
 
     @property
     def passes(self) -> int:
@@ -108,14 +111,14 @@ def _build(
     acc = size_of(cfg.accumulate_torch_dtype)
     if rep == "dense":
         m, r = 0, out
-        g = dense_side(out, cfg, ctx.device, True, rows)
+        g = dense_side(out, cfg, ctx.device, True, rows, t)
     else:
         m = draws * (t if t is not None else rows)  # exact: every column (unknown T: one batch, grows with T)
         if max_rank is not None:
             m = min(m, 2 * max_rank + draws * rows)  # compression when more than 2k columns are held
         r = min(m, out, max_rank if max_rank is not None else m)
         g = lowrank_side(out, m, r, cfg, g_device or ctx.g_device, draws * rows, max_rank is not None)
-    side_a = dense_side(a, cfg, ctx.device, owner, rows)
+    side_a = dense_side(a, cfg, ctx.device, owner, rows, t)
     if cfg.ekfac:
         thin = rep != "dense" and r < out
         side_a.bytes["ekfac"] = (r * a + (a if thin else 0)) * acc  # span (and tail) sums
@@ -229,7 +232,8 @@ def plan_memory(
         units.setdefault(lp.unit, []).append(lp)
     every = [lp for unit in units.values() for lp in unit]
     single = group_peak(every, ctx.workers, cfg.ekfac, keep_sums=True)  # one group: the operator keeps its sums
-    if _fits(single, {}, budgets):
+    keeps = _fits(single, {}, budgets)
+    if keeps:
         groups, peaks, kept = [every], [single], _result(every)
     else:
         groups, peaks, kept = _pack(list(units.values()), ctx, infos)
@@ -237,7 +241,7 @@ def plan_memory(
     names = [[lp.name for lp in g] for g in groups]
     spilled = spill and len(groups) > 1
     layers = {n: layers[n] for n in infos}
-    return MemoryPlan(tokens, rows, cfg.ekfac, budgets, layers, names, peaks, kept, spilled, reserved)
+    return MemoryPlan(tokens, rows, cfg.ekfac, budgets, layers, names, peaks, kept, spilled, reserved, keeps)
 
 
 def _result(layers: list[LayerPlan], kept: dict[str, int] | None = None) -> dict[str, int]:

@@ -125,3 +125,28 @@ def test_concurrent_decomposition_with_lowrank_gram_equals_sequential_and_dense(
         got = par[name].G.to_dense()
         # Low-rank eigenform from the Gram against the exact dense G: float64 round-off (1e-10 relative).
         assert float((got - dense).abs().max()) <= 1e-10 * float(dense.abs().max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_release_frees_each_dense_sum_and_keeps_the_factors(threads: int) -> None:
+    """``release=True`` (a grouped run): the same factors as without it (1e-12, float64), sequential and on the
+    thread pool; afterwards every dense sum, shared ``A`` rows included, is freed and refuses a read, while a
+    low-rank ``G`` keeps the columns its eigenbasis reads."""
+    cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_layers=(r"mlp\.up_proj",))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        kept = decompose_all(_tiny_sums(cfg), cfg)
+        sums = _tiny_sums(cfg)
+        freed = decompose_all(sums, cfg, release=True)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_factors(kept, freed)
+    lowrank = [n for n, s in sums.items() if isinstance(s.G, LowRankSum)]
+    assert lowrank and all(sums[n].G.num_columns > 0 for n in lowrank)
+    for name, layer in sums.items():
+        parts = [layer.A] + ([] if name in lowrank else [layer.G])
+        for part in parts:
+            assert part.released and part.count > 0 and not part.rows, name
+            with pytest.raises(kf.KronfisherError, match="freed once decomposed"):
+                _ = part.sum

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kronfisher.algebra.lowrank import eigen_from_rows, rows_route_pays
+from kronfisher.algebra.lowrank import eigen_from_rows
 from kronfisher.errors import ShapeError
+from kronfisher.footprint import rows_route_pays
 
 
 def _rows(t: int, d: int, seed: int, rank: int | None = None) -> torch.Tensor:

@@ -164,3 +164,17 @@ class ColumnStore:
         for _, _, blk in self.blocks(torch.float64):
             total += blk.square().sum()
         return float(total)
+
+
+def split_rows(chunks: list[Tensor], n: int) -> tuple[list[Tensor], list[Tensor]]:
+    """The first ``n`` rows of ``chunks`` and the rest (views; no copy)."""
+    head: list[Tensor] = []
+    for i, c in enumerate(chunks):
+        if n <= 0:
+            return head, chunks[i:]
+        if c.shape[0] <= n:
+            head.append(c)
+            n -= int(c.shape[0])
+        else:
+            return [*head, c[:n]], [c[n:], *chunks[i + 1 :]]
+    return head, []

@@ -230,12 +230,6 @@ def compress_columns(
 
 
 # Dense factors seen on fewer rows than their dimension -----------------------------------------------------
-ROWS_RATIO = 0.5  # the rows route is used while T <= ROWS_RATIO * d (benchmarks/bench_rank.py)
-
-
-def rows_route_pays(rows: int, dim: int, ratio: float = ROWS_RATIO) -> bool:
-    """Whether a factor of dimension ``dim`` seen on ``rows`` rows is decomposed from its ``[T, T]`` Gram."""
-    return 0 < rows <= ratio * dim
 
 
 def eigen_from_rows(
@@ -286,7 +280,14 @@ def eigen_from_rows(
         full, tri = torch.linalg.qr(thin, mode="complete")
         signs = torch.sign(tri.diagonal())
         signs[signs == 0] = 1.0
-        basis = torch.cat([full[:, r:], full[:, :r] * signs], dim=1)
+        del thin, tri
+        basis = full  # reordered below straight into the stored dtype: no second [d, d] in the basis dtype
+    # column-major, the layout torch.linalg.eigh returns; the complement first, as ascending eigenvalues order it
+    vectors = torch.empty(d, d, dtype=store_dtype, device=basis.device).mT
+    vectors[:, : d - r] = basis[:, r:]
+    if r:
+        vectors[:, d - r :] = basis[:, :r]
+        vectors[:, d - r :].mul_(signs.to(store_dtype))  # ±1: exact in any dtype, after rounding as before
+    del basis
     values = torch.cat([torch.zeros(d - r, dtype=vals.dtype, device=vals.device), vals.clamp_min(0.0)])
-    vectors = basis.to(store_dtype).mT.contiguous().mT  # column-major, the layout torch.linalg.eigh returns
     return Eigen(vectors, values.to(store_dtype))

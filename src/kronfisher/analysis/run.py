@@ -169,7 +169,8 @@ def _fit_and_save(run: _ModelRun, opts: AnalyzeOptions, console: Console) -> KFA
     """The K-FAC pass (resumable), decomposition, EK-FAC pass and factor file of one model."""
     cfg, lm, shard, timings = opts.cfg, run.lm, run.shard, run.timings
     plan = plan_for(lm, shard, cfg, console.info, spill=opts.save_factors)  # printed before the first batch
-    if len(plan.groups) > 1:  # layer groups, each with its own passes; no checkpoints, no sums in the file
+    if len(plan.groups) > 1 or not plan.keeps_sums:  # groups, each with its own passes, or sums freed as decomposed:
+        # no checkpoints, no sums in the file
         path = run.factor_path if opts.save_factors else None
         kw = {"parts": run.ckpt.parent, "resume": opts.resume}  # finished groups survive a kill (--resume)
         return fit_groups(lm, shard, cfg, plan, console.info, timings, path, run.identity, run.tb.sources, **kw)

@@ -24,8 +24,8 @@ from torch import Tensor
 from ..algebra.columns import Residence
 from ..algebra.eigen import all_finite
 from ..algebra.gram import compute_dtype
-from ..algebra.lowrank import ROWS_RATIO
 from ..config import KFACConfig
+from ..footprint import ROWS_RATIO
 from ..layers import LayerInfo
 from ..transfer import download, wait
 from .hooks import BatchContext, Staged

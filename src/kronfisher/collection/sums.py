@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..algebra.columns import ColumnStore, Residence
+from ..algebra.columns import ColumnStore, Residence, split_rows
 from ..algebra.gram import add_gram
 from ..algebra.lowrank import LowRankEigen, compress_columns, eigen_from_columns
-from ..errors import PlacementWarning, ShapeError
+from ..errors import KronfisherError, PlacementWarning, ShapeError
 from . import placement
 
 logger = logging.getLogger("kronfisher")
@@ -54,6 +54,7 @@ class DenseSum:
         self.rows: list[tuple[Tensor, float, bool]] = []
         self._sum: Tensor | None = None if self.max_rows else torch.zeros(dim, dim, dtype=dtype, device=device)
         self.count = 0.0
+        self.released = False
 
     @property
     def holds_rows(self) -> bool:
@@ -65,9 +66,18 @@ class DenseSum:
         """Rows held (0 once folded)."""
         return sum(int(r.shape[0]) for r, _, _ in self.rows)
 
+    def release(self) -> None:
+        """Free the rows or the sum once decomposed (a grouped run); the count stays, any later read raises."""
+        self.rows, self._sum, self.released = [], None, True
+
+    def _live(self) -> None:
+        if self.released:  # a zero sum here would silently poison whatever reads it
+            raise KronfisherError(f"The sum of {self.label} was freed once decomposed; it cannot be read again.")
+
     @property
     def sum(self) -> Tensor:
         """The dense ``[d, d]`` sum (folds held rows first, once)."""
+        self._live()
         if self._sum is None:
             total = self._allocate()
             for r, scale, augment in self.rows:
@@ -128,6 +138,7 @@ class DenseSum:
         Kept as rows while at most ``max_rows`` are held, else accumulated into the dense sum in place.
         ``prepared`` shares the stored copy of one staged tensor between sums that receive it (q/k/v, gate/up).
         """
+        self._live()
         n, width = int(rows.shape[0]), int(rows.shape[1]) + int(augment)
         if width != self.dim:
             raise ShapeError(f"Rows of width {width} (augment={augment}) for a sum of {[self.dim, self.dim]}.")
@@ -146,6 +157,7 @@ class DenseSum:
 
     def row_matrix(self, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
         """The held rows as one ``[T, d]`` matrix ``[s·rows, 1]`` in ``dtype`` (the factor is its Gram / count)."""
+        self._live()
         where = self.device if device is None else device
         out = torch.empty(self.num_rows, self.dim, dtype=dtype, device=where)
         start = 0
@@ -170,6 +182,7 @@ class DenseSum:
 
     def folded(self) -> Tensor:
         """The dense sum without changing this object (a temporary when rows are held)."""
+        self._live()
         if self._sum is not None:
             return self._sum
         total = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
@@ -285,7 +298,7 @@ class LowRankSum:
         """While more than ``k + b`` columns are held, compress the basis and the next ``b`` to ``k`` (trace kept)."""
         while self.over_budget:
             k, first = int(self.max_rank), [] if self.basis is None else [self.basis.t()]  # type: ignore[arg-type]
-            head, self.chunks = _split_rows(self.chunks, max(k + self.buffer - sum(b.shape[0] for b in first), 1))
+            head, self.chunks = split_rows(self.chunks, max(k + self.buffer - sum(b.shape[0] for b in first), 1))
             store = ColumnStore(first + head, self.dim, self.residence)
             known = self.basis_sq if first else None
             kept, dropped, self.basis_sq = compress_columns(store, k, self.storage_dtype, self.gram_dtype, known)
@@ -361,20 +374,6 @@ class LowRankSum:
         self.count = float(state["count"])
         self.tail_mass = float(state.get("tail_mass", torch.tensor(0.0)))
         self.discarded_mass = float(state.get("discarded_mass", torch.tensor(self.tail_mass)))
-
-
-def _split_rows(chunks: list[Tensor], n: int) -> tuple[list[Tensor], list[Tensor]]:
-    """The first ``n`` rows of ``chunks`` and the rest (views; no copy)."""
-    head: list[Tensor] = []
-    for i, c in enumerate(chunks):
-        if n <= 0:
-            return head, chunks[i:]
-        if c.shape[0] <= n:
-            head.append(c)
-            n -= int(c.shape[0])
-        else:
-            return [*head, c[:n]], [c[n:], *chunks[i + 1 :]]
-    return head, []
 
 
 @dataclass

@@ -21,8 +21,13 @@ def decompose_local(
     cfg: KFACConfig,
     *,
     on_layer: Callable[[str], None] | None = None,
+    release: bool = False,
 ) -> dict[str, KronBlock]:
     """Decompose every layer in this process; identical ``A`` sums (q/k/v, gate/up) are decomposed once and shared.
+
+    ``release=True`` frees each dense sum (:meth:`~kronfisher.collection.sums.DenseSum.release`) as soon as its
+    decomposition ends, so memory holds a factor's sum or its eigenbasis, not both (a grouped run, which keeps no
+    sums; the memory plan counts it so). A low-rank ``G``'s columns are part of its eigenbasis and stay.
 
     ``on_layer(name)`` is called once per layer of the single-process path as soon as both its factors are
     decomposed (progress bars; with concurrent eighs, in order of completion).
@@ -39,6 +44,12 @@ def decompose_local(
         if owner[name] == name:
             jobs[("A", name)] = partial(decompose_A, name, layer, cfg)
         jobs[("G", name)] = partial(decompose_G, name, layer, cfg)
+    freed: dict[tuple[str, str], list[DenseSum]] = {key: [] for key in jobs}
+    for name, layer in sums.items():
+        if release:
+            freed[("A", owner[name])].append(layer.A)
+            if isinstance(layer.G, DenseSum):
+                freed[("G", name)].append(layer.G)
     cost: dict[tuple[str, str], float] = {}
     if _on_cpu(sums) and torch.get_num_threads() > 1:
         for key in jobs:
@@ -50,6 +61,7 @@ def decompose_local(
     for key, eig in decompose_batched(sums, owner, cfg).items():  # accelerator batches, float32 + refinement
         jobs[key] = partial(_done, eig)
         cost.pop(key, None)
+    jobs = {key: partial(_then_free, job, freed[key]) if freed[key] else job for key, job in jobs.items()}
     reported: set[str] = set()
     finished: set[tuple[str, str]] = set()
 
@@ -135,4 +147,11 @@ def _lazy(job: Callable[[], Eigen]) -> Callable[[], Eigen]:
 
 
 def _done(eig: Eigen) -> Eigen:
+    return eig
+
+
+def _then_free(job: Callable[[], Eigen], parts: list[DenseSum]) -> Eigen:
+    eig = job()
+    for part in parts:  # the sums of every layer sharing this A (their rows are one stored copy)
+        part.release()
     return eig

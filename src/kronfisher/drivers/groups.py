@@ -110,6 +110,12 @@ GROUPS_NOTE = (
 )
 
 
+FREED_NOTE = (
+    "The raw sums were freed as they were decomposed to fit max_memory, so the operator and its file hold no sums "
+    "(no merge)."
+)
+
+
 def run_groups(
     model: nn.Module,
     batches: Iterable[Any],
@@ -157,17 +163,17 @@ def run_groups(
             kw = {"loss_fn": loss_fn, "progress": progress, "plan": plan, "check": n == 1}
             _, collector, part = collect(model, batches, cfg, layers=None if n == 1 else names, **kw)
             phase(k, "decompose")
-            infos = {name: discovery.infos[name] for name in names}
-            fisher = KFAC.from_sums(infos, collector.sums, cfg, report=part, model=model, spread=True)
-            del collector  # a grouped run frees each group's sums once decomposed (before its EK-FAC pass)
-            if n > 1:
-                fisher.sums = None
+            # A grouped run frees each dense sum as it is decomposed (before its EK-FAC pass), as the plan counts.
+            free, infos = not plan.keeps_sums, {name: discovery.infos[name] for name in names}
+            fisher = KFAC.from_sums(infos, collector.sums, cfg, report=part, model=model, spread=True, release=free)
+            del collector
+            fisher.report.warnings.extend([FREED_NOTE] if free and n == 1 else [])
             if cfg.ekfac and fisher.layer_names:  # a group whose layers never fired has nothing to correct
                 phase(k, "ekfac")
                 correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
             if n == 1:
                 phase(k, "done")
-                return fisher  # unpartitioned: the operator keeps its sums, as always
+                return fisher  # unpartitioned: the operator keeps its sums unless they did not fit
             if files is not None and fisher.layer_names:
                 phase(k, "write")
                 files.add(fisher, k, n)  # the group's factors go to disk and leave memory
