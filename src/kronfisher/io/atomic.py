@@ -8,9 +8,12 @@ A write that fails for want of space or permission raises :class:`~kronfisher.er
 the cause and, on a full disk, the bytes needed and free (``docs/errors.md``). Files get the mode the umask
 gives (``0644`` under the usual ``022``), like any file the user creates.
 
-Temporary names: ``.<name>.<pid>.<hex>.tmp`` (ours), and, only after a ``SIGKILL`` in the middle of a write, the
-safetensors writer's own ``.tmpXXXXXX`` next to it; ``kronfisher analyze`` removes both from its output folder at
-its next start.
+Factor files are written tensor by tensor straight into the temporary file (:mod:`kronfisher.io.stream`): the
+write holds one chunk of bytes, not a copy of the file.
+
+Temporary names: ``.<name>.<pid>.<hex>.tmp`` (ours), and ``.tmpXXXXXX``, which earlier versions that wrote through
+``safetensors.torch.save_file`` left after a ``SIGKILL`` in the middle of a write; ``kronfisher analyze`` removes
+both from its output folder at its next start.
 """
 
 from __future__ import annotations
@@ -26,18 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..comm import barrier, is_main_process
 from ..errors import FileFormatError
 from ..faults import write_error
 from .format import META_KEY, META_SHA_KEY
+from .stream import header_bytes, ordered, specs, write_tensors
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file (indirection so that tests can simulate a failure midway)."""
-    save_file(tensors, path, metadata=metadata)
+    """Write a safetensors file tensor by tensor (the one seam tests patch to simulate a failure midway)."""
+    with open(path, "wb") as fh:
+        write_tensors(fh, tensors, metadata)
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -117,7 +121,7 @@ def write_through_temporary(path: Path, write: Callable[[Path], None], needed: C
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, mode)  # the safetensors writer renames its own 0600 temporary file over ours
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors' save_file does) leaves it 0600
         _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException as err:
@@ -131,18 +135,9 @@ def write_through_temporary(path: Path, write: Callable[[Path], None], needed: C
 
 
 def payload_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> int:
-    """The size of the safetensors file of ``tensors`` and ``metadata``: data, JSON header and its length.
-
-    The header is rebuilt as the writer lays it out (``dtype``, ``shape``, ``data_offsets`` per tensor, then the
-    string metadata, JSON-escaped); the writer's padding to 8 bytes is the only difference.
-    """
-    index: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        index[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    return 8 + len(json.dumps(index, separators=(",", ":")).encode()) + offset
+    """The size of the safetensors file of ``tensors`` and ``metadata``: length, JSON header and data."""
+    head, data = header_bytes(specs(ordered(tensors)), metadata)
+    return len(head) + data
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -45,7 +45,7 @@ META_SHA_KEY = "kronfisher_sha256"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
 
-_ST_CODES = {
+ST_CODES = {
     "float64": "F64",
     "float32": "F32",
     "float16": "F16",
@@ -59,7 +59,7 @@ _ST_CODES = {
 }
 
 
-_TORCH_DTYPES = {name: getattr(torch, name) for name in _ST_CODES}
+_TORCH_DTYPES = {name: getattr(torch, name) for name in ST_CODES}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -99,7 +99,6 @@ class Payload:
         self.entries: dict[str, dict[str, Any]] = {}
         self._by_id: dict[int, tuple[str, weakref.ref[Tensor]]] = {}
         self._by_content: dict[tuple[str, tuple[int, ...], str], str] = {}
-        self._storages: set[int] = set()
 
     def add(self, key: str, t: Tensor) -> str:
         """Register ``t`` under ``key`` unless an identical tensor is already registered; return the key to use."""
@@ -110,16 +109,12 @@ class Payload:
             raise KeyError(f"Duplicate tensor key {key!r} in a factor file.")
         c = t.detach().to("cpu").contiguous()
         name = dtype_name(c.dtype)
-        if name not in _ST_CODES:
+        if name not in ST_CODES:
             raise FileFormatError(f"Tensor {key!r} has dtype {c.dtype}, which factor files do not store.")
         digest = tensor_digest(c)
         sig = (name, tuple(c.shape), digest)
         hit = self._by_content.get(sig)
         if hit is None:
-            if c.numel() and c.untyped_storage().data_ptr() in self._storages:
-                c = c.clone()  # safetensors refuses two keys on one storage
-            if c.numel():
-                self._storages.add(c.untyped_storage().data_ptr())
             self.tensors[key] = c
             self.entries[key] = {"dtype": name, "shape": list(c.shape), "sha256": digest}
             self._by_content[sig] = hit = key
@@ -127,7 +122,7 @@ class Payload:
         return hit
 
     def prepared(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
-        """The tensors to write (CPU, contiguous, one storage each) and their metadata entries."""
+        """The tensors to write (CPU, contiguous; views of one storage are fine) and their metadata entries."""
         return dict(self.tensors), dict(self.entries)
 
 
@@ -254,7 +249,7 @@ def _check_layout(path: Path, index: dict[str, Any], expected: dict[str, Any], d
         try:
             dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             ok = (
-                dtype == _ST_CODES[exp["dtype"]]
+                dtype == ST_CODES[exp["dtype"]]
                 and list(shape) == list(exp["shape"])
                 and isinstance(start, int)
                 and isinstance(end, int)

@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from torch import nn
 
@@ -29,6 +29,7 @@ from ..report import CollectionReport
 from .atomic import write_through_temporary
 from .files import save
 from .format import META_KEY, META_SHA_KEY, payload_digest, read_header
+from .stream import Spec, copy_range, header_bytes
 from .sums import PathLike, report_from_dict
 
 # per-layer metadata of a factor file that the parts each hold for their own layers
@@ -59,50 +60,37 @@ def _joined_meta(metas: list[dict[str, Any]], report: CollectionReport, extra: M
     return meta
 
 
-def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int, step: int = 64 << 20) -> None:
-    src.seek(start)
-    while length > 0:
-        chunk = src.read(min(step, length))
-        if not chunk:
-            raise OSError(f"{src.name}: ended {length} bytes early")
-        dst.write(chunk)
-        length -= len(chunk)
-
-
 def join_parts(parts: list[Path], dest: Path, report: CollectionReport, extra: Mapping[str, Any] | None) -> Path:
     """Join factor files of disjoint layers into ``dest`` (atomically), copying tensor bytes; parts are removed.
 
-    The safetensors header is laid out as the safetensors writer does (JSON padded with spaces to 8 bytes, tensors
-    in order); every tensor keeps the checksum its part recorded, so :func:`~kronfisher.io.files.verify_file` and
-    lazy reads check the joined bytes as they would any file.
+    The safetensors header is laid out as every factor file's (:func:`~kronfisher.io.stream.header_bytes`), with
+    the parts' tensors in their order; every tensor keeps the checksum its part recorded, so
+    :func:`~kronfisher.io.files.verify_file` and lazy reads check the joined bytes as they would any file.
     """
     metas = [read_header(p).meta for p in parts]
     meta = _joined_meta(metas, report, extra)
     text = json.dumps(meta)
-    index: dict[str, Any] = {"__metadata__": {META_KEY: text, META_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}}
+    metadata = {META_KEY: text, META_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    entries: list[Spec] = []
     sources: list[tuple[Path, int, int, int]] = []  # part, its payload start, tensor start, length
-    offset = 0
     for part in parts:
-        start, entries = _index(part)
-        for key, e in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        start, index = _index(part)
+        for key, e in sorted(index.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             a, b = e["data_offsets"]
-            index[key] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [offset, offset + b - a]}
+            entries.append((key, e["dtype"], e["shape"], b - a))
             sources.append((part, start, a, b - a))
-            offset += b - a
-    head = json.dumps(index, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    head, total = header_bytes(entries, metadata)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as out:
-            out.write(len(head).to_bytes(8, "little"))
             out.write(head)
             for part in parts:
                 with open(part, "rb") as src:
                     for _, start, a, length in (s for s in sources if s[0] == part):
-                        _copy_range(src, out, start + a, length)
+                        copy_range(src, out, start + a, length)
             out.flush()
 
-    path = write_through_temporary(dest, write, needed=lambda: 8 + len(head) + offset)
+    path = write_through_temporary(dest, write, needed=lambda: len(head) + total)
     for part in parts:
         with contextlib.suppress(OSError):
             part.unlink()
