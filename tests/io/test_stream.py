@@ -22,7 +22,7 @@ import kronfisher as kf
 import kronfisher.io.atomic as katomic
 import kronfisher.io.stream as kstream
 from conftest import make_model, random_ids
-from kronfisher.io.format import Payload, read_header, read_tensors
+from kronfisher.io.format import Payload, Rows, read_header, read_tensors, tensor_digest
 from kronfisher.io.sums import write_file
 
 
@@ -100,12 +100,34 @@ def test_read_back_by_safe_open_and_by_kronfisher(tmp_path) -> None:
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
 
 
-def test_saved_operator_loads_and_verifies(tmp_path) -> None:
-    """A fitted operator (dense and implicit low-rank layers, sums) through save, verify and a lazy load."""
+def test_rows_are_the_bytes_and_digest_of_their_concatenation(tmp_path) -> None:
+    g = torch.Generator().manual_seed(2)
+    chunks = (torch.randn(3, 5, generator=g), torch.randn(1, 5, generator=g), torch.randn(4, 5, generator=g)[::2])
+    rows, cat = Rows(chunks), torch.cat(chunks)
+    assert rows.shape == cat.shape and rows.numel() == cat.numel() and tensor_digest(rows) == tensor_digest(cat)
+    other = {"a": torch.arange(3.0)}
+    ref = _reference({**other, "w": cat}, {"k": "v"}, tmp_path / "ref.safetensors")
+    assert _write({**other, "w": rows}, {"k": "v"}, 16) == ref
+    payload = Payload()
+    assert payload.add("w", rows) == "w" and payload.add("same", cat) == "w"  # stored once, by content
+    with pytest.raises(ValueError, match="Rows"):
+        Rows((torch.zeros(2, 3), torch.zeros(2, 4)))
+
+
+def test_saved_operator_loads_and_verifies(tmp_path, monkeypatch) -> None:
+    """A fitted operator (dense layers; lm_head's implicit low-rank basis in one column chunk per batch) is saved
+    without concatenating the chunks, verifies, and loads back to the same tensors."""
     model = make_model("qwen2")
     cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_layers=("lm_head",))
-    fisher = kf.fit(model, [{"input_ids": random_ids(2, 6, seed=s)} for s in range(2)], cfg)
-    path = fisher.save(tmp_path / "f.safetensors", include_sums=True)
+    fisher = kf.fit(model, [{"input_ids": random_ids(2, 6, seed=s)} for s in range(3)], cfg)
+    assert len(fisher.block("lm_head").G.columns.chunks) == 3
+
+    def no_cat(*args, **kwargs):
+        raise AssertionError("torch.cat while saving")
+
+    monkeypatch.setattr(torch, "cat", no_cat)
+    path = fisher.save(tmp_path / "f.safetensors")
+    monkeypatch.undo()
     kf.verify_file(path)
     loaded = kf.load(path, model=model)
     for name in fisher.layer_names:
@@ -117,6 +139,7 @@ def test_saved_operator_loads_and_verifies(tmp_path) -> None:
                 assert torch.equal(x.coeffs, y.coeffs), name
             else:
                 assert torch.equal(x.vectors, y.vectors), name
+    kf.verify_file(fisher.save(tmp_path / "s.safetensors", include_sums=True))
 
 
 def test_failure_mid_write_leaves_no_file(tmp_path, monkeypatch) -> None:

@@ -24,7 +24,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,11 @@ from torch import Tensor
 from ..comm import barrier, is_main_process
 from ..errors import FileFormatError
 from ..faults import write_error
-from .format import META_KEY, META_SHA_KEY
+from .format import META_KEY, META_SHA_KEY, Rows
 from .stream import header_bytes, ordered, specs, write_tensors
 
 
-def write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+def write_safetensors(tensors: Mapping[str, Tensor | Rows], path: str, metadata: dict[str, str]) -> None:
     """Write a safetensors file tensor by tensor (the one seam tests patch to simulate a failure midway)."""
     with open(path, "wb") as fh:
         write_tensors(fh, tensors, metadata)
@@ -62,7 +62,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def atomic_write(
-    path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any], *, local: bool = False
+    path: str | os.PathLike[str], tensors: Mapping[str, Tensor | Rows], meta: dict[str, Any], *, local: bool = False
 ) -> Path:
     """Write ``tensors`` and the JSON ``meta`` to ``path`` atomically (docs/files.md).
 
@@ -94,7 +94,7 @@ def atomic_write(
         barrier()
 
 
-def _atomic_write_local(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+def _atomic_write_local(path: Path, tensors: Mapping[str, Tensor | Rows], meta: dict[str, Any]) -> Path:
     text = json.dumps(meta)  # insertion order kept: layers stay in model order
     header_meta = {META_KEY: text, META_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
     return write_through_temporary(
@@ -134,7 +134,7 @@ def write_through_temporary(path: Path, write: Callable[[Path], None], needed: C
     return path
 
 
-def payload_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> int:
+def payload_bytes(tensors: Mapping[str, Tensor | Rows], metadata: dict[str, str]) -> int:
     """The size of the safetensors file of ``tensors`` and ``metadata``: length, JSON header and data."""
     head, data = header_bytes(specs(ordered(tensors)), metadata)
     return len(head) + data

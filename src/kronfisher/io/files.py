@@ -32,7 +32,7 @@ from ..errors import FileFormatError
 from ..layers import LayerInfo
 from ..operator import KFAC
 from .fingerprint import check_model
-from .format import Header, Payload, read_header, read_tensors, verify_payload
+from .format import Header, Payload, Rows, read_header, read_tensors, verify_payload
 from .lazy import LazyLayers
 from .sums import (
     PathLike,
@@ -117,18 +117,16 @@ def _eigen_meta(payload: Payload, prefix: str, eig: Any) -> dict[str, Any]:
     """Store an eigenbasis: explicit ``Q`` (``Eigen``) or, for an implicit low-rank ``P = W C``, ``W`` and ``C``.
 
     The implicit form (:class:`~kronfisher.algebra.lowrank.LowRankEigen`) is stored as it is held: ``W`` token-major
-    in its storage dtype (the same bytes as the raw low-rank sum, so the payload keeps one copy) and ``C``; building
-    ``P`` (``out × r``) is never needed.
+    in its storage dtype (the same bytes as the raw low-rank sum, so the payload keeps one copy; its per-batch chunks
+    are written in turn, not concatenated) and ``C``; building ``P`` (``out × r``) is never needed.
     """
     meta: dict[str, Any] = {"tail": float(eig.tail), "values": payload.add(f"{prefix}.values", eig.values)}
     if eig.kind == "lowrank":
-        chunks = list(eig.columns.chunks)
-        if len(chunks) == 1:
-            cols = chunks[0]
-        elif chunks:
-            cols = torch.cat(chunks)
-        else:
-            cols = eig.coeffs.new_zeros(0, eig.dim)
+        chunks = tuple(eig.columns.chunks)
+        # several chunks (one per batch) are written one after the other, never concatenated (a copy of W)
+        cols: Tensor | Rows = (
+            Rows(chunks) if len(chunks) > 1 else chunks[0] if chunks else eig.coeffs.new_zeros(0, eig.dim)
+        )
         meta.update(
             form="implicit",
             dim=int(eig.dim),

@@ -67,12 +67,48 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def tensor_digest(t: Tensor) -> str:
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """Tensors stacked along their first dimension, stored as one tensor and never concatenated in memory.
+
+    The low-rank columns ``W`` are held in one chunk per batch (:class:`~kronfisher.algebra.columns.ColumnStore`);
+    the file stores them as one ``[m, out]`` tensor, written (and hashed) chunk by chunk (docs/files.md#format).
+    """
+
+    chunks: tuple[Tensor, ...]
+
+    def __post_init__(self) -> None:
+        first = self.chunks[0]
+        for c in self.chunks:
+            if c.dtype != first.dtype or c.dim() != first.dim() or c.shape[1:] != first.shape[1:]:
+                raise ValueError(f"Rows of {first.dtype} {list(first.shape)} and {c.dtype} {list(c.shape)}.")
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the stacked tensor."""
+        return torch.Size([sum(int(c.shape[0]) for c in self.chunks), *self.chunks[0].shape[1:]])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The chunks' dtype."""
+        return self.chunks[0].dtype
+
+    def numel(self) -> int:
+        """Elements of the stacked tensor."""
+        return sum(c.numel() for c in self.chunks)
+
+    def element_size(self) -> int:
+        """Bytes per element."""
+        return self.chunks[0].element_size()
+
+
+def tensor_digest(t: Tensor | Rows) -> str:
     """SHA-256 of a tensor's bytes in memory order (the bytes safetensors stores, little endian)."""
-    t = t.detach().to("cpu").contiguous()
     h = hashlib.sha256()
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    for c in t.chunks if isinstance(t, Rows) else (t,):
+        c = c.detach().to("cpu").contiguous()
+        if c.numel():
+            h.update(c.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -95,19 +131,22 @@ class Payload:
     """
 
     def __init__(self) -> None:
-        self.tensors: dict[str, Tensor] = {}
+        self.tensors: dict[str, Tensor | Rows] = {}
         self.entries: dict[str, dict[str, Any]] = {}
-        self._by_id: dict[int, tuple[str, weakref.ref[Tensor]]] = {}
+        self._by_id: dict[int, tuple[str, weakref.ref[Tensor | Rows]]] = {}
         self._by_content: dict[tuple[str, tuple[int, ...], str], str] = {}
 
-    def add(self, key: str, t: Tensor) -> str:
+    def add(self, key: str, t: Tensor | Rows) -> str:
         """Register ``t`` under ``key`` unless an identical tensor is already registered; return the key to use."""
         known = self._by_id.get(id(t))
         if known is not None and known[1]() is t:  # the same live object (e.g. a shared A basis)
             return known[0]
         if key in self.tensors:
             raise KeyError(f"Duplicate tensor key {key!r} in a factor file.")
-        c = t.detach().to("cpu").contiguous()
+        if isinstance(t, Rows):
+            c: Tensor | Rows = Rows(tuple(x.detach().to("cpu").contiguous() for x in t.chunks))
+        else:
+            c = t.detach().to("cpu").contiguous()
         name = dtype_name(c.dtype)
         if name not in ST_CODES:
             raise FileFormatError(f"Tensor {key!r} has dtype {c.dtype}, which factor files do not store.")
@@ -121,7 +160,7 @@ class Payload:
         self._by_id[id(t)] = (hit, weakref.ref(t))  # a weak reference: a dropped copy is not kept alive
         return hit
 
-    def prepared(self) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    def prepared(self) -> tuple[dict[str, Tensor | Rows], dict[str, dict[str, Any]]]:
         """The tensors to write (CPU, contiguous; views of one storage are fine) and their metadata entries."""
         return dict(self.tensors), dict(self.entries)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FileFormatError
-from .format import ST_CODES, dtype_name
+from .format import ST_CODES, Rows, dtype_name
 
 CHUNK_BYTES = 64 << 20  # the most bytes written (or copied to the host) at once
 
@@ -41,7 +41,7 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64} 
 Spec = tuple[str, str, list[int], int]  # name, safetensors dtype code, shape, byte length
 
 
-def st_code(key: str, t: Tensor) -> str:
+def st_code(key: str, t: Tensor | Rows) -> str:
     """The safetensors dtype code of ``t`` (``"F32"``), or a one-line error naming the tensor."""
     code = ST_CODES.get(dtype_name(t.dtype))
     if code is None:
@@ -49,12 +49,12 @@ def st_code(key: str, t: Tensor) -> str:
     return code
 
 
-def ordered(tensors: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+def ordered(tensors: Mapping[str, Tensor | Rows]) -> list[tuple[str, Tensor | Rows]]:
     """``tensors`` in the order the safetensors writer lays them out: decreasing alignment, then by name."""
     return sorted(tensors.items(), key=lambda kv: (_RANK[st_code(kv[0], kv[1])], kv[0]))
 
 
-def specs(items: Iterable[tuple[str, Tensor]]) -> list[Spec]:
+def specs(items: Iterable[tuple[str, Tensor | Rows]]) -> list[Spec]:
     """The index entries of tensors written in the order of ``items``."""
     return [(k, st_code(k, t), list(t.shape), t.numel() * t.element_size()) for k, t in items]
 
@@ -98,13 +98,18 @@ def _host_slices(t: Tensor, limit: int) -> Iterator[Tensor]:
         yield t[i : i + step].to("cpu").contiguous()
 
 
-def byte_chunks(t: Tensor, limit: int | None = None) -> Iterator[Any]:
+def byte_chunks(t: Tensor | Rows, limit: int | None = None) -> Iterator[Any]:
     """The bytes of ``t`` as safetensors stores them (memory order, little endian), at most ``limit`` bytes each.
 
     Each chunk is a buffer (a numpy view of the tensor's storage where it is a CPU tensor in memory order): pass it
-    to ``write`` or ``hashlib`` as it is. On a big-endian host each chunk is a byte-swapped copy.
+    to ``write`` or ``hashlib`` as it is. On a big-endian host each chunk is a byte-swapped copy. :class:`Rows` are
+    written one stacked tensor after the other, never concatenated.
     """
     limit = CHUNK_BYTES if limit is None else limit
+    if isinstance(t, Rows):
+        for c in t.chunks:
+            yield from byte_chunks(c, limit)
+        return
     t = t.detach()
     if t.numel() == 0:
         return
@@ -130,7 +135,7 @@ def copy_range(src: BinaryIO, dst: BinaryIO, start: int, length: int, limit: int
 
 
 def write_tensors(
-    fh: BinaryIO, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None, limit: int | None = None
+    fh: BinaryIO, tensors: Mapping[str, Tensor | Rows], metadata: Mapping[str, str] | None, limit: int | None = None
 ) -> int:
     """Write ``tensors`` and string ``metadata`` to ``fh`` as a safetensors file, tensor by tensor; return its size.
 
