@@ -20,7 +20,18 @@ from .layers import LayerInfo
 EIGH_FLOPS = 32.0  # an eigh with vectors of n costs ~32 n³ GEMM flops (LAPACK syevd measured against GEMM on CPU)
 GRAM_WORK = 40  # bytes per m² while a [m, m] float64 Gram is decomposed (Gram, eigh copy, vectors, workspace)
 ROWS_RATIO = 0.5  # a dense factor is held as rows while T <= ROWS_RATIO * d (benchmarks/bench_rank.py)
-COMPONENTS = ("sums", "columns", "staging", "transient", "eigen", "workspace", "ekfac", "ekfac_staging", "result")
+COMPONENTS = (
+    "sums",
+    "columns",
+    "staging",
+    "transient",
+    "eigen",
+    "workspace",
+    "ekfac",
+    "ekfac_staging",
+    "ekfac_transient",
+    "result",
+)
 
 
 def rows_route_pays(rows: int, dim: int, ratio: float = ROWS_RATIO) -> bool:
@@ -116,7 +127,6 @@ def lowrank_side(out: int, m: int, r: int, cfg: KFACConfig, device: str, rows: i
     side.bytes["transient"] = GRAM_WORK * m * m if budget else 0  # a compression, one layer at a time
     side.bytes["eigen"] = (m * r + r) * work  # C [m, r] and λ; U itself is the sum, kept by the eigenbasis
     side.bytes["workspace"] = GRAM_WORK * m * m
-    side.bytes["ekfac_staging"] = rows * (out + m) * 4  # ĝ rows and their projections
     side.bytes["result"] = side.bytes["eigen"] + side.bytes["sums"]
     return side
 
@@ -161,6 +171,7 @@ def group_peak(layers: list[LayerPlan], workers: int, ekfac: bool, keep_sums: bo
             )
             decompose = max(decompose, tot("sums") + top("workspace", workers))  # low-rank: columns, Gram, eigh
         kept = tot("result") + (tot("sums") - tot("columns") if keep_sums else 0)
-        correct = kept + tot("ekfac") + tot("ekfac_staging") if ekfac else 0
+        # the EK-FAC sums are part of the result (divided in place into the corrected eigenvalues at the end)
+        correct = kept + tot("ekfac_staging") + top("ekfac_transient", 1) if ekfac else 0
         out[dev] = max(collect, decompose, correct)
     return out

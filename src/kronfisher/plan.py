@@ -123,7 +123,10 @@ def _build(
         thin = rep != "dense" and r < out
         side_a.bytes["ekfac"] = (r * a + (a if thin else 0)) * acc  # span (and tail) sums
         side_a.bytes["result"] += side_a.bytes["ekfac"]  # the corrected eigenvalues stay in the block
-        g.bytes["ekfac_staging"] += rows * (a + out) * 4 + r * a * 4
+        # per layer until the batch commits: its projections z [rows, r] and rotated inputs y (y² too) [rows, a];
+        # while one layer's hook runs: its masked ĝ and projections, and the [r, a] product of a sequence
+        g.bytes["ekfac_staging"] += rows * (r + 2 * a) * 4
+        g.bytes["ekfac_transient"] += rows * (2 * out + m) * 4 + r * a * 4
     flops = None
     if out > cfg.lowrank_threshold and t is not None:
         d, lo = g_flops(out, a, t, draws * t, cfg.ekfac)

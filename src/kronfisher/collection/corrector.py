@@ -195,14 +195,14 @@ class EigenCorrector:
                 self.tail_sums[name].add_(tensor.to(self.tail_sums[name].device))
 
     def blocks_out(self) -> dict[str, KronBlock]:
-        """Corrected blocks: ``Λ* = sum / N`` (docs/concepts.md)."""
+        """Corrected blocks: ``Λ* = sum / N`` (docs/concepts.md), once: the sums become the eigenvalues in place."""
         out = {}
         for name, block in self.blocks.items():
             n = self.counts[name]
             if n <= 0:
                 continue
-            span = self.sums[name] / n
-            tail = self.tail_sums[name] / n if name in self.tail_sums else None
+            span = self.sums.pop(name).div_(n)  # no second copy of every layer's [r, a] sums at the end of a pass
+            tail = self.tail_sums.pop(name).div_(n) if name in self.tail_sums else None
             store = block.A.vectors.dtype
             out[name] = block.with_correction(span.to(store), None if tail is None else tail.to(store))
         return out
