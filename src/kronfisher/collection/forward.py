@@ -1,8 +1,9 @@
 """How a batch goes through the model during a kronfisher pass (docs/concepts.md).
 
 Eval mode (no dropout) with every submodule's mode restored, no parameter gradient (parameters frozen, the
-embedding output made a grad leaf), batches moved to the model's device, and the forward arguments of a causal-LM
-batch (``position_ids`` derived for left padding).
+embedding output made a grad leaf, or the input of the earliest block with a hooked layer: :mod:`.cut`), batches
+moved to the model's device, and the forward arguments of a causal-LM batch (``position_ids`` derived for left
+padding).
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .cut import BlockCut
+
 
 @contextlib.contextmanager
-def activation_only_backward(model: nn.Module) -> Iterator[bool]:
+def activation_only_backward(model: nn.Module, cut: BlockCut | None = None) -> Iterator[bool]:
     """Skip parameter gradients during collection when the model has input embeddings.
 
     Parameters are frozen for the duration and the input-embedding output becomes a leaf that requires grad, so
-    the backward computes output gradients of every layer and nothing else. Flags are restored on exit. Without
-    input embeddings, parameters keep their flags and their ``.grad`` is restored on exit instead.
+    the backward computes output gradients of every layer and nothing else. With ``cut`` (the pass's
+    :class:`~kronfisher.collection.cut.BlockCut`), the input of the cut block is the leaf instead while the cut is
+    active, and the blocks before it build no graph. Flags are restored on exit. Without input embeddings,
+    parameters keep their flags and their ``.grad`` is restored on exit instead (and there is no cut).
 
     Yields:
         True when activation-only backward is active.
@@ -37,14 +42,17 @@ def activation_only_backward(model: nn.Module) -> Iterator[bool]:
     if isinstance(emb, nn.Module):
         flags = [p.requires_grad for p in params]
 
-        def leaf(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        def leaf(module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+            if cut is not None and cut.active:  # the cut block's input is the leaf: no graph before it
+                return None
             return output.detach().requires_grad_(True)
 
         handle = emb.register_forward_hook(leaf)
         try:
             for p in params:
                 p.requires_grad_(False)
-            yield True
+            with cut.armed() if cut is not None else contextlib.nullcontext():
+                yield True
         finally:
             handle.remove()
             for p, f in zip(params, flags):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from ..errors import ConfigError
 from ..layers import Discovery
 from ..report import CollectionReport
 from .collector import FactorCollector
+from .cut import BlockCut
 from .forward import activation_only_backward, eval_mode, model_device, model_inputs, to_device
 from .hooks import Capture
 from .inputs import check_lm_batch, loss_without_grad, vocab_sizes
@@ -137,7 +139,9 @@ def run_pass(
 
     The model is put in eval mode with activation-only backward for the pass, ``cap`` is armed, and each batch runs
     through :func:`run_batch` under its global index (so MC seeds and reports do not depend on the split over
-    ranks, docs/distributed.md).
+    ranks, docs/distributed.md). When every hooked layer lies in blocks ``k..`` of the model, the backward stops at
+    the input of block ``k`` (:class:`~kronfisher.collection.cut.BlockCut`; a batch that breaks it is re-run
+    without it).
 
     Args:
         model: the unwrapped model.
@@ -152,12 +156,13 @@ def run_pass(
 
     """
     index_of = global_indices(batches)
-    with eval_mode(model), activation_only_backward(model), cap:
+    cut = BlockCut(model, cap.modules)
+    with eval_mode(model), activation_only_backward(model, cut), cap:
         for k, batch in enumerate(with_progress(batches, progress is not None, progress or "")):
             if k < start:
                 continue
             index = index_of(k)
-            run_batch(model, batch, cap, cfg, index, report, loss_fn)
+            cut.run(functools.partial(run_batch, model, batch, cap, cfg, index, report, loss_fn), cap.discard)
             if on_batch is not None:
                 on_batch(k + 1, index, batch)
 

@@ -1,0 +1,147 @@
+"""Stop a pass's backward at the earliest decoder block that holds a hooked layer (docs/concepts.md, "Groups").
+
+A pass needs the output gradient of its hooked layers only. When every hooked layer lies in blocks ``k..`` of the
+model's block list, the input hidden state of block ``k`` is made the grad leaf instead of the input-embedding
+output: blocks ``0..k-1`` then build no graph, keep no activations and get no backward. The gradient a hooked layer
+receives depends only on what runs after it, so its factors are unchanged, provided its input depends on the cut
+tensor; that is checked on every hooked call, and a batch that breaks it (a tracked layer before the blocks, or one
+fed from outside the block stream) is re-run without the cut, which stays off for the rest of the pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger("kronfisher")
+
+T = TypeVar("T")
+
+
+class _CutBroken(Exception):
+    """Raised from a hook to abort a forward that the cut would get wrong (never leaves :meth:`BlockCut.run`)."""
+
+
+def _tensors(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterator[Tensor]:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Tensor):
+            yield v
+
+
+def find_blocks(model: nn.Module, hooked: Mapping[str, nn.Module]) -> tuple[str, nn.ModuleList] | None:
+    """The model's main block list: the ``nn.ModuleList`` holding the most hooked modules.
+
+    Ties (e.g. every hooked module in one block's expert list, which the outer list holds too) go to the
+    outermost list; with no hooked module in any list, the list with the most submodules (``model.layers`` of HF
+    Llama/Qwen2, ``transformer.h`` of GPT-2). None when the model has no ``nn.ModuleList``.
+    """
+    ids = {id(m) for m in hooked.values()}
+    best: tuple[tuple[int, int, int], str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        subs = list(module.modules())
+        key = (sum(id(m) in ids for m in subs), len(subs), -name.count("."))
+        if best is None or key > best[0]:
+            best = (key, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+def cut_index(blocks: nn.ModuleList, hooked: Mapping[str, nn.Module]) -> int:
+    """The earliest block holding a hooked module (the last block when none does: e.g. the ``lm_head`` alone)."""
+    where = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    inside = [where[id(m)] for m in hooked.values() if id(m) in where]
+    return min(inside) if inside else len(blocks) - 1
+
+
+class BlockCut:
+    """The cut of one pass: which block's input becomes the grad leaf, and the checks that keep it exact.
+
+    Inactive (today's behaviour: the embedding output is the leaf) when the cut block is the first one, when the
+    model has no block list, before :meth:`armed`, and once a batch broke it.
+
+    Args:
+        model: the unwrapped model of the pass.
+        hooked: the modules the pass hooks, by name (``Capture.modules``).
+
+    """
+
+    def __init__(self, model: nn.Module, hooked: Mapping[str, nn.Module]) -> None:
+        self.model = model
+        self.hooked = dict(hooked)
+        found = find_blocks(model, self.hooked) if self.hooked else None
+        self.where = "" if found is None else found[0]
+        self.blocks = None if found is None else found[1]
+        self.index = 0 if self.blocks is None else cut_index(self.blocks, self.hooked)
+        self.active = False
+        self.broken: str | None = None  # why the cut was turned off during the pass
+        self._seen = False  # the cut block's input was reached in the current forward
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[BlockCut]:
+        """Install the hooks and activate the cut (when it saves anything) for the duration."""
+        if self.blocks is None or self.index == 0:
+            yield self
+            return
+        handles = [
+            self.model.register_forward_pre_hook(self._start),
+            self.blocks[self.index].register_forward_pre_hook(self._leaf, with_kwargs=True),
+        ]
+        handles += [m.register_forward_pre_hook(self._check(n), with_kwargs=True) for n, m in self.hooked.items()]
+        self.active = True
+        logger.info(
+            "Backward stops at the input of %s.%d (%d of %d blocks skipped): no hooked layer below it.",
+            self.where,
+            self.index,
+            self.index,
+            len(self.blocks),
+        )
+        try:
+            yield self
+        finally:
+            self.active = False
+            for h in handles:
+                h.remove()
+
+    def run(self, step: Callable[[], T], discard: Callable[[], None]) -> T:
+        """Run one batch's ``step``; if the cut broke during it, ``discard`` what it staged and re-run it uncut."""
+        self._seen = False
+        try:
+            return step()
+        except _CutBroken as why:
+            discard()
+            self.active = False
+            self.broken = str(why)
+            logger.info("Backward cut turned off for the rest of the pass (the batch is re-run in full): %s", why)
+        return step()
+
+    # Hooks ------------------------------------------------------------------------------------------------
+    def _start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._seen = False  # a new forward of the model
+
+    def _leaf(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.active or not torch.is_grad_enabled():
+            return None
+        self._seen = True
+        if args and isinstance(args[0], Tensor) and args[0].is_floating_point():
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        hidden = kwargs.get("hidden_states")
+        if isinstance(hidden, Tensor) and hidden.is_floating_point():
+            return args, {**kwargs, "hidden_states": hidden.detach().requires_grad_(True)}
+        raise _CutBroken(f"the hidden state of {self.where}.{self.index} is not among its arguments")
+
+    def _check(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not self.active or not torch.is_grad_enabled():
+                return
+            if not self._seen:
+                raise _CutBroken(f"layer {name!r} runs before {self.where}.{self.index}")
+            if not any(t.requires_grad for t in _tensors(args, kwargs)):
+                raise _CutBroken(f"the input of layer {name!r} does not depend on {self.where}.{self.index}")
+
+        return hook
