@@ -1,4 +1,4 @@
-"""Stop a pass's backward at the earliest decoder block that holds a hooked layer (docs/concepts.md, "Groups").
+"""Stop a pass's backward at the earliest decoder block holding a hooked layer (docs/concepts.md, module groups).
 
 A pass needs the output gradient of its hooked layers only. When every hooked layer lies in blocks ``k..`` of the
 model's block list, the input hidden state of block ``k`` is made the grad leaf instead of the input-embedding
