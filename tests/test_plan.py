@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -216,15 +217,20 @@ def assert_same_blocks(one: kf.KFAC, grouped: kf.KFAC) -> None:
     [{}, {"ekfac": True}, {"ekfac": True, "fisher": "mc", "mc_samples": 2, "seed": 3}],
     ids=["kfac", "ekfac", "ekfac-mc"],
 )
-def test_grouped_run_equals_unpartitioned(kw: dict, tmp_path) -> None:
-    """Groups, each with its own passes over the same batches, give exactly one run's factors (float64)."""
+def test_grouped_run_equals_unpartitioned(kw: dict, tmp_path, caplog) -> None:
+    """Groups, each with its own passes over the same batches, give exactly one run's factors (float64).
+
+    The last group's layers lie in block 1 and after: its passes stop their backward there (collection/cut.py).
+    """
     model = make_model("qwen2")
     batches = [{"input_ids": random_ids(2, 12, seed=s)} for s in range(3)]
     cfg = kf.KFACConfig(accumulate_dtype="float64", lowrank_layers=("lm_head",), lowrank_dtype="float64", **kw)
     cfg = cfg.replace(lowrank_max_rank=8)  # the lm_head compresses (its workspace stays below the groups)
     one = kf.fit(model, batches, cfg)
     assert len(one.report.plan["groups"]) == 1 and one.sums is not None
-    grouped = kf.fit(model, batches, cfg.replace(max_memory=budget_for_groups(model, batches, cfg)))
+    with caplog.at_level(logging.INFO, logger="kronfisher"):
+        grouped = kf.fit(model, batches, cfg.replace(max_memory=budget_for_groups(model, batches, cfg)))
+    assert "Backward stops at the input of model.layers.1" in caplog.text  # the exactness below covers the cut
     groups = grouped.report.plan["groups"]
     assert len(groups) >= 2 and [n for g in groups for n in g] == one.layer_names
     assert grouped.sums is None  # each group's sums were freed once decomposed
