@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 import kronfisher as kf
 import kronfisher.io.atomic as katomic
+import kronfisher.io.format as kformat
 import kronfisher.io.stream as kstream
 from conftest import make_model, random_ids
 from kronfisher.io.format import Payload, Rows, read_header, read_tensors, tensor_digest
@@ -238,3 +239,22 @@ def test_accelerator_tensor_is_copied_a_slice_at_a_time() -> None:
     chunks = list(kstream.byte_chunks(t, 1000))
     assert max(np.asarray(c).nbytes for c in chunks) <= 1000
     assert b"".join(bytes(c) for c in chunks) == t.cpu().numpy().tobytes()
+
+
+def test_payload_keeps_a_column_major_basis_uncopied_and_hashes_it_in_slices(tmp_path, monkeypatch) -> None:
+    """An eigenbasis is column-major (``torch.linalg.eigh``): the payload registers it without a copy, its digest
+    is that of its row-major bytes, computed a few rows at a time, and the file holds those bytes (as
+    ``save_file`` writes the contiguous tensor)."""
+    basis = torch.randn(96, 96, dtype=torch.float64).mT  # column-major, like an eigh result
+    assert not basis.is_contiguous()
+    monkeypatch.setattr(kformat, "DIGEST_SLICE_BYTES", 10 * 96 * 8)  # ten rows per slice
+    payload = Payload()
+    key = payload.add("v", basis)
+    held = payload.tensors[key]
+    assert held.data_ptr() == basis.data_ptr() and not held.is_contiguous()  # no whole copy is held
+    assert payload.entries[key]["sha256"] == tensor_digest(basis.contiguous())
+    mine, ref = tmp_path / "mine.safetensors", tmp_path / "ref.safetensors"
+    with open(mine, "wb") as fh:
+        kstream.write_tensors(fh, payload.prepared()[0], {"k": "v"})
+    save_file({"v": basis.contiguous()}, str(ref), metadata={"k": "v"})
+    assert mine.read_bytes() == ref.read_bytes()

@@ -102,13 +102,26 @@ class Rows:
         return self.chunks[0].element_size()
 
 
+DIGEST_SLICE_BYTES = 64 << 20  # a strided tensor is hashed this many bytes of rows at a time
+
+
 def tensor_digest(t: Tensor | Rows) -> str:
-    """SHA-256 of a tensor's bytes in memory order (the bytes safetensors stores, little endian)."""
+    """SHA-256 of a tensor's bytes in row-major order (the bytes safetensors stores, little endian).
+
+    A strided tensor (an eigenbasis is column-major) is hashed a slice of rows at a time: never a whole copy.
+    """
     h = hashlib.sha256()
     for c in t.chunks if isinstance(t, Rows) else (t,):
-        c = c.detach().to("cpu").contiguous()
-        if c.numel():
-            h.update(c.reshape(-1).view(torch.uint8).numpy().data)
+        c = c.detach()
+        if c.numel() == 0:
+            continue
+        if c.dim() == 0 or c.is_contiguous():
+            parts = [c]
+        else:
+            step = max(1, DIGEST_SLICE_BYTES // max(c[0].nbytes, 1))
+            parts = [c[i : i + step] for i in range(0, c.shape[0], step)]
+        for part in parts:
+            h.update(part.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -127,7 +140,7 @@ class Payload:
     Tensors are deduplicated by identity (a shared ``A`` eigenbasis) and by content (identical ``A`` sums of
     layers reading the same input; the low-rank columns ``W`` held both by the sums and by an implicit eigenbasis):
     a tensor with the same dtype, shape and SHA-256 as one already registered gets that tensor's key. Each tensor is
-    copied to CPU, made contiguous and hashed when it is added.
+    moved to CPU (no copy there) and hashed when it is added; a strided one is written row-major by slices.
     """
 
     def __init__(self) -> None:
@@ -143,10 +156,12 @@ class Payload:
             return known[0]
         if key in self.tensors:
             raise KeyError(f"Duplicate tensor key {key!r} in a factor file.")
+        # On the host as they are: a strided tensor (a column-major eigenbasis) is made row-major by the writer a
+        # slice at a time, not copied whole here (that held a copy of every eigenbasis of a group until written).
         if isinstance(t, Rows):
-            c: Tensor | Rows = Rows(tuple(x.detach().to("cpu").contiguous() for x in t.chunks))
+            c: Tensor | Rows = Rows(tuple(x.detach().to("cpu") for x in t.chunks))
         else:
-            c = t.detach().to("cpu").contiguous()
+            c = t.detach().to("cpu")
         name = dtype_name(c.dtype)
         if name not in ST_CODES:
             raise FileFormatError(f"Tensor {key!r} has dtype {c.dtype}, which factor files do not store.")
