@@ -9,6 +9,9 @@ RSS above the tensors themselves, the time and the file's SHA-256. The cases:
 * ``cat+save_file`` and ``rows+stream``: each tensor held as ``--chunks`` row chunks, as the low-rank columns ``W``
   are (one chunk per batch). Before, ``save`` concatenated them (``torch.cat``) and then wrote; now the chunks are
   written in turn (``format.Rows``).
+* ``contiguous+stream`` and ``payload+stream``: column-major tensors, as every eigenbasis is (``torch.linalg.eigh``).
+  Before, the payload of ``save`` held a contiguous copy of each until the write; now ``format.Payload`` keeps them
+  as they are, hashes them and the writer transposes them a slice of rows at a time.
 
 The metadata has one key, so the files of a pair must be identical byte for byte (their SHA-256 are compared).
 
@@ -34,10 +37,10 @@ from safetensors.torch import save_file
 
 from bench_scale import current_rss, machine, peak_rss, reset_peak  # the benchmarks' one RSS probe
 from kronfisher.io.atomic import write_safetensors
-from kronfisher.io.format import Rows
+from kronfisher.io.format import Payload, Rows
 
 MIB = 2**20
-CASES = ("save_file", "stream", "cat+save_file", "rows+stream")
+CASES = ("save_file", "stream", "cat+save_file", "rows+stream", "contiguous+stream", "payload+stream")
 METADATA = {"kronfisher": json.dumps({"note": "one key, so that save_file's layout is deterministic"})}
 
 
@@ -48,6 +51,8 @@ def child(case: str, count: int, dim: int, chunks: int, path: Path) -> dict[str,
     held = [[torch.randn(min(rows, dim - i), dim, generator=g) for i in range(0, dim, rows)] for _ in range(count)]
     if case in ("save_file", "stream"):
         held = [[torch.cat(parts)] for parts in held]  # one tensor each, built before the baseline
+    if case in ("contiguous+stream", "payload+stream"):
+        held = [[torch.cat(parts).mT] for parts in held]  # column-major, as an eigenbasis
     base = current_rss()
     reset_peak()
     start = time.perf_counter()
@@ -57,6 +62,13 @@ def child(case: str, count: int, dim: int, chunks: int, path: Path) -> dict[str,
         write_safetensors({f"t{i}": parts[0] for i, parts in enumerate(held)}, str(path), METADATA)
     elif case == "cat+save_file":  # what save did with chunked columns: every concatenation held until the write
         save_file({f"t{i}": torch.cat(parts) for i, parts in enumerate(held)}, str(path), metadata=METADATA)
+    elif case == "contiguous+stream":  # what the payload did with an eigenbasis: a contiguous copy held until written
+        write_safetensors({f"t{i}": parts[0].contiguous() for i, parts in enumerate(held)}, str(path), METADATA)
+    elif case == "payload+stream":
+        payload = Payload()
+        for i, parts in enumerate(held):
+            payload.add(f"t{i}", parts[0])
+        write_safetensors(payload.prepared()[0], str(path), METADATA)
     else:
         write_safetensors({f"t{i}": Rows(tuple(parts)) for i, parts in enumerate(held)}, str(path), METADATA)
     seconds = time.perf_counter() - start
@@ -91,6 +103,8 @@ def table(report: dict[str, Any]) -> str:
         "stream": "save_file",
         "cat+save_file": "rows+stream",
         "rows+stream": "cat+save_file",
+        "contiguous+stream": "payload+stream",
+        "payload+stream": "contiguous+stream",
     }
     for case, r in rows.items():
         same = rows.get(pairs[case], {}).get("sha256") == r["sha256"]
