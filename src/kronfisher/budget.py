@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
+import sys
 from typing import Any
 
 import torch
@@ -33,6 +37,31 @@ def available_memory(device: str | torch.device) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:  # a libc without the symbol (musl) or none found
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_free_memory() -> None:
+    """Collect garbage, then give the C allocator's free pages back to the system (glibc ``malloc_trim``).
+
+    Called between the phases of a grouped run: a pass's activations and a decomposition's temporaries of a few
+    MiB each come from the heap (below glibc's mmap threshold), and their freed pages otherwise stay in the
+    process's resident memory, on top of what the next phase allocates (docs/concepts.md). A no-op elsewhere.
+    """
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def activation_bytes(infos: dict[str, LayerInfo], batch_tokens: int) -> int:

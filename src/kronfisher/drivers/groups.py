@@ -9,7 +9,6 @@ operator returned reads its layers from that file on use.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..budget import return_free_memory
 from ..collection.passes import LossFn
 from ..comm import unwrap_model
 from ..config import KFACConfig
@@ -143,6 +143,7 @@ def run_groups(
     n = len(plan.groups)
 
     def phase(k: int, name: str) -> None:
+        return_free_memory()  # the last phase's garbage and freed heap pages go before this one allocates
         logger.info("group %d/%d: %s", k, n, name)
         if on_phase is not None:
             on_phase(k, n, name)
@@ -180,8 +181,7 @@ def run_groups(
             else:
                 blocks.update({name: fisher.block(name) for name in fisher.layer_names})
             report = _merge_reports(report, fisher.report)
-            del fisher
-            gc.collect()  # anything a cycle still holds of this group goes before the next group allocates
+            del fisher  # anything a cycle still holds of it goes at the next phase (return_free_memory)
         phase(n, "done")
         assert report is not None
         report.warnings.append(GROUPS_NOTE.format(n=n))
