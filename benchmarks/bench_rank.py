@@ -17,7 +17,9 @@ rows and forms the ``[T, T]`` Gram once).
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/bench_rank.py [--dims 1536 8960] [--tokens 512 1024 ...]
 [--dtypes float64 float32] [--out rank.json]`` (JSON on stdout, a table on stderr). The default grid takes about
 30 minutes on a 2-core box; ``--quick`` runs ``d = 1536`` only. ``--budget`` measures the token-budget compression
-instead (:func:`budget_case`). Results and their reading: ``benchmarks/RESULTS.md``.
+instead (:func:`budget_case`); ``--parts`` times the steps of the ``[T, T]`` route one by one (:func:`parts_case`:
+Gram, eigh, thin basis, Householder completion), the cost a ``down_proj`` ``A`` of Qwen2.5-1.5B pays at 4,096 tokens
+(``--dims 8960 --tokens 4096``). Results and their reading: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -89,6 +91,26 @@ def case(d: int, t: int, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def parts_case(d: int, t: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Wall seconds of each step of the ``[T, T]`` route (:func:`eigen_from_rows`) for ``T`` rows of width ``d``."""
+    x = _rows(t, d, seed=d + t).to(dtype)
+    out: dict[str, Any] = {"d": d, "T": t, "dtype": str(dtype).replace("torch.", "")}
+    out["threads"] = torch.get_num_threads()
+
+    def timed(name: str, fn: Any) -> Any:
+        start = time.perf_counter()
+        value = fn()
+        out[f"{name}_s"] = round(time.perf_counter() - start, 3)
+        return value
+
+    gram = timed("gram", lambda: torch.mm(x, x.t()))
+    vals, vecs = timed("eigh", lambda: torch.linalg.eigh(gram))
+    thin = timed("thin", lambda: torch.mm(x.t(), vecs).div_(vals.clamp_min(1e-30).sqrt()))
+    timed("complete_qr", lambda: torch.linalg.qr(thin, mode="complete"))
+    out["total_s"] = round(sum(v for k, v in out.items() if k.endswith("_s")), 3)
+    return out
+
+
 def budget_case(out: int, k: int, batch: int, tokens: int) -> dict[str, Any]:
     """Token budget ``k`` on ``tokens`` random gradient rows of width ``out``, in batches of ``batch``.
 
@@ -142,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=sorted(DTYPES))
     p.add_argument("--quick", action="store_true", help="d = 1536 only")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--parts", action="store_true", help="the steps of the [T, T] route, timed one by one")
     p.add_argument("--budget", action="store_true", help="token-budget compression cost instead (out, k, batches)")
     p.add_argument("--width", type=int, default=32768, help="--budget: out (the cost is linear in it)")
     p.add_argument("--rank", type=int, default=512, help="--budget: k")
@@ -157,6 +180,21 @@ def main(argv: list[str] | None = None) -> None:
                 fh.write(text + "\n")
         for r in rows:
             print(json.dumps(r), file=sys.stderr)
+        return
+    if args.parts:
+        parts = [parts_case(d, t, DTYPES[n]) for n in args.dtypes for d in args.dims for t in args.tokens if t < d]
+        text = json.dumps({"bench": "bench_rank --parts", "torch": torch.__version__, "rows": parts}, indent=1)
+        print(text)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        head = "| d | T | dtype | threads | Gram s | eigh s | thin basis s | completion (QR) s | total s |"
+        print(head, file=sys.stderr)
+        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|", file=sys.stderr)
+        for r in parts:
+            cells = [r["d"], r["T"], r["dtype"], r["threads"], r["gram_s"], r["eigh_s"], r["thin_s"]]
+            cells += [r["complete_qr_s"], r["total_s"]]
+            print("| " + " | ".join(str(c) for c in cells) + " |", file=sys.stderr)
         return
     dims = [1536] if args.quick else args.dims
     rows = []

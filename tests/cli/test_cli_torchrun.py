@@ -122,11 +122,17 @@ def test_torchrun_two_processes_equal_one(reference: Path) -> None:
 
 KILLER = textwrap.dedent(
     """
-    import importlib, os, signal, sys
+    import importlib, os, pathlib, signal, sys, time
     fit = importlib.import_module("kronfisher.collection.passes")
     original = fit.run_batch
+    out = pathlib.Path(sys.argv[sys.argv.index("--output-dir") + 1])
     def run_batch(model, batch, cap, cfg, index, *args, **kwargs):
         if os.environ.get("RANK") == "1" and index == 5:  # global batch 5 is rank 1's third batch
+            # ranks run their batches without a collective: on a loaded machine rank 0 may not have written its
+            # first checkpoint yet, so wait for it (at most 5 minutes) before the kill
+            deadline = time.monotonic() + 300
+            while not list(out.glob("checkpoints/[!.]*rank0-of-2*.safetensors")) and time.monotonic() < deadline:
+                time.sleep(0.2)
             os.kill(os.getpid(), signal.SIGKILL)
         return original(model, batch, cap, cfg, index, *args, **kwargs)
     fit.run_batch = run_batch
