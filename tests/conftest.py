@@ -14,7 +14,11 @@ with the tests of the module it pins.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -22,6 +26,17 @@ import torch
 from torch import nn
 
 VOCAB = 40
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench_module(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (its own imports of sibling benchmarks resolve from that folder)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
 
 # Tiny matrices: one thread is 10-100x faster than two on a shared 2-core machine (LAPACK eigh and OpenMP spinning
 # under oversubscription); tests measure numbers, not speed.

@@ -7,19 +7,13 @@ pass used it all along); the timings themselves are not asserted (no timed tests
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import bench_module
 
 
 def test_quick_mode_compares_the_pass_with_and_without_the_cut(capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        from bench_cut import main
-    finally:
-        sys.path.remove(str(BENCH))
-    assert main(["--quick", "--repeat", "1"]) == 0
+    bench = bench_module("bench_cut")
+    assert bench.main(["--quick", "--repeat", "1"]) == 0
     r = json.loads(capsys.readouterr().out)["result"]
     assert r["cut_used"] == {"full": False, "cut": True}
     assert r["cut_at_block"] == 4 and all(".layers.4." in n or ".layers.5." in n for n in r["group"])

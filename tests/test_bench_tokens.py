@@ -9,24 +9,19 @@ instead would hold 4,096 × T float32 columns, 64 MiB more at 8k than at 4k, plu
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import bench_module
+
 MIB = 2**20
 
 
 def test_quick_mode_keeps_the_lm_head_within_its_token_budget(capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        from bench_tokens import QUICK, main
-    finally:
-        sys.path.remove(str(BENCH))
-    assert main(["--quick", "--no-ekfac", "--tokens", "4096", "8192", "--every", "100"]) == 0
+    bench = bench_module("bench_tokens")
+    assert bench.main(["--quick", "--no-ekfac", "--tokens", "4096", "8192", "--every", "100"]) == 0
     report = json.loads(capsys.readouterr().out)
     runs = {r["tokens"]: r for r in report["runs"]}
     assert sorted(runs) == [4096, 8192]
-    k = QUICK["max_rank"]
+    k = bench.QUICK["max_rank"]
     for t, r in runs.items():
         assert r["plan_lm_head"]["representation"] == "lowrank" and r["plan_lm_head"]["max_rank"] == k
         assert r["plan_lm_head"]["columns"] == 2 * k + 1024  # 2k plus one batch, whatever T

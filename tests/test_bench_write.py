@@ -8,21 +8,15 @@ of a pair (save_file / stream, torch.cat / chunked rows, contiguous copy / colum
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import bench_module
 
 
 def test_quick_mode_writes_the_same_bytes_in_every_pair(capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        from bench_write import CASES, main
-    finally:
-        sys.path.remove(str(BENCH))
-    assert main(["--quick"]) == 0
+    bench = bench_module("bench_write")
+    assert bench.main(["--quick"]) == 0
     cases = {c["case"]: c for c in json.loads(capsys.readouterr().out)["cases"]}
-    assert set(cases) == set(CASES)
+    assert set(cases) == set(bench.CASES)
     pairs = [("save_file", "stream"), ("cat+save_file", "rows+stream"), ("contiguous+stream", "payload+stream")]
     for a, b in pairs:
         assert cases[a]["sha256"] == cases[b]["sha256"], (a, b)
