@@ -143,7 +143,8 @@ def run_groups(
     n = len(plan.groups)
 
     def phase(k: int, name: str) -> None:
-        return_free_memory()  # the last phase's garbage and freed heap pages go before this one allocates
+        if n > 1:  # between groups' phases the last phase's garbage and freed heap pages go before this allocates
+            return_free_memory()
         logger.info("group %d/%d: %s", k, n, name)
         if on_phase is not None:
             on_phase(k, n, name)
