@@ -143,8 +143,7 @@ def run_groups(
     n = len(plan.groups)
 
     def phase(k: int, name: str) -> None:
-        if n > 1:  # between groups' phases the last phase's garbage and freed heap pages go before this allocates
-            return_free_memory()
+        _ = n > 1 and return_free_memory()  # grouped: the last phase's freed heap pages go before this allocates
         logger.info("group %d/%d: %s", k, n, name)
         if on_phase is not None:
             on_phase(k, n, name)
