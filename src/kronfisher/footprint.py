@@ -97,7 +97,8 @@ def dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int, t
 
     With ``tokens`` known and at most ``ROWS_RATIO · dim``, the factor is held as its rows and decomposed from
     their ``[T, T]`` Gram (:func:`~kronfisher.algebra.lowrank.eigen_from_rows`): ``T · d`` bytes of sums, and a
-    workspace of the ``[T, T]`` eigh, then of the thin basis and its completion (``[d, T]`` and ``[d, d]``).
+    workspace of the ``[T, T]`` eigh, then of the thin basis and its completion (``[d, T]`` and ``[d, d]``; in
+    float32 above ``eigh_max_dim``, like a dense eigh of that size).
     """
     acc = size_of(cfg.accumulate_torch_dtype)
     eigh64 = dim <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64"
@@ -112,7 +113,10 @@ def dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int, t
         if by_rows and tokens is not None:  # the rows and [T, T] eigh, then thin basis, its R and the square Q
             t = tokens
             work = 8 if t <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64" else 4  # the [T, T] eigh's dtype
-            side.bytes["workspace"] = max(t * dim * work + GRAM_WORK * t * t, (2 * t * dim + dim * dim) * work)
+            basis = work if dim <= cfg.eigh_max_dim else 4  # the completion's dtype
+            side.bytes["workspace"] = max(
+                t * dim * work + GRAM_WORK * t * t, t * dim * (work + basis), (2 * t * dim + dim * dim) * basis
+            )
     side.bytes["result"] = side.bytes["eigen"]
     return side
 

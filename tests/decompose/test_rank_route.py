@@ -124,3 +124,37 @@ def test_mc_ekfac_does_not_depend_on_the_representation_of_G(monkeypatch, lowran
     for name in dense.layer_names:
         ref = dense.to_dense(name)
         torch.testing.assert_close(route.to_dense(name), ref, rtol=0, atol=1e-8 * float(ref.abs().max()), msg=name)
+
+
+def test_completion_of_a_factor_above_eigh_max_dim_is_float32_and_still_the_factor(monkeypatch):
+    # The [T, T] eigh and the thin basis stay in eigh_dtype; the [d, d] completion of a factor wider than
+    # eigh_max_dim is a float32 QR, as a dense eigh of that size would be. Reference: F built densely in float64;
+    # the float32 completion keeps F to float32 round-off (1e-5 relative) and an orthonormal basis (1e-5).
+    x = _rows(20, 60, seed=11)
+    dense = x.t() @ x / 4.0
+    eig = eigen_from_rows([x], 4.0, eigh_dtype=torch.float64, store_dtype=torch.float64, basis_dtype=torch.float32)
+    assert eig.vectors.shape == (60, 60) and eig.vectors.dtype == torch.float64
+    scale = float(dense.abs().max())
+    torch.testing.assert_close(eig.to_dense(), dense, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(eig.vectors.t() @ eig.vectors, torch.eye(60, dtype=torch.float64), rtol=0, atol=1e-5)
+
+    import kronfisher.decompose.layer as layer
+    from kronfisher.collection.sums import DenseSum
+    from kronfisher.config import KFACConfig
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    real = layer.eigen_from_rows
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["eigh_dtype"], kwargs["basis_dtype"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "eigen_from_rows", spy)
+    part = DenseSum(60, torch.float32, max_rows=30)
+    part.add_rows(x.float(), 20.0)
+    assert part.holds_rows
+    for max_dim, expect in ((64, torch.float64), (32, torch.float32)):
+        got = layer.decompose_dense("m", part, "A", KFACConfig(eigh_max_dim=max_dim))
+        assert seen[-1] == (torch.float64, expect)
+        ref = (x.float().double().t() @ x.float().double()) / 20.0
+        torch.testing.assert_close(got.to_dense().double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))

@@ -238,6 +238,7 @@ def eigen_from_rows(
     *,
     eigh_dtype: torch.dtype,
     store_dtype: torch.dtype,
+    basis_dtype: torch.dtype | None = None,
     name: str = "?",
     factor: str = "A",
 ) -> Eigen:
@@ -246,8 +247,10 @@ def eigen_from_rows(
     Args:
         chunks: row blocks ``X_i`` (``[n_i, d]``), the rows whose outer products make the factor.
         count: the normaliser ``c`` (tokens or loss terms).
-        eigh_dtype: dtype of the ``[T, T]`` Gram, its eigh and the basis arithmetic.
+        eigh_dtype: dtype of the ``[T, T]`` Gram, its eigh and the thin basis ``Xᵀ V``.
         store_dtype: dtype of the returned eigenvectors and eigenvalues.
+        basis_dtype: dtype of the ``[d, d]`` completion (default ``eigh_dtype``): a factor wider than ``eigh_max_dim``
+            is completed in float32, as its dense eigh would be (``benchmarks/bench_rank.py``).
         name: layer name for messages.
         factor: ``"A"`` or ``"G"`` for messages.
 
@@ -277,6 +280,7 @@ def eigen_from_rows(
     else:
         # Householder QR: the first r columns span the thin basis (re-orthonormalised; R is diag(±1) up to
         # rounding, its signs restore q_i), the other d − r complete it to an orthonormal basis of R^d.
+        thin = thin.to(basis_dtype or eigh_dtype)  # the [d, T] copy in eigh_dtype goes before the QR's [d, d]
         full, tri = torch.linalg.qr(thin, mode="complete")
         signs = torch.sign(tri.diagonal())
         signs[signs == 0] = 1.0

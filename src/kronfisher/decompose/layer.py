@@ -60,9 +60,12 @@ def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> 
 
     def run(where: torch.device) -> Eigen:
         if rows:  # rank ≤ T < d: from the [T, T] Gram of the held rows (exact, eigen_from_rows)
-            work = _eigh_dtype(part.num_rows, cfg)
+            work = _eigh_dtype(part.num_rows, cfg)  # the [T, T] eigh
+            basis = work if part.dim <= cfg.eigh_max_dim else torch.float32  # the [d, d] completion, as a dense eigh
             x = part.row_matrix(work, where)
-            return eigen_from_rows([x], part.count, eigh_dtype=work, store_dtype=part.dtype, name=name, factor=factor)
+            return eigen_from_rows(
+                [x], part.count, eigh_dtype=work, store_dtype=part.dtype, basis_dtype=basis, name=name, factor=factor
+            )
         mean = _symmetric_mean(part.sum.to(where), part.count)
         return decompose_factor(mean, name=name, factor=factor, cfg=cfg, symmetric=True)
 
