@@ -18,9 +18,10 @@ Run: ``PYTHONPATH=src .venv/bin/python benchmarks/bench_rank.py [--dims 1536 896
 [--dtypes float64 float32] [--out rank.json]`` (JSON on stdout, a table on stderr). The default grid takes about
 30 minutes on a 2-core box; ``--quick`` runs ``d = 1536`` only. ``--budget`` measures the token-budget compression
 instead (:func:`budget_case`); ``--parts`` times the steps of the ``[T, T]`` route one by one (:func:`parts_case`:
-Gram, eigh, thin basis, Householder completion, and that completion in float32 as a factor wider than
-``eigh_max_dim`` gets it), the cost a ``down_proj`` ``A`` of Qwen2.5-1.5B pays at 4,096 tokens
-(``--dims 8960 --tokens 4096``). Results and their reading: ``benchmarks/RESULTS.md``.
+Gram, eigh, thin basis, Householder completion; then that completion in float32, as a factor wider than
+``eigh_max_dim`` got it, and the reduced QR in float32 that a thin ``A`` pays instead), the cost a ``down_proj``
+``A`` of Qwen2.5-1.5B pays at 4,096 tokens (``--dims 8960 --tokens 4096``).
+Results and their reading: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def parts_case(d: int, t: int, dtype: torch.dtype) -> dict[str, Any]:
     thin = timed("thin", lambda: torch.mm(x.t(), vecs).div_(vals.clamp_min(1e-30).sqrt()))
     timed("complete_qr", lambda: torch.linalg.qr(thin, mode="complete"))
     out["total_s"] = round(sum(v for k, v in out.items() if k.endswith("_s")), 3)
-    # what a factor wider than eigh_max_dim pays instead: the completion in float32 (outside total_s)
+    # what a factor wider than eigh_max_dim pays instead (outside total_s): the completion in float32, and what a
+    # thin A pays, only the re-orthonormalisation (reduced QR) in float32
     timed("complete_qr_float32", lambda: torch.linalg.qr(thin.float(), mode="complete"))
+    timed("thin_qr_float32", lambda: torch.linalg.qr(thin.float(), mode="reduced"))
     return out
 
 
@@ -192,12 +195,12 @@ def main(argv: list[str] | None = None) -> None:
             with open(args.out, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")
         head = "| d | T | dtype | threads | Gram s | eigh s | thin basis s | completion (QR) s | total s | "
-        head += "completion in float32 s |"
+        head += "completion in float32 s | thin A: reduced QR in float32 s |"
         print(head, file=sys.stderr)
-        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|", file=sys.stderr)
+        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", file=sys.stderr)
         for r in parts:
             cells = [r["d"], r["T"], r["dtype"], r["threads"], r["gram_s"], r["eigh_s"], r["thin_s"]]
-            cells += [r["complete_qr_s"], r["total_s"], r["complete_qr_float32_s"]]
+            cells += [r["complete_qr_s"], r["total_s"], r["complete_qr_float32_s"], r["thin_qr_float32_s"]]
             print("| " + " | ".join(str(c) for c in cells) + " |", file=sys.stderr)
         return
     dims = [1536] if args.quick else args.dims

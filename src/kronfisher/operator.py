@@ -199,16 +199,19 @@ class KFAC:
         d = b.G.dim * b.A.dim
         self._check_dense_size(name, d * d, "The dense block")
         span, tail = b.kron_eigenvalues()
-        # contiguous: torch.kron fails on a transposed-stride operand (eigh returns column-major vectors)
-        p = b.G.vectors.contiguous()
-        q = b.A.vectors.to(p.device).contiguous()  # G may work elsewhere than A (a host fallback, docs/gpu.md)
+        p = b.G.vectors
+        q = b.A.vectors.to(p.device)  # G may work elsewhere than A (a host fallback, docs/gpu.md)
         span = span.to(p.device)
         tail = None if tail is None else tail.to(p.device)
-        basis = torch.kron(p, q)  # [d, r * a]
+        # p ⊗ q ([d, r * s]) by einsum: torch.kron views its operands, which fails on column-major (eigh, QR) bases
+        basis = torch.einsum("ik,jl->ijkl", p, q).reshape(d, -1)
         out = (basis * span.reshape(-1)) @ basis.t()
-        if not b.G.full and tail is not None:
+        if b.thin_side == "G" and tail is not None:
             comp = torch.eye(b.G.dim, dtype=p.dtype, device=p.device) - p @ p.t()
             out = out + torch.kron(comp, (q * tail) @ q.t())
+        elif b.thin_side == "A" and tail is not None:
+            comp = torch.eye(b.A.dim, dtype=q.dtype, device=q.device) - q @ q.t()
+            out = out + torch.kron((p * tail) @ p.t(), comp)
         return out
 
     # Operators ------------------------------------------------------------------------------------------

@@ -68,11 +68,18 @@ def empirical_fisher(per_sample: Tensor, num_terms: int) -> Tensor:
 
 
 def eigenbasis_diagonal(fisher: kf.KFAC, layer: str, per_sample: Tensor, num_terms: int) -> Tensor:
-    """``diag((Q_G ⊗ Q_A)ᵀ F (Q_G ⊗ Q_A))`` of the empirical Fisher ``F`` of ``per_sample``, as ``[out, a]``."""
+    """``diag((Q_G ⊗ Q_A)ᵀ F (Q_G ⊗ Q_A))`` of the empirical Fisher ``F`` of ``per_sample``, as ``[r, s]``.
+
+    ``Q_A`` is thin (``s < a``) for an ``A`` seen on fewer tokens than its size; the per-sample gradients then have
+    no part on its complement, so the block's tail values there must be zero (checked here, 1e-10 relative).
+    """
     block = fisher.block(layer)
     basis = torch.kron(block.G.vectors, block.A.vectors)
-    projected = per_sample @ basis  # [n, out · a]
-    return (projected.square().sum(0) / num_terms).reshape(block.G.dim, block.A.dim)
+    projected = per_sample @ basis  # [n, r · s]
+    diag = (projected.square().sum(0) / num_terms).reshape(block.G.rank, block.A.rank)
+    if block.thin_side == "A" and block.corrected_tail is not None:
+        assert float(block.corrected_tail.abs().max()) <= 1e-10 * float(diag.abs().max()), layer
+    return diag
 
 
 def per_sample_grads(

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import DecompositionError
 from ..layers import LayerInfo
 from .basis import FactorBasis, Representation
 from .eigen import Eigen
@@ -16,11 +17,16 @@ from .eigen import Eigen
 class KronBlock:
     """Decomposed curvature block of one layer.
 
+    At most one side is thin (:attr:`thin_side`): ``G`` (``[out, r]``, low-rank or a token budget) or ``A``
+    (``[a_dim, s]``, the nonzero eigenvalues of an ``A`` seen on fewer tokens than its size; its null space has
+    eigenvalue 0). The tail values then live on the complement of the thin side, one per eigenvector of the other.
+
     Attributes:
-        A: eigenbasis of ``A`` (``[a_dim, a_dim]``).
+        A: eigenbasis of ``A`` (``[a_dim, s]``, square unless thin).
         G: eigenbasis of ``G`` (``[out, out]`` dense or ``[out, r]`` low-rank, :mod:`~kronfisher.algebra.basis`).
-        corrected: EK-FAC eigenvalues ``Λ*`` on ``span(P) ⊗ span(Q_A)``, ``[r, a_dim]`` (docs/concepts.md), or None.
-        corrected_tail: EK-FAC eigenvalue per ``q_j`` on the complement of a thin ``P`` (``[a_dim]``), or None.
+        corrected: EK-FAC eigenvalues ``Λ*`` on ``span(P) ⊗ span(Q_A)``, ``[r, s]`` (docs/concepts.md), or None.
+        corrected_tail: EK-FAC eigenvalue per ``q_j`` on the complement of a thin ``P`` (``[a_dim]``), or per ``p_i``
+            on the complement of a thin ``Q_A`` (``[out]``), or None.
         tokens: ``T`` and ``N`` counts the factors were normalised with.
 
     """
@@ -31,6 +37,20 @@ class KronBlock:
     corrected_tail: Tensor | None = None
     tokens: dict[str, float] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.A.full and not self.G.full:
+            raise DecompositionError(
+                f"A Kronecker block with a thin A [{self.A.dim}, {self.A.rank}] and a thin G [{self.G.dim}, "
+                f"{self.G.rank}]: complete one of them (Eigen.completed)."
+            )
+
+    @property
+    def thin_side(self) -> str | None:
+        """``"G"`` or ``"A"``: the factor whose basis is thin (its complement carries the tail values), or None."""
+        if not self.G.full:
+            return "G"
+        return None if self.A.full else "A"
 
     @property
     def representation(self) -> Representation:
@@ -47,12 +67,13 @@ class KronBlock:
         return KronBlock(self.A, self.G, corrected, corrected_tail, dict(self.tokens))
 
     def kron_eigenvalues(self) -> tuple[Tensor, Tensor | None]:
-        """Undamped eigenvalues: ``(span [r, a], tail [a] or None)``; EK-FAC ones when corrected (docs/concepts.md)."""
+        """Undamped eigenvalues ``(span [r, s], tail or None)`` (see :attr:`thin_side`); EK-FAC ones when corrected."""
         if self.corrected is not None:
             return self.corrected, self.corrected_tail
         a_vals = self.A.values.to(self.G.values.device)  # G may work elsewhere than A (a host fallback)
         span = self.G.values.unsqueeze(1) * a_vals.unsqueeze(0)
-        tail = None if self.G.full else self.G.tail * a_vals
+        side = self.thin_side
+        tail = self.G.tail * a_vals if side == "G" else self.G.values * self.A.tail if side == "A" else None
         return span, tail
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -89,6 +90,14 @@ def pi_factor(block: KronBlock) -> float:
     return math.sqrt(ta / tg)
 
 
+def _factor_parts(eig: Any, shift: float, thin: bool, damping: Damping, p: float, name: str) -> list[Tensor]:
+    """``(λ + shift)^p`` of one factor, capped, and of its tail as a 1-element tensor when the basis is ``thin``."""
+    parts = [eig.values + shift]
+    if thin:
+        parts.append(torch.full((1,), eig.tail + shift, dtype=eig.values.dtype, device=eig.values.device))
+    return _power(_cap(parts, damping.max_condition_number), p, name, shift)
+
+
 def spectrum(block: KronBlock, p: float, damping: Damping, name: str = "?") -> tuple[Tensor, Tensor | None]:
     """Eigenvalues of ``(F + damping)^p`` in the block's Kronecker eigenbasis, cached on the (immutable) block.
 
@@ -101,11 +110,11 @@ def spectrum(block: KronBlock, p: float, damping: Damping, name: str = "?") -> t
     hit = block.cache.get(key)
     if hit is not None:
         return hit
-    thin = not block.G.full
+    side = block.thin_side
     mode = "exact" if block.is_ekfac else damping.mode
     if mode == "exact":
         span, tail = block.kron_eigenvalues()
-        parts = [span + damping.delta] + ([tail + damping.delta] if thin and tail is not None else [])
+        parts = [span + damping.delta] + ([tail + damping.delta] if side and tail is not None else [])
         parts = _power(_cap(parts, damping.max_condition_number), p, name, damping.delta)
         result = (parts[0], parts[1] if len(parts) > 1 else None)
     else:
@@ -115,16 +124,11 @@ def spectrum(block: KronBlock, p: float, damping: Damping, name: str = "?") -> t
             d_a, d_g = pi * root, root / pi
         else:
             d_a, d_g = damping.delta_A, damping.delta_G
-        ea = _power(_cap([block.A.values + d_a], damping.max_condition_number), p, name, d_a)[0]
-        g_parts = [block.G.values + d_g]
-        if thin:
-            g_parts.append(
-                torch.full((1,), block.G.tail + d_g, dtype=block.G.values.dtype, device=block.G.values.device)
-            )
-        g_parts = _power(_cap(g_parts, damping.max_condition_number), p, name, d_g)
-        ea = ea.to(g_parts[0].device)  # G may work elsewhere than A (a host fallback, docs/gpu.md)
-        span = g_parts[0].unsqueeze(1) * ea.unsqueeze(0)
-        tail = g_parts[1] * ea if thin else None
+        a_parts = _factor_parts(block.A, d_a, side == "A", damping, p, name)
+        g_parts = _factor_parts(block.G, d_g, side == "G", damping, p, name)
+        ea = [e.to(g_parts[0].device) for e in a_parts]  # G may work elsewhere than A (a host fallback, docs/gpu.md)
+        span = g_parts[0].unsqueeze(1) * ea[0].unsqueeze(0)
+        tail = g_parts[1] * ea[0] if side == "G" else g_parts[0] * ea[1] if side == "A" else None
         result = (span, tail)
     block.cache[key] = result
     return result

@@ -67,6 +67,23 @@ class Eigen:
             return self
         return Eigen(self.vectors.to(dtype), self.values.to(dtype), self.tail)
 
+    def completed(self) -> Eigen:
+        """The same factor with a square basis: the complement of a thin ``Q`` as eigenvectors of value ``τ``.
+
+        Householder QR of ``Q`` (its ``R`` is ``diag(±1)`` up to rounding; the signs restore ``Q``): the other
+        ``d − r`` columns are an orthonormal basis of the complement, placed first as ascending eigenvalues order
+        them when ``τ`` is at most the smallest explicit eigenvalue (``τ = 0``: a factor of rank below its size).
+        """
+        if self.full:
+            return self
+        d, r = self.dim, self.rank
+        full, tri = torch.linalg.qr(self.vectors, mode="complete")
+        signs = torch.sign(tri.diagonal())
+        signs[signs == 0] = 1.0
+        vectors = torch.cat([full[:, r:], full[:, :r] * signs], 1)
+        tail = torch.full((d - r,), self.tail, dtype=self.values.dtype, device=self.values.device)
+        return Eigen(vectors, torch.cat([tail, self.values]))
+
     def to_dense(self, max_elements: int = 100_000_000) -> Tensor:
         """Dense ``M`` (diagnostics only); refuses a thin basis whose ``d²`` exceeds ``max_elements``."""
         if not self.full and self.dim * self.dim > max_elements:

@@ -84,14 +84,21 @@ def kron_apply(v: Tensor, g: Eigen, a: Eigen, span: Tensor, tail: Tensor | None)
     The operator is ``Σ_ij span_ij (p_i ⊗ q_j)(p_i ⊗ q_j)ᵀ + Σ_j tail_j ((I − P Pᵀ) ⊗ q_j q_jᵀ)``, which in matrix
     form is ``P (span ∘ (Pᵀ V Q)) Qᵀ + ((I − P Pᵀ) V Q) diag(tail) Qᵀ`` (the tail term only when ``P`` is thin).
 
+    A thin ``Q`` (``A`` seen on fewer tokens than its size) with a square ``P`` is the same sum with the roles of
+    the two factors exchanged, ``Σ_i tail_i (p_i p_iᵀ ⊗ (I − Q Qᵀ))`` on the complement: it runs as the thin-``P``
+    product of ``Vᵀ``.
+
     Args:
         v: ``[out, a_dim]`` matrix.
         g: eigenbasis of ``G`` (``P``, possibly thin).
-        a: eigenbasis of ``A`` (``Q``, full).
-        span: ``[r, a_dim]`` eigenvalues on ``span(P) ⊗ span(Q)``.
-        tail: ``[a_dim]`` eigenvalues on ``span(P)^⊥ ⊗ q_j`` (ignored when ``P`` is square).
+        a: eigenbasis of ``A`` (``Q``, thin only when ``P`` is square).
+        span: ``[r, s]`` eigenvalues on ``span(P) ⊗ span(Q)``.
+        tail: eigenvalues on the complement of the thin side: ``[a_dim]`` on ``span(P)^⊥ ⊗ q_j``, or ``[out]`` on
+            ``p_i ⊗ span(Q)^⊥`` (ignored when both bases are square).
 
     """
+    if g.kind == "dense" and g.full and not a.full:
+        return kron_apply(v.t(), a, g, span.t(), tail).t().contiguous()
     if g.kind == "lowrank" or not g.full:  # thin or implicit P: blockwise, on the G side's device
         return thin_kron_apply(v, g, a, span, tail)
     p, q = g.vectors, a.vectors

@@ -22,7 +22,8 @@ mass reported as ``discarded``: ``tr(G − G̃) = 0``, ``‖G − G̃‖_* ≤ 2
 the stored columns in ``lowrank_dtype``).
 
 **Dense factors of rank below their size** (:func:`eigen_from_rows`): a factor ``Xᵀ X / c`` seen on ``T < d`` rows
-is decomposed from the ``[T, T]`` Gram of its rows and completed to a full eigenbasis (exact).
+is decomposed from the ``[T, T]`` Gram of its rows (exact): a thin basis of its nonzero eigenvalues (the null space
+implicit, tail 0), or completed to a square one.
 """
 
 from __future__ import annotations
@@ -239,23 +240,26 @@ def eigen_from_rows(
     eigh_dtype: torch.dtype,
     store_dtype: torch.dtype,
     basis_dtype: torch.dtype | None = None,
+    thin: bool = False,
     name: str = "?",
     factor: str = "A",
 ) -> Eigen:
-    """Full eigenbasis of ``F = Σ_i X_iᵀ X_i / count`` from the ``[T, T]`` Gram of the rows (exact).
+    """Eigenbasis of ``F = Σ_i X_iᵀ X_i / count`` from the ``[T, T]`` Gram of the rows (exact).
 
     Args:
         chunks: row blocks ``X_i`` (``[n_i, d]``), the rows whose outer products make the factor.
         count: the normaliser ``c`` (tokens or loss terms).
         eigh_dtype: dtype of the ``[T, T]`` Gram, its eigh and the thin basis ``Xᵀ V``.
         store_dtype: dtype of the returned eigenvectors and eigenvalues.
-        basis_dtype: dtype of the ``[d, d]`` completion (default ``eigh_dtype``): a factor wider than ``eigh_max_dim``
-            is completed in float32, as its dense eigh would be (``benchmarks/bench_rank.py``).
+        basis_dtype: dtype of the QR that re-orthonormalises (and completes) the basis (default ``eigh_dtype``): a
+            factor wider than ``eigh_max_dim`` gets float32, as its dense eigh would (``benchmarks/bench_rank.py``).
+        thin: return the ``[d, r]`` basis of the nonzero eigenvalues with tail 0 (the null space implicit, no
+            ``[d, d]`` matrix); else the square basis.
         name: layer name for messages.
         factor: ``"A"`` or ``"G"`` for messages.
 
     Returns:
-        ``Eigen`` with square ``[d, d]`` vectors and ascending eigenvalues (zeros on the null space), like
+        ``Eigen`` with ascending eigenvalues: thin, or with square ``[d, d]`` vectors (zeros on the null space) like
         :func:`~kronfisher.algebra.eigen.safe_eigh` on the dense factor.
 
     """
@@ -273,25 +277,27 @@ def eigen_from_rows(
     live = vals > top * t * torch.finfo(eigh_dtype).eps if top > 0 else torch.zeros_like(vals, dtype=torch.bool)
     vals, vecs = vals[live], vecs[:, live]  # ascending, numerically nonzero
     r = int(vals.shape[0])
-    thin = torch.mm(x.t(), vecs).div_((vals * c).sqrt())  # [d, r]: q_i = Xᵀ v_i / √(c λ_i)
-    del x, vecs
+    values = vals.clamp_min(0.0).to(store_dtype)
     if r == 0:
-        basis = torch.eye(d, dtype=eigh_dtype, device=thin.device)
-    else:
-        # Householder QR: the first r columns span the thin basis (re-orthonormalised; R is diag(±1) up to
-        # rounding, its signs restore q_i), the other d − r complete it to an orthonormal basis of R^d.
-        thin = thin.to(basis_dtype or eigh_dtype)  # the [d, T] copy in eigh_dtype goes before the QR's [d, d]
-        full, tri = torch.linalg.qr(thin, mode="complete")
-        signs = torch.sign(tri.diagonal())
-        signs[signs == 0] = 1.0
-        del thin, tri
-        basis = full  # reordered below straight into the stored dtype: no second [d, d] in the basis dtype
+        return Eigen(
+            torch.eye(d, dtype=store_dtype, device=x.device), torch.zeros(d, dtype=store_dtype, device=x.device)
+        )
+    basis = torch.mm(x.t(), vecs).div_((vals * c).sqrt())  # [d, r]: q_i = Xᵀ v_i / √(c λ_i)
+    del x, vecs
+    # Householder QR re-orthonormalises q_i (rounding of the small eigenvalues' columns; R is diag(±1) up to it,
+    # its signs restore q_i); complete, its other d − r columns are an orthonormal basis of the null space.
+    basis = basis.to(basis_dtype or eigh_dtype)  # the [d, T] copy in eigh_dtype goes before the QR's output
+    full, tri = torch.linalg.qr(basis, mode="reduced" if thin else "complete")
+    signs = torch.sign(tri.diagonal())
+    signs[signs == 0] = 1.0
+    del basis, tri
+    if thin:
+        return Eigen(full.mul_(signs).to(store_dtype), values)
     # column-major, the layout torch.linalg.eigh returns; the complement first, as ascending eigenvalues order it
-    vectors = torch.empty(d, d, dtype=store_dtype, device=basis.device).mT
-    vectors[:, : d - r] = basis[:, r:]
-    if r:
-        vectors[:, d - r :] = basis[:, :r]
-        vectors[:, d - r :].mul_(signs.to(store_dtype))  # ±1: exact in any dtype, after rounding as before
-    del basis
-    values = torch.cat([torch.zeros(d - r, dtype=vals.dtype, device=vals.device), vals.clamp_min(0.0)])
-    return Eigen(vectors, values.to(store_dtype))
+    vectors = torch.empty(d, d, dtype=store_dtype, device=full.device).mT
+    vectors[:, : d - r] = full[:, r:]
+    vectors[:, d - r :] = full[:, :r]
+    vectors[:, d - r :].mul_(signs.to(store_dtype))  # ±1: exact in any dtype, after rounding as before
+    del full
+    zeros = torch.zeros(d - r, dtype=store_dtype, device=values.device)
+    return Eigen(vectors, torch.cat([zeros, values]))

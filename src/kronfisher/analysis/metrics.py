@@ -80,7 +80,8 @@ def kron_spectrum(block: KronBlock, damping: Damping | None = None, name: str = 
     else:
         span, tail = spectrum(block, 1.0, damping, name)
     parts: list[tuple[Tensor, float]] = [(span, 1.0)]
-    rest = block.G.dim - block.G.rank
+    thin = block.A if block.thin_side == "A" else block.G  # the tail's multiplicity: the thin side's complement
+    rest = thin.dim - thin.rank
     if rest > 0 and tail is not None:
         parts.append((tail, float(rest)))
     return make_spectrum(parts)

@@ -4,7 +4,9 @@ With ``A = Q_A Λ_A Q_Aᵀ`` and ``G = P Λ_G Pᵀ`` from the K-FAC pass, a seco
 ``Λ*_ij = (1/N) Σ_s ((Pᵀ ∇_s Q_A)_ij)²`` where ``∇_s`` is a per-sample gradient of ``V`` built from ``ĝ`` (of the
 summed loss). ``"sequence"`` granularity: ``∇_s = Σ_t ĝ_t a_tᵀ`` over a sequence; ``"token"``: ``∇_s = ĝ_t a_tᵀ``.
 For a thin (low-rank) ``P`` the complement keeps one eigenvalue per ``q_j``: the mean of the squared projections
-onto ``span(P)^⊥``, ``Λ*_⊥j = (1/N) Σ_s ‖(I − P Pᵀ) ∇_s q_j‖² / (out − r)``. The correction applies to every layer.
+onto ``span(P)^⊥``, ``Λ*_⊥j = (1/N) Σ_s ‖(I − P Pᵀ) ∇_s q_j‖² / (out − r)``; for a thin ``Q_A`` (an ``A`` seen on
+fewer tokens than its size) one per ``p_i``, ``Λ*_i⊥ = (1/N) Σ_s ‖p_iᵀ ∇_s (I − Q_A Q_Aᵀ)‖² / (a − s)`` (zero on the
+data ``A`` was collected on). The correction applies to every layer.
 
 The pass runs where each block's ``G`` side works (on an accelerator, ``U`` on the device or streamed through it):
 no eigenvector crosses to the host per batch. A real out-of-memory error while allocating a layer's EK-FAC sums or
@@ -58,11 +60,12 @@ class EigenCorrector:
         self.placement = Placement(on_fallback=self._move_to_host)
         self.blocks = dict(blocks)
         for name, b in blocks.items():
-            info, thin = infos[name], not b.G.full
+            info = infos[name]
 
-            def make(device: torch.device, b: KronBlock = b, thin: bool = thin) -> tuple[Tensor, Tensor | None]:
-                span = torch.zeros(b.G.rank, b.A.dim, dtype=dtype, device=device)
-                return span, torch.zeros(b.A.dim, dtype=dtype, device=device) if thin else None
+            def make(device: torch.device, b: KronBlock = b) -> tuple[Tensor, Tensor | None]:
+                span = torch.zeros(b.G.rank, b.A.rank, dtype=dtype, device=device)
+                width = {"G": b.A.rank, "A": b.G.rank}.get(b.thin_side or "")  # one tail value per eigenvector
+                return span, None if width is None else torch.zeros(width, dtype=dtype, device=device)
 
             span, tail = self.placement.allocate(info, "EK-FAC", make, b.G.device)
             self.sums[name] = span
@@ -94,7 +97,7 @@ class EigenCorrector:
         q = self._rotations.get(rot)
         if q is None:  # once per pass, not per batch
             q = self._rotations[rot] = block.A.vectors.to(dev, work)
-        thin = not block.G.full
+        side = block.thin_side
         dtype = self.cfg.accumulate_torch_dtype
         staged: Staged = []
         # Layers reading the same input with the same A eigenbasis (q/k/v, gate/up) share the rotated inputs
@@ -107,30 +110,43 @@ class EigenCorrector:
         scale = float(ctx.grad_scale)
         if self.cfg.ekfac_granularity == "token":
             if hit is None:
-                y = _augment(ctx.select(x, info, "input"), info.has_bias).to(dev, work) @ q  # [T, a]
-                hit = cache[key] = (y, y.square())
-            y, y2 = hit
+                a = _augment(ctx.select(x, info, "input"), info.has_bias).to(dev, work)  # [T, a]
+                y = a @ q  # [T, s]
+                y2 = y.square()
+                # ‖(I − Q Qᵀ) a_t‖², for a thin Q only
+                out_of_span = (a.square().sum(1) - y2.sum(1)).clamp_min(0.0) if side == "A" else None
+                hit = cache[key] = (y, y2, out_of_span)
+            y, y2, out_of_span = hit
             gr = ctx.select(g, info, "output gradient").to(dev, work)  # [T, out], unscaled
             z = _scaled(block.G.rows_project(gr), scale)  # [T, r]: ĝ_tᵀ P (implicit P for low-rank G)
             z2 = z.square_()
             staged.append(self.span_entry(name, z2, y2, ctx.num_terms))
-            if thin:
+            if side == "G":
                 resid = (gr.square().sum(1).mul_(scale * scale) - z2.sum(1)).clamp_min(0.0)  # ‖(I − PPᵀ) ĝ_t‖²
                 tail = (resid @ y2) / max(block.G.dim - block.G.rank, 1)
+                staged.append((name, "tail", tail.to(dtype), (0.0, None)))
+            elif side == "A" and out_of_span is not None:
+                tail = (out_of_span @ z2) / max(block.A.dim - block.A.rank, 1)
                 staged.append((name, "tail", tail.to(dtype), (0.0, None)))
         else:
             if hit is None:
                 a = _augment(ctx.masked(x, info, "input"), info.has_bias, ctx.mask).to(dev, work)  # [B, S, a]
-                hit = cache[key] = a @ q  # [B, S, a]
-            y = hit
+                y = a @ q  # [B, S, s]
+                # Gram of (I − Q Qᵀ) a per sequence, for a thin Q only
+                out_of_span = (a @ a.transpose(1, 2)).sub_(y @ y.transpose(1, 2)) if side == "A" else None
+                hit = cache[key] = (y, out_of_span)
+            y, out_of_span = hit
             gr = ctx.masked(g, info, "output gradient").to(dev, work)  # [B, S, out], unscaled
             z = _scaled(block.G.rows_project(gr), scale)  # [B, S, r]
             staged.append(self.span_entry(name, z, y, ctx.num_terms))
-            if thin:
+            if side == "G":
                 k = (gr @ gr.transpose(1, 2)).mul_(scale * scale)  # [B, S, S]: Gram of ĝ per sequence
                 k.sub_(z @ z.transpose(1, 2))  # minus that of Pᵀ ĝ: Gram of (I − PPᵀ) ĝ
                 tail = torch.einsum("btu,btj,buj->j", k, y, y).clamp_min(0.0)
                 staged.append((name, "tail", (tail / max(block.G.dim - block.G.rank, 1)).to(dtype), (0.0, None)))
+            elif side == "A" and out_of_span is not None:
+                tail = torch.einsum("btu,bti,bui->i", out_of_span, z, z).clamp_min(0.0)
+                staged.append((name, "tail", (tail / max(block.A.dim - block.A.rank, 1)).to(dtype), (0.0, None)))
         return staged
 
     def add_span(self, total: Tensor, z: Tensor, y: Tensor) -> None:

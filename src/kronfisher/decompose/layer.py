@@ -48,12 +48,14 @@ def _symmetric_mean(total: Tensor, count: float) -> Tensor:
     return out.div_(2.0 * count)
 
 
-def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> Eigen:
+def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig, *, thin: bool = False) -> Eigen:
     """Eigendecomposition of a dense factor sum where it lives; on CPU after a real accelerator OOM (docs/concepts.md).
 
     The float64 mean and the solver's workspace take several times the sum's memory: when they do not fit on the
     accelerator, the same matrix is decomposed on CPU (a :class:`~kronfisher.errors.PlacementWarning` names the
-    layer, factor and size) and the eigenvectors are moved back next to the sum.
+    layer, factor and size) and the eigenvectors are moved back next to the sum. ``thin``: a factor held as rows
+    keeps the thin basis of its nonzero eigenvalues (``A``: :func:`decompose_layer` completes it where ``G`` is
+    thin too).
     """
     device = part.device
     rows = part.holds_rows and part.num_rows > 0  # held only while T ≤ ρ d (collector.new_layer_sums)
@@ -64,7 +66,14 @@ def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> 
             basis = work if part.dim <= cfg.eigh_max_dim else torch.float32  # the [d, d] completion, as a dense eigh
             x = part.row_matrix(work, where)
             return eigen_from_rows(
-                [x], part.count, eigh_dtype=work, store_dtype=part.dtype, basis_dtype=basis, name=name, factor=factor
+                [x],
+                part.count,
+                eigh_dtype=work,
+                store_dtype=part.dtype,
+                basis_dtype=basis,
+                thin=thin,
+                name=name,
+                factor=factor,
             )
         mean = _symmetric_mean(part.sum.to(where), part.count)
         return decompose_factor(mean, name=name, factor=factor, cfg=cfg, symmetric=True)
@@ -72,7 +81,9 @@ def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig) -> 
     what = f"the eigendecomposition of factor {factor} of layer {name!r} ({part.dim} × {part.dim})"
     eig = placement.on_cpu_after_oom(run, device, what)
     if eig.vectors.device != device:  # rerun on CPU: back to the sum's device if it can hold the result
-        eig = placement.on_cpu_after_oom(lambda where: Eigen(eig.vectors.to(where), eig.values.to(where)), device, what)
+        eig = placement.on_cpu_after_oom(
+            lambda where: Eigen(eig.vectors.to(where), eig.values.to(where), eig.tail), device, what
+        )
     return eig
 
 
@@ -123,6 +134,8 @@ def decompose_layer(
     """
     a_eig = shared_A or decompose_A(name, sums, cfg)
     g_eig = shared_G or decompose_G(name, sums, cfg)
+    if not g_eig.full and not a_eig.full:  # one thin side per block (algebra.block): A gets its null space
+        a_eig = a_eig.completed()
     # One factor moved to CPU by an OOM: the layer's algebra too.
     if g_eig.kind == "dense" and a_eig.device != g_eig.device:
         cpu = torch.device("cpu")
@@ -159,5 +172,5 @@ def shared_A_owners(sums: dict[str, LayerSums]) -> dict[str, str]:
 
 
 def decompose_A(name: str, sums: LayerSums, cfg: KFACConfig) -> Eigen:
-    """Eigendecomposition of a layer's ``A`` (always dense)."""
-    return decompose_dense(name, sums.A, "A", cfg)
+    """Eigendecomposition of a layer's ``A`` (always dense; thin when held as rows, docs/concepts.md)."""
+    return decompose_dense(name, sums.A, "A", cfg, thin=True)

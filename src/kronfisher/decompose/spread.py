@@ -21,7 +21,7 @@ from ..collection.sums import LayerSums
 from ..comm import comm_device, get_rank, get_world_size, is_distributed, is_main_process
 from ..config import KFACConfig
 from ..errors import DecompositionError
-from .layer import decompose_dense, decompose_G, decompose_layer, shared_A_owners
+from .layer import decompose_A, decompose_G, decompose_layer, shared_A_owners
 from .local import decompose_local
 
 
@@ -130,7 +130,7 @@ def _own_tasks(
             continue
         name, s = names[i], sums[names[i]]
         try:
-            eig = decompose_dense(name, s.A, "A", cfg) if kind == "A" else decompose_G(name, s, cfg)  # type: ignore[arg-type]
+            eig = decompose_A(name, s, cfg) if kind == "A" else decompose_G(name, s, cfg)
         except Exception as err:  # re-raised below, after every rank has learnt of it
             error = err
             ranks[t] = -1
@@ -176,9 +176,9 @@ def _exchange(
         if kind == "G" and s.G.kind == "lowrank":
             m, r = s.G.num_columns, int(ranks[t])
             spec = [((m, r), lowrank_work), ((r,), lowrank_work), ((2,), torch.float64)]
-        else:
-            d = s.A.dim if kind == "A" else s.G.dim
-            spec = [((d, d), store), ((d,), store)]
+        else:  # a thin A (held as rows) has rank < dim columns
+            d, r = (s.A.dim if kind == "A" else s.G.dim), int(ranks[t])
+            spec = [((d, r), store), ((r,), store)]
         layout[owner[t]].append((t, spec))
     for src in range(world):
         if not layout[src]:

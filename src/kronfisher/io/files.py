@@ -181,7 +181,8 @@ class _BlockReader:
             eig[which] = held
         info = self.infos[name]
         a, g = eig["A"], eig["G"]
-        if (a.dim, a.rank) != (info.a_dim, info.a_dim) or g.dim != info.out_features:
+        thin_a = a.rank < a.dim and g.full  # A seen on fewer tokens than its size (one thin side per block)
+        if a.dim != info.a_dim or (a.rank != a.dim and not thin_a) or g.dim != info.out_features:
             raise FileFormatError(
                 f"Factor file {self.header.path}: layer {name!r} has eigenbases A [{a.dim}, {a.rank}] / "
                 f"G [{g.dim}, {g.rank}], which do not fit [out={info.out_features}, a_dim={info.a_dim}]."
