@@ -92,13 +92,25 @@ class LayerPlan:
         return {**{k: getattr(self, k) for k in keys}, "bytes": {c: v for c, v in sizes.items() if v}}
 
 
-def dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int, tokens: int | None = None) -> Side:
+def dense_side(
+    dim: int,
+    cfg: KFACConfig,
+    device: str,
+    owner: bool,
+    rows: int,
+    tokens: int | None = None,
+    *,
+    thin: bool = False,
+    square: bool = False,
+) -> Side:
     """A dense factor of dimension ``dim`` (``owner``: this layer decomposes it) with batches of ``rows`` tokens.
 
     With ``tokens`` known and at most ``ROWS_RATIO · dim``, the factor is held as its rows and decomposed from
     their ``[T, T]`` Gram (:func:`~kronfisher.algebra.lowrank.eigen_from_rows`): ``T · d`` bytes of sums, and a
     workspace of the ``[T, T]`` eigh, then of the thin basis and its completion (``[d, T]`` and ``[d, d]``; in
-    float32 above ``eigh_max_dim``, like a dense eigh of that size).
+    float32 above ``eigh_max_dim``, like a dense eigh of that size). ``thin``: such a factor keeps a thin
+    ``[d, T]`` basis (an ``A``); ``square``: this layer's block needs it square all the same (its ``G`` is thin), a
+    completed copy of its own.
     """
     acc = size_of(cfg.accumulate_torch_dtype)
     eigh64 = dim <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64"
@@ -114,9 +126,13 @@ def dense_side(dim: int, cfg: KFACConfig, device: str, owner: bool, rows: int, t
             t = tokens
             work = 8 if t <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64" else 4  # the [T, T] eigh's dtype
             basis = work if dim <= cfg.eigh_max_dim else 4  # the completion's dtype
-            side.bytes["workspace"] = max(
-                t * dim * work + GRAM_WORK * t * t, t * dim * (work + basis), (2 * t * dim + dim * dim) * basis
-            )
+            qr = (2 * t * dim + t * t if thin else 2 * t * dim + dim * dim) * basis  # thin: Q [d, T] and R [T, T]
+            side.bytes["workspace"] = max(t * dim * work + GRAM_WORK * t * t, t * dim * (work + basis), qr)
+    if by_rows and tokens is not None:
+        if owner and thin:
+            side.bytes["eigen"] = (tokens * dim + tokens) * acc
+        if thin and square:  # KronBlock has one thin side at most: this layer's A is completed (Eigen.completed)
+            side.bytes["eigen"] += (dim * dim + dim) * acc
     side.bytes["result"] = side.bytes["eigen"]
     return side
 

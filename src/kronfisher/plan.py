@@ -26,7 +26,7 @@ import torch
 from .budget import format_bytes, format_plan, resolve_budgets
 from .config import KFACConfig
 from .errors import MemoryBudgetError
-from .footprint import LayerPlan, dense_side, g_flops, group_peak, lowrank_side, size_of, unit_key
+from .footprint import LayerPlan, dense_side, g_flops, group_peak, lowrank_side, rows_route_pays, size_of, unit_key
 from .layers import LayerInfo
 
 
@@ -118,15 +118,17 @@ def _build(
             m = min(m, 2 * max_rank + draws * rows)  # compression when more than 2k columns are held
         r = min(m, out, max_rank if max_rank is not None else m)
         g = lowrank_side(out, m, r, cfg, g_device or ctx.g_device, draws * rows, max_rank is not None)
-    side_a = dense_side(a, cfg, ctx.device, owner, rows, t)
+    side_a = dense_side(a, cfg, ctx.device, owner, rows, t, thin=True, square=rep != "dense")
     if cfg.ekfac:
         thin = rep != "dense" and r < out
-        side_a.bytes["ekfac"] = (r * a + (a if thin else 0)) * acc  # span (and tail) sums
+        a_thin = rep == "dense" and t is not None and rows_route_pays(t, a)  # A's basis [a, s], s ≤ T
+        s = min(a, t) if a_thin and t is not None else a
+        side_a.bytes["ekfac"] = (r * s + (a if thin else 0) + (r if a_thin else 0)) * acc  # span (and tail) sums
         side_a.bytes["result"] += side_a.bytes["ekfac"]  # the corrected eigenvalues stay in the block
-        # per layer until the batch commits: its projections z [rows, r] and rotated inputs y (y² too) [rows, a];
-        # while one layer's hook runs: its masked ĝ and projections, and the [r, a] product of a sequence
-        g.bytes["ekfac_staging"] += rows * (r + 2 * a) * 4
-        g.bytes["ekfac_transient"] += rows * (2 * out + m) * 4 + r * a * 4
+        # per layer until the batch commits: its projections z [rows, r] and rotated inputs y (y² too) [rows, s];
+        # while one layer's hook runs: its masked ĝ and projections, and the [r, s] product of a sequence
+        g.bytes["ekfac_staging"] += rows * (r + 2 * s) * 4
+        g.bytes["ekfac_transient"] += rows * (2 * out + m) * 4 + r * s * 4
     flops = None
     if out > cfg.lowrank_threshold and t is not None:
         d, lo = g_flops(out, a, t, draws * t, cfg.ekfac)
