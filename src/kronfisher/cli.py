@@ -244,6 +244,7 @@ INSPECT_COLUMNS = (
     ("in", "in"),
     ("out", "out"),
     ("bias", "bias"),
+    ("rank_A", "rank A"),
     ("rank_G", "rank G"),
     ("T", "tokens T"),
     ("N", "terms N"),

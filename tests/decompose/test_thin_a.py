@@ -65,6 +65,7 @@ def test_thin_A_is_the_operator_of_the_square_basis(monkeypatch, kw):
     for name in thin_layers:
         a = thin.block(name).A
         assert a.rank < a.dim and a.rank == int((dense.block(name).A.values > 1e-10).sum())
+        assert thin.summary()[name]["rank_A"] == a.rank and dense.summary()[name]["rank_A"] == a.dim
         _close(thin.to_dense(name), dense.to_dense(name), f"{name} dense block")
         for damping in DAMPINGS:
             ref_spec = kron_spectrum(dense.block(name), damping, name)

@@ -86,6 +86,7 @@ def summary_row(
     traces: tuple[float, float],
     discarded_G: float = 0.0,
     ekfac: bool = False,
+    rank_A: int | None = None,
 ) -> dict[str, Any]:
     """The per-layer row of ``KFAC.summary``, a file's ``layers`` metadata and ``kronfisher inspect``.
 
@@ -97,6 +98,7 @@ def summary_row(
         traces: ``(tr A, tr G)``.
         discarded_G: token-budget mass moved into the isotropic tail.
         ekfac: EK-FAC eigenvalues present.
+        rank_A: explicit eigenpairs of ``A`` (below ``in`` for a thin ``A``; None before decomposition).
 
     """
     return {
@@ -105,6 +107,7 @@ def summary_row(
         "bias": info.has_bias,
         "representation": representation,
         "rank_G": rank_G,
+        "rank_A": rank_A,
         "T": float(tokens[0]),
         "N": float(tokens[1]),
         "trace_A": float(traces[0]),
@@ -124,4 +127,5 @@ def block_summary(info: LayerInfo, block: KronBlock) -> dict[str, Any]:
         traces=(block.A.trace(), block.G.trace()),
         discarded_G=float(getattr(block.G, "discarded", 0.0)),
         ekfac=block.is_ekfac,
+        rank_A=block.A.rank,
     )

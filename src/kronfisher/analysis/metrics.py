@@ -229,6 +229,7 @@ def layer_metrics(
         "a_dim": info.a_dim,
         "params": info.out_features * info.a_dim,
         "representation": block.representation,
+        "rank_A": block.A.rank,
         "rank_G": block.G.rank,
         "ekfac": block.is_ekfac,
         "tied_with": list(fisher.report.tied.get(name, [])),
