@@ -76,13 +76,8 @@ class Eigen:
         """
         if self.full:
             return self
-        d, r = self.dim, self.rank
         full, tri = torch.linalg.qr(self.vectors, mode="complete")
-        signs = torch.sign(tri.diagonal())
-        signs[signs == 0] = 1.0
-        vectors = torch.cat([full[:, r:], full[:, :r] * signs], 1)
-        tail = torch.full((d - r,), self.tail, dtype=self.values.dtype, device=self.values.device)
-        return Eigen(vectors, torch.cat([tail, self.values]))
+        return square_basis(full, tri, self.values, self.tail, self.vectors.dtype)
 
     def to_dense(self, max_elements: int = 100_000_000) -> Tensor:
         """Dense ``M`` (diagnostics only); refuses a thin basis whose ``d²`` exceeds ``max_elements``."""
@@ -96,6 +91,25 @@ class Eigen:
         if not self.full and self.tail != 0.0:
             m = m + self.tail * (torch.eye(self.dim, dtype=q.dtype, device=q.device) - q @ q.t())
         return m
+
+
+def square_basis(full: Tensor, tri: Tensor, values: Tensor, tail: float, dtype: torch.dtype) -> Eigen:
+    """The square eigenbasis from the complete Householder QR ``full, tri`` of a thin orthonormal ``[d, r]`` basis.
+
+    ``R`` is ``diag(±1)`` up to rounding: its signs restore the thin columns. The other ``d − r`` columns, an
+    orthonormal basis of the complement with eigenvalue ``tail``, come first, as ascending eigenvalues order them
+    (``tail = 0``: the null space). The result is column-major in ``dtype`` (the layout ``torch.linalg.eigh``
+    returns), written straight from ``full``: no second ``[d, d]`` copy.
+    """
+    d, r = int(full.shape[0]), int(values.shape[0])
+    signs = torch.sign(tri.diagonal())
+    signs[signs == 0] = 1.0
+    vectors = torch.empty(d, d, dtype=dtype, device=full.device).mT
+    vectors[:, : d - r] = full[:, r:]
+    vectors[:, d - r :] = full[:, :r]
+    vectors[:, d - r :].mul_(signs.to(dtype))  # ±1: exact in any dtype, after rounding
+    rest = torch.full((d - r,), tail, dtype=values.dtype, device=values.device)
+    return Eigen(vectors, torch.cat([rest, values]))
 
 
 def all_finite(t: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..errors import KronfisherError, ShapeError
 from .columns import ColumnStore
-from .eigen import Eigen, safe_eigh
+from .eigen import Eigen, safe_eigh, square_basis
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,16 +288,9 @@ def eigen_from_rows(
     # its signs restore q_i); complete, its other d − r columns are an orthonormal basis of the null space.
     basis = basis.to(basis_dtype or eigh_dtype)  # the [d, T] copy in eigh_dtype goes before the QR's output
     full, tri = torch.linalg.qr(basis, mode="reduced" if thin else "complete")
+    del basis
+    if not thin:
+        return square_basis(full, tri, values, 0.0, store_dtype)
     signs = torch.sign(tri.diagonal())
     signs[signs == 0] = 1.0
-    del basis, tri
-    if thin:
-        return Eigen(full.mul_(signs).to(store_dtype), values)
-    # column-major, the layout torch.linalg.eigh returns; the complement first, as ascending eigenvalues order it
-    vectors = torch.empty(d, d, dtype=store_dtype, device=full.device).mT
-    vectors[:, : d - r] = full[:, r:]
-    vectors[:, d - r :] = full[:, :r]
-    vectors[:, d - r :].mul_(signs.to(store_dtype))  # ±1: exact in any dtype, after rounding as before
-    del full
-    zeros = torch.zeros(d - r, dtype=store_dtype, device=values.device)
-    return Eigen(vectors, torch.cat([zeros, values]))
+    return Eigen(full.mul_(signs).to(store_dtype), values)
