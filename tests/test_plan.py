@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from kronfisher.footprint import group_peak
 from kronfisher.layers import LayerInfo, discover_layers
 from kronfisher.plan import plan_memory
 from test_cli_helpers import TEXT_A, build_model, load_saved, reference_batches, save_model
+
+corrector = importlib.import_module("kronfisher.collection.corrector")
 
 GIB = 2**30
 
@@ -145,8 +149,11 @@ def test_max_memory_counts_the_model_weights(tmp_path) -> None:
         plan_run(model, tracked_layers(model, tight), batches, tight)
 
 
-def _allocated(fisher: kf.KFAC) -> dict[str, int]:
-    """Bytes of the sums and of the eigenbases the run actually holds (shared A eigenbases once)."""
+def _allocated(fisher: kf.KFAC, passed: dict[str, Any] | None = None) -> dict[str, int]:
+    """Bytes of the sums and of the eigenbases the run actually holds (shared A eigenbases once).
+
+    ``passed``: the blocks the EK-FAC pass ran with, whose ``A`` held the coordinates of its rows until then.
+    """
     sums = 0
     rows_seen: set[int] = set()
     for s in fisher.sums.values():
@@ -165,6 +172,9 @@ def _allocated(fisher: kf.KFAC) -> dict[str, int]:
         if id(b.A.vectors) not in seen:  # q/k/v and gate/up share one A eigenbasis
             seen.add(id(b.A.vectors))
             eigen_a += b.A.vectors.nbytes + b.A.values.nbytes
+            rows = (passed or {}).get(name)
+            if rows is not None and rows.A.seen is not None:
+                eigen_a += rows.A.seen.coords.nbytes + rows.A.seen.probes.nbytes
         g = b.G
         eigen_g += (g.coeffs.nbytes if hasattr(g, "coeffs") else g.vectors.nbytes) + g.values.nbytes
         ekfac += b.corrected.nbytes + (0 if b.corrected_tail is None else b.corrected_tail.nbytes)
@@ -172,7 +182,7 @@ def _allocated(fisher: kf.KFAC) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("seq", [24, 2], ids=["dense-A", "thin-A"])
-def test_plan_accounting_matches_allocations(seq: int) -> None:
+def test_plan_accounting_matches_allocations(seq: int, monkeypatch) -> None:
     """The plan's sums, eigenbases and EK-FAC sums are within 10 % of what a run allocates (tiny Qwen2).
 
     With 3 × 2 × 2 = 12 tokens (a float32 model: rows are held in the activations' dtype), down_proj's ``A`` (24,
@@ -181,16 +191,25 @@ def test_plan_accounting_matches_allocations(seq: int) -> None:
     model = make_model("qwen2", vocab=300, dtype=torch.float64 if seq > 2 else torch.float32)
     batches = [{"input_ids": random_ids(2, seq, seed=s, vocab=300)} for s in range(3)]
     cfg = kf.KFACConfig(accumulate_dtype="float64", ekfac=True, lowrank_layers=("lm_head",), lowrank_dtype="float32")
+    passed: dict[str, Any] = {}
+    start = corrector.EigenCorrector.__init__
+
+    def spy(self, infos, blocks, cfg) -> None:  # the blocks of the EK-FAC pass, with the rows' coordinates
+        passed.update(blocks)
+        start(self, infos, blocks, cfg)
+
+    monkeypatch.setattr(corrector.EigenCorrector, "__init__", spy)
     fisher = kf.fit(model, batches, cfg)
     if seq == 2:
         assert fisher.block("model.layers.0.mlp.down_proj").thin_side == "A" and fisher.block("lm_head").A.full
+        assert passed["model.layers.0.mlp.down_proj"].A.seen is not None
     infos = discover_layers(model).infos
     plan = plan_memory(infos, cfg, tokens=6 * seq, batch_tokens=2 * seq, budgets={"cpu": 8 * GIB}, workers=1)
     assert plan.layers["lm_head"].representation == "lowrank"
     planned = {c: sum(sum(lp.total(c).values()) for lp in plan.layers.values()) for c in ("sums", "ekfac")}
     for side in ("A", "G"):
         planned[f"eigen_{side}"] = sum(lp.sides[side].bytes["eigen"] for lp in plan.layers.values())
-    actual = _allocated(fisher)
+    actual = _allocated(fisher, passed)
     for c in planned:
         assert abs(planned[c] - actual[c]) <= 0.1 * actual[c], (c, planned[c], actual[c])
     assert torch.get_num_threads() >= 1

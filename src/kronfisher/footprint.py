@@ -109,8 +109,9 @@ def dense_side(
     their ``[T, T]`` Gram (:func:`~kronfisher.algebra.lowrank.eigen_from_rows`): ``T · d`` bytes of sums, and a
     workspace of the ``[T, T]`` eigh, then of the thin basis and its completion (``[d, T]`` and ``[d, d]``; in
     float32 above ``eigh_max_dim``, like a dense eigh of that size). ``thin``: such a factor keeps a thin
-    ``[d, T]`` basis (an ``A``); ``square``: this layer's block needs it square all the same (its ``G`` is thin), a
-    completed copy of its own.
+    ``[d, T]`` basis (an ``A``), and with EK-FAC the coordinates of its rows in that basis until the EK-FAC pass ends
+    (:class:`~kronfisher.algebra.eigen.SeenRows`); ``square``: this layer's block needs it square all the same (its
+    ``G`` is thin), a completed copy of its own.
     """
     acc = size_of(cfg.accumulate_torch_dtype)
     eigh64 = dim <= cfg.eigh_max_dim and cfg.eigh_dtype == "float64"
@@ -131,6 +132,8 @@ def dense_side(
     if by_rows and tokens is not None:
         if owner and thin:
             side.bytes["eigen"] = (tokens * dim + tokens) * acc
+            if cfg.ekfac and not square:  # the rows' coordinates [T, s] and 8 float64 fingerprints, for EK-FAC
+                side.bytes["eigen"] += tokens * min(tokens, dim) * acc + tokens * 8 * 8
         if thin and square:  # KronBlock has one thin side at most: this layer's A is completed (Eigen.completed)
             side.bytes["eigen"] += (dim * dim + dim) * acc
     side.bytes["result"] = side.bytes["eigen"]

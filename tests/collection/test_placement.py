@@ -15,6 +15,7 @@ import torch
 import kronfisher as kf
 import kronfisher.algebra.columns as columns
 import kronfisher.collection.placement as placement
+import kronfisher.collection.seen as seen
 from conftest import make_model, random_ids
 from kronfisher.algebra.columns import ColumnStore, Residence
 from kronfisher.algebra.kron import thin_kron_apply
@@ -77,11 +78,13 @@ def test_streamed_store_with_blocks_smaller_than_out_equals_one_local_block(monk
     _close(thin_kron_apply(v, eig, a, span, tail), thin_kron_apply(v, ref_eig, a, span, tail))
 
 
+@pytest.mark.parametrize("reuse", [True, False], ids=["rows-reused", "projected"])
 @pytest.mark.parametrize("where", ["device", "streamed"])
-def test_fit_with_U_on_the_device_or_streamed_equals_the_cpu_fit(monkeypatch, where):
+def test_fit_with_U_on_the_device_or_streamed_equals_the_cpu_fit(monkeypatch, where, reuse):
     model = make_model("qwen2")
     ref = kf.fit(model, BATCHES, CFG)
     _simulate(monkeypatch)
+    monkeypatch.setattr(seen, "REUSE_ROWS", reuse)
     if where == "streamed":  # the memory plan keeps U on the host
         monkeypatch.setattr(placement, "columns_on_device", lambda info, device, host_columns: False)
     STATS.reset()
@@ -94,7 +97,10 @@ def test_fit_with_U_on_the_device_or_streamed_equals_the_cpu_fit(monkeypatch, wh
         assert moved == {"h2d_bytes": 0, "d2h_bytes": 0, "copies": 0}  # nothing crosses the bus
     else:  # the K-FAC pass's output-gradient rows come down once (12 tokens per batch, out = 40, float64) ...
         assert moved["d2h_bytes"] == 24 * 40 * 8
-        assert moved["h2d_bytes"] >= 2 * 24 * 40 * 8  # ... and U's blocks go up for the Gram and each EK-FAC batch
+        if reuse:  # ... U's blocks go up once, for the Gram: the EK-FAC pass takes the collected rows' coordinates
+            assert moved["h2d_bytes"] == 24 * 40 * 8
+        else:  # ... and again for each EK-FAC batch's projection
+            assert moved["h2d_bytes"] >= 2 * 24 * 40 * 8
 
 
 def test_device_U_out_of_memory_moves_it_to_host_memory_streamed(monkeypatch):

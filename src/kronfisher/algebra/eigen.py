@@ -12,8 +12,46 @@ from ..errors import DecompositionError
 
 logger = logging.getLogger("kronfisher")
 
+PROBES = 8  # fingerprint columns per collected row (SeenRows.probes)
+PROBE_SEED = 20181  # fixed: collection-time and pass-time fingerprints use the same directions
 
-@dataclass(frozen=True)
+
+def probe_directions(dim: int, device: torch.device | str = "cpu") -> Tensor:
+    """``[dim, PROBES]`` fixed unit Gaussian directions in float64: the fingerprints of rows of width ``dim``."""
+    gen = torch.Generator(device="cpu").manual_seed(PROBE_SEED + dim)
+    omega = torch.randn(dim, PROBES, dtype=torch.float64, generator=gen)
+    return omega.div_(omega.norm(dim=0, keepdim=True)).to(device)
+
+
+def fingerprints(rows: Tensor, omega: Tensor, block: int = 1024) -> Tensor:
+    """``rows Ω`` in float64 (``[n, PROBES]``), ``block`` rows at a time (no float64 copy of all ``rows``)."""
+    out = torch.empty(rows.shape[0], omega.shape[1], dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[0], block):
+        out[start : start + block] = rows[start : start + block].to(torch.float64) @ omega.to(rows.device)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class SeenRows:
+    """The rows an eigenbasis was computed from, in that basis: what the EK-FAC pass would project again.
+
+    A factor decomposed from its held rows ``X`` (``[T, d]``, :func:`~kronfisher.algebra.lowrank.eigen_from_rows`)
+    knows their coordinates ``X Q = V diag(√(c λ))`` from its ``[T, T]`` eigh at no cost. The EK-FAC pass over
+    the same batches can take them instead of a ``[n, d] × [d, r]`` product per batch, once it has checked
+    that its rows are those rows: ``probes`` are their fingerprints ``X Ω`` (:func:`probe_directions`), computed
+    in float64 (docs/concepts.md, "EK-FAC on the collected rows").
+
+    Attributes:
+        coords: ``[T, r]`` coordinates of the collected rows in the eigenbasis' columns.
+        probes: ``[T, PROBES]`` float64 fingerprints of the collected rows.
+
+    """
+
+    coords: Tensor
+    probes: Tensor
+
+
+@dataclass(frozen=True, eq=False)
 class Eigen:
     """Eigenbasis of a symmetric PSD factor: ``M = Q diag(λ) Qᵀ + τ (I − Q Qᵀ)``.
 
@@ -24,12 +62,15 @@ class Eigen:
         vectors: ``[d, r]`` orthonormal columns.
         values: ``[r]`` eigenvalues, clamped at 0.
         tail: eigenvalue on the orthogonal complement of ``vectors``.
+        seen: the collected rows in this basis, for the EK-FAC pass that follows (None: not known, or dropped
+            once that pass is done; never written to a file).
 
     """
 
     vectors: Tensor
     values: Tensor
     tail: float = 0.0
+    seen: SeenRows | None = None
 
     kind = "dense"  # the representation (algebra.basis); LowRankEigen keeps a thin P = W C implicit
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..errors import KronfisherError, ShapeError
 from .columns import ColumnStore
-from .eigen import Eigen, safe_eigh, square_basis
+from .eigen import Eigen, SeenRows, fingerprints, probe_directions, safe_eigh, square_basis
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,6 +241,7 @@ def eigen_from_rows(
     store_dtype: torch.dtype,
     basis_dtype: torch.dtype | None = None,
     thin: bool = False,
+    seen: bool = False,
     name: str = "?",
     factor: str = "A",
 ) -> Eigen:
@@ -255,6 +256,8 @@ def eigen_from_rows(
             factor wider than ``eigh_max_dim`` gets float32, as its dense eigh would (``benchmarks/bench_rank.py``).
         thin: return the ``[d, r]`` basis of the nonzero eigenvalues with tail 0 (the null space implicit, no
             ``[d, d]`` matrix); else the square basis.
+        seen: with ``thin``, also keep the rows' coordinates in the basis and their fingerprints
+            (:class:`~kronfisher.algebra.eigen.SeenRows`, for the EK-FAC pass: ``T · (r + 8)`` more numbers).
         name: layer name for messages.
         factor: ``"A"`` or ``"G"`` for messages.
 
@@ -283,6 +286,9 @@ def eigen_from_rows(
             torch.eye(d, dtype=store_dtype, device=x.device), torch.zeros(d, dtype=store_dtype, device=x.device)
         )
     basis = torch.mm(x.t(), vecs).div_((vals * c).sqrt())  # [d, r]: q_i = Xᵀ v_i / √(c λ_i)
+    rows = None
+    if seen and thin:  # X q_i = √(c λ_i) v_i: the coordinates of the rows, from the eigh alone
+        rows = SeenRows(vecs.mul((vals * c).sqrt()).to(store_dtype), fingerprints(x, probe_directions(d, x.device)))
     del x, vecs
     # Householder QR re-orthonormalises q_i (rounding of the small eigenvalues' columns; R is diag(±1) up to it,
     # its signs restore q_i); complete, its other d − r columns are an orthonormal basis of the null space.
@@ -293,4 +299,4 @@ def eigen_from_rows(
         return square_basis(full, tri, values, 0.0, store_dtype)
     signs = torch.sign(tri.diagonal())
     signs[signs == 0] = 1.0
-    return Eigen(full.mul_(signs).to(store_dtype), values)
+    return Eigen(full.mul_(signs).to(store_dtype), values, seen=rows)

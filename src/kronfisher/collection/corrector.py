@@ -16,6 +16,7 @@ staging its contribution moves that layer's EK-FAC work to the host with a ``Pla
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -25,10 +26,12 @@ from torch import Tensor
 from ..algebra.block import KronBlock
 from ..algebra.eigen import all_finite
 from ..algebra.gram import compute_dtype
+from ..algebra.lowrank import LowRankEigen
 from ..config import KFACConfig
 from ..layers import LayerInfo
 from .hooks import BatchContext, Staged
 from .placement import Placement, block_on
+from .seen import RowCursor, lowrank_coords, lowrank_probes, scatter_rows
 
 
 def _augment(x: Tensor, has_bias: bool, mask: Tensor | None = None) -> Tensor:
@@ -59,6 +62,8 @@ class EigenCorrector:
         self._rotations: dict[tuple[Any, ...], Tensor] = {}  # Q_A in the work dtype on the work device, per block
         self.placement = Placement(on_fallback=self._move_to_host)
         self.blocks = dict(blocks)
+        self.rows = RowCursor()  # the collected rows' coordinates instead of projections, where checked (.seen)
+        self._g_probes = {n: lowrank_probes(b.G) for n, b in blocks.items() if isinstance(b.G, LowRankEigen)}
         for name, b in blocks.items():
             info = infos[name]
 
@@ -86,10 +91,14 @@ class EigenCorrector:
         if name not in self.blocks:
             return []
         return self.placement.run(
-            self.infos[name], "EK-FAC", lambda x, g: self._stage(name, x, g, ctx, cache), x.detach(), g.detach()
+            self.infos[name],
+            "EK-FAC",
+            lambda xd, gd: self._stage(name, xd, gd, ctx, cache, id(x)),
+            x.detach(),
+            g.detach(),
         )
 
-    def _stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any]) -> Staged:
+    def _stage(self, name: str, x: Tensor, g: Tensor, ctx: BatchContext, cache: dict[Any, Any], xid: int) -> Staged:
         info, block = self.infos[name], self.blocks[name]
         work = compute_dtype(torch.promote_types(g.dtype, block.A.vectors.dtype))
         dev = block.G.device  # where the G side works: the device (U on it or streamed through it), or the host
@@ -102,7 +111,9 @@ class EigenCorrector:
         staged: Staged = []
         # Layers reading the same input with the same A eigenbasis (q/k/v, gate/up) share the rotated inputs
         # a Q_A (and their squares): computed once per forward, like A itself in the K-FAC pass.
-        key = ("ekfac_y", self.cfg.ekfac_granularity, id(x), id(block.A.vectors), info.has_bias, dev, work)
+        # Keyed by the captured input (``xid``), which lives for the whole forward, not by its detached alias (a new
+        # object per call, whose id a later call may reuse): every MC draw of a forward shares the rotation.
+        key = ("ekfac_y", self.cfg.ekfac_granularity, xid, id(block.A.vectors), info.has_bias, dev, work)
         hit = cache.get(key)
         # ĝ of the summed loss is grad_scale · g. The scale is applied to the projections z = gᵀ P
         # ([.., r]) instead of g ([.., out]): the same numbers up to rounding, and for a low-rank lm_head a
@@ -111,14 +122,16 @@ class EigenCorrector:
         if self.cfg.ekfac_granularity == "token":
             if hit is None:
                 a = _augment(ctx.select(x, info, "input"), info.has_bias).to(dev, work)  # [T, a]
-                y = a @ q  # [T, s]
+                y = self._seen_A(name, block, a, cache)
+                y = a @ q if y is None else y  # [T, s]
                 y2 = y.square()
                 # ‖(I − Q Qᵀ) a_t‖², for a thin Q only
                 out_of_span = (a.square().sum(1) - y2.sum(1)).clamp_min(0.0) if side == "A" else None
                 hit = cache[key] = (y, y2, out_of_span)
             y, y2, out_of_span = hit
             gr = ctx.select(g, info, "output gradient").to(dev, work)  # [T, out], unscaled
-            z = _scaled(block.G.rows_project(gr), scale)  # [T, r]: ĝ_tᵀ P (implicit P for low-rank G)
+            z = self._seen_G(name, block, gr, scale, cache)
+            z = _scaled(block.G.rows_project(gr), scale) if z is None else z  # [T, r]: ĝ_tᵀ P (implicit P: W C)
             z2 = z.square_()
             staged.append(self.span_entry(name, z2, y2, ctx.num_terms))
             if side == "G":
@@ -131,13 +144,23 @@ class EigenCorrector:
         else:
             if hit is None:
                 a = _augment(ctx.masked(x, info, "input"), info.has_bias, ctx.mask).to(dev, work)  # [B, S, a]
-                y = a @ q  # [B, S, s]
+                y = None
+                if block.A.seen is not None:
+                    flat = _augment(ctx.select(x, info, "input"), info.has_bias).to(dev, work)
+                    y = self._seen_A(name, block, flat, cache)
+                    y = None if y is None else scatter_rows(y, ctx.rows, (a.shape[0], a.shape[1]))
+                y = a @ q if y is None else y  # [B, S, s]
                 # Gram of (I − Q Qᵀ) a per sequence, for a thin Q only
                 out_of_span = (a @ a.transpose(1, 2)).sub_(y @ y.transpose(1, 2)) if side == "A" else None
                 hit = cache[key] = (y, out_of_span)
             y, out_of_span = hit
             gr = ctx.masked(g, info, "output gradient").to(dev, work)  # [B, S, out], unscaled
-            z = _scaled(block.G.rows_project(gr), scale)  # [B, S, r]
+            z = None
+            if name in self._g_probes:
+                flat = ctx.select(g, info, "output gradient").to(dev, work)
+                z = self._seen_G(name, block, flat, scale, cache)
+                z = None if z is None else scatter_rows(z, ctx.rows, (gr.shape[0], gr.shape[1]))
+            z = _scaled(block.G.rows_project(gr), scale) if z is None else z  # [B, S, r]
             staged.append(self.span_entry(name, z, y, ctx.num_terms))
             if side == "G":
                 k = (gr @ gr.transpose(1, 2)).mul_(scale * scale)  # [B, S, S]: Gram of ĝ per sequence
@@ -148,6 +171,25 @@ class EigenCorrector:
                 tail = torch.einsum("btu,bti,bui->i", out_of_span, z, z).clamp_min(0.0)
                 staged.append((name, "tail", (tail / max(block.A.dim - block.A.rank, 1)).to(dtype), (0.0, None)))
         return staged
+
+    def _seen_A(self, name: str, block: KronBlock, a: Tensor, cache: dict[Any, Any]) -> Tensor | None:
+        """``a Q_A`` (``[n, s]``) from the coordinates of the collected rows, or None (:mod:`.seen`)."""
+        seen = block.A.seen
+        if seen is None:
+            return None
+        key = ("A", id(block.A.vectors))  # one stream per eigenbasis: layers sharing an input share its rows
+        start = self.rows.take(key, f"A of layer {name!r}", a, seen.probes, cache, 1.0)
+        return None if start is None else seen.coords[start : start + a.shape[0]].to(a.device, a.dtype)
+
+    def _seen_G(self, name: str, block: KronBlock, g: Tensor, scale: float, cache: dict[Any, Any]) -> Tensor | None:
+        """``ĝ P`` (``[n, r]``, ``ĝ = scale · g``) from the collected ``W`` of a low-rank ``G``, or None."""
+        probes = self._g_probes.get(name)
+        if probes is None or not isinstance(block.G, LowRankEigen):
+            return None
+        start = self.rows.take(("G", name), f"G of layer {name!r}", g, probes, cache, scale)
+        if start is None:
+            return None
+        return lowrank_coords(block.G, block.tokens.get("N", 0.0), start, int(g.shape[0]), g.dtype, g.device)
 
     def add_span(self, total: Tensor, z: Tensor, y: Tensor) -> None:
         """``total += Σ_b (z_bᵀ y_b)²`` (sequence: ``z`` ``[B, S, r]``, ``y`` ``[B, S, a]``) or ``z²ᵀ y²`` (token).
@@ -209,6 +251,7 @@ class EigenCorrector:
                 self.counts[name] += count
             else:
                 self.tail_sums[name].add_(tensor.to(self.tail_sums[name].device))
+        self.rows.committed()
 
     def blocks_out(self) -> dict[str, KronBlock]:
         """Corrected blocks: ``Λ* = sum / N`` (docs/concepts.md), once: the sums become the eigenvalues in place."""
@@ -220,5 +263,7 @@ class EigenCorrector:
             span = self.sums.pop(name).div_(n)  # no second copy of every layer's [r, a] sums at the end of a pass
             tail = self.tail_sums.pop(name).div_(n) if name in self.tail_sums else None
             store = block.A.vectors.dtype
+            if block.A.seen is not None:  # the pass is done: the rows' coordinates are not part of the factors
+                block = KronBlock(dataclasses.replace(block.A, seen=None), block.G, tokens=dict(block.tokens))
             out[name] = block.with_correction(span.to(store), None if tail is None else tail.to(store))
         return out

@@ -72,6 +72,7 @@ def decompose_dense(name: str, part: DenseSum, factor: str, cfg: KFACConfig, *, 
                 store_dtype=part.dtype,
                 basis_dtype=basis,
                 thin=thin,
+                seen=thin and cfg.ekfac,  # the EK-FAC pass takes the rows' coordinates instead of projecting them
                 name=name,
                 factor=factor,
             )
