@@ -21,6 +21,7 @@ from .forward import activation_only_backward, eval_mode, model_device, model_in
 from .hooks import Capture
 from .inputs import check_lm_batch, loss_without_grad, vocab_sizes
 from .lossterms import MCDraws, lm_terms, mc_generator, summed_ce
+from .replay import Replay, batch_fingerprint
 from .tied import find_tied, note_tied
 
 logger = logging.getLogger("kronfisher")
@@ -134,6 +135,7 @@ def run_pass(
     progress: str | None = None,
     start: int = 0,
     on_batch: BatchDone | None = None,
+    replay: Replay | None = None,
 ) -> None:
     """THE batch loop: every pass over the data (K-FAC collection, EK-FAC correction, the report's gradient).
 
@@ -141,7 +143,8 @@ def run_pass(
     through :func:`run_batch` under its global index (so MC seeds and reports do not depend on the split over
     ranks, docs/distributed.md). When every hooked layer lies in blocks ``k..`` of the model, the backward stops at
     the input of block ``k`` (:class:`~kronfisher.collection.cut.BlockCut`; a batch that breaks it is re-run
-    without it).
+    without it). With ``replay`` (a grouped run) the pass keeps the inputs of later groups' cut blocks and starts
+    at its own cut block from a state kept for the batch (:mod:`~kronfisher.collection.replay`).
 
     Args:
         model: the unwrapped model.
@@ -153,16 +156,18 @@ def run_pass(
         progress: a progress-bar label, or None for none.
         start: skip the first ``start`` batches (already in resumed sums).
         on_batch: called after each processed batch.
+        replay: the hidden states kept across the passes of a grouped run, or None.
 
     """
     index_of = global_indices(batches)
-    cut = BlockCut(model, cap.modules)
+    cut = BlockCut(model, cap.modules, replay)
     with eval_mode(model), activation_only_backward(model, cut), cap:
         for k, batch in enumerate(with_progress(batches, progress is not None, progress or "")):
             if k < start:
                 continue
             index = index_of(k)
-            cut.run(functools.partial(run_batch, model, batch, cap, cfg, index, report, loss_fn), cap.discard)
+            step = functools.partial(run_batch, model, batch, cap, cfg, index, report, loss_fn)
+            cut.run(step, cap.discard, index, None if replay is None else batch_fingerprint(batch))
             if on_batch is not None:
                 on_batch(k + 1, index, batch)
 

@@ -11,6 +11,7 @@ from ..collection.corrector import EigenCorrector
 from ..collection.hooks import Capture
 from ..collection.passes import run_pass
 from ..collection.reduce import reduce_corrector
+from ..collection.replay import Replay
 from ..comm import unwrap_model
 from ..operator import KFAC
 from ..report import CollectionReport
@@ -23,8 +24,13 @@ def correct(
     *,
     loss_fn: Any = None,
     progress: bool = False,
+    replay: Replay | None = None,
 ) -> KFAC:
-    """Run the EK-FAC pass over ``batches`` and install the corrected eigenvalues into ``fisher`` (in place)."""
+    """Run the EK-FAC pass over ``batches`` and install the corrected eigenvalues into ``fisher`` (in place).
+
+    ``replay``: the hidden states a grouped run keeps across its passes
+    (:func:`~kronfisher.collection.passes.run_pass`).
+    """
     cfg = fisher.cfg
     blocks = fisher.blocks
     model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks
@@ -42,6 +48,7 @@ def correct(
         report,
         loss_fn=loss_fn,
         progress="EK-FAC eigenvalues" if progress else None,
+        replay=replay,
     )
     reduce_corrector(corrector)  # the ranks' sums and counts, once per pass; no-op on one process
     fisher.set_blocks(corrector.blocks_out())

@@ -22,6 +22,7 @@ from ..collection.hooks import Capture
 from ..collection.passes import LossFn, commit_batch, finish_report, run_pass
 from ..collection.placement import columns_like
 from ..collection.reduce import reduce_collection
+from ..collection.replay import Replay
 from ..collection.sums import LayerSums
 from ..comm import unwrap_model
 from ..config import KFACConfig
@@ -89,6 +90,7 @@ def collect(
     plan: MemoryPlan | None = None,
     layers: Sequence[str] | None = None,
     check: bool = True,
+    replay: Replay | None = None,
 ) -> tuple[Discovery, FactorCollector, CollectionReport]:
     """The K-FAC pass: sums and counts for every tracked layer, or for one group of them (no decomposition).
 
@@ -110,6 +112,8 @@ def collect(
         layers: hook only these tracked layers (one group of the plan); default: every tracked layer.
         check: raise :class:`~kronfisher.errors.NoFactorsError` when no layer got factors (a group of a larger
             run checks nothing: its layers may all be unused while other groups' are not).
+        replay: the hidden states a grouped run keeps across its passes
+            (:func:`~kronfisher.collection.passes.run_pass`).
 
     """
     model = unwrap_model(model)  # DDP: plain names, no DDP forward or gradient hooks
@@ -138,6 +142,7 @@ def collect(
         progress="K-FAC factors" if progress else None,
         start=start,
         on_batch=done,
+        replay=replay,
     )
     fired = cap.fired | {n for n, s in collector.sums.items() if s.A.count > 0}  # incl. batches before a resume
     fired = reduce_collection(collector.sums, report, fired)  # once per pass; no-op on one process

@@ -17,7 +17,9 @@ from typing import Any
 from torch import nn
 
 from ..budget import return_free_memory
+from ..collection.cut import cut_index, find_blocks
 from ..collection.passes import LossFn
+from ..collection.replay import Replay
 from ..comm import unwrap_model
 from ..config import KFACConfig
 from ..errors import ConfigError
@@ -153,6 +155,7 @@ def run_groups(
         files = GroupFiles(save_to, model, keep=parts, identity=(extra_meta or {}).get("identity"))
     blocks: dict[str, Any] = {}
     report: CollectionReport | None = None
+    replay = late_starts(model, discovery, plan) if n > 1 else None
     try:
         for k, names in enumerate(plan.groups, start=1):
             done = files.reusable(k, n, plan.groups) if files is not None and resume else None
@@ -161,7 +164,7 @@ def run_groups(
                 report = _merge_reports(report, done)
                 continue
             phase(k, "collect")
-            kw = {"loss_fn": loss_fn, "progress": progress, "plan": plan, "check": n == 1}
+            kw = {"loss_fn": loss_fn, "progress": progress, "plan": plan, "check": n == 1, "replay": replay}
             _, collector, part = collect(model, batches, cfg, layers=None if n == 1 else names, **kw)
             phase(k, "decompose")
             # A grouped run frees each dense sum as it is decomposed (before its EK-FAC pass), as the plan counts.
@@ -171,7 +174,7 @@ def run_groups(
             fisher.report.warnings.extend([FREED_NOTE] if free and n == 1 else [])
             if cfg.ekfac and fisher.layer_names:  # a group whose layers never fired has nothing to correct
                 phase(k, "ekfac")
-                correct(fisher, model, batches, loss_fn=loss_fn, progress=progress)
+                correct(fisher, model, batches, loss_fn=loss_fn, progress=progress, replay=replay)
             if n == 1:
                 phase(k, "done")
                 return fisher  # unpartitioned: the operator keeps its sums unless they did not fit
@@ -183,6 +186,12 @@ def run_groups(
             report = _merge_reports(report, fisher.report)
             del fisher  # anything a cycle still holds of it goes at the next phase (return_free_memory)
         phase(n, "done")
+        if replay is not None and replay.replayed:
+            logger.info(
+                "%d batch passes of later groups started at their first block from %.1f MiB of kept hidden states.",
+                replay.replayed,
+                replay.bytes / 2**20,
+            )
         assert report is not None
         report.warnings.append(GROUPS_NOTE.format(n=n))
         if files is not None and files.parts:
@@ -205,3 +214,22 @@ def keep_bytes(plan: MemoryPlan) -> int:
     (a gradient to precondition, the report's per-layer work).
     """
     return max(plan.budgets.values()) // 4
+
+
+REPLAY_SHARE = 100  # kept hidden states take at most 1 / REPLAY_SHARE of the host's factor budget
+
+
+def late_starts(model: nn.Module, discovery: Discovery, plan: MemoryPlan) -> Replay | None:
+    """The hidden states to keep for the groups after the first: their cut blocks (docs/concepts.md, groups).
+
+    Bounded by ``1 / REPLAY_SHARE`` of the factor budget of the host, where they are kept (past it, a late pass
+    runs the rest of its batches in full).
+    """
+    starts = []
+    for names in plan.groups[1:]:
+        hooked = {n: discovery.modules[n] for n in names if n in discovery.modules}
+        found = find_blocks(model, hooked) if hooked else None
+        if found is not None:
+            starts.append(cut_index(found[1], hooked))
+    limit = plan.budgets.get("cpu", min(plan.budgets.values(), default=0)) // REPLAY_SHARE
+    return Replay(starts, limit) if any(s > 0 for s in starts) and limit > 0 else None
