@@ -136,6 +136,8 @@ class BlockCut:
                     del block.forward
                 else:
                     block.forward = before
+            if stubs and self.replay is not None:
+                logger.info("%s", self.replay.summary())
 
     def _keepers(self, blocks: nn.ModuleList) -> list[Any]:
         """Hooks keeping the inputs of later groups' cut blocks (and whether the block before returns a tensor)."""

@@ -79,6 +79,13 @@ class Replay:
         """Block ``start - 1`` returned ``output``: pass-throughs stand in for it only if it is a plain tensor."""
         self.plain[start] = self.plain.get(start, True) and isinstance(output, Tensor)
 
+    def summary(self) -> str:
+        """One line for the log: how many batch passes started at a cut block so far, from how many kept bytes."""
+        return (
+            f"{self.replayed} batch passes of later groups so far started at their cut block from "
+            f"{self.bytes / 2**20:.1f} MiB of kept hidden states."
+        )
+
     def state(self, start: int, index: int, fingerprint: bytes | None) -> Tensor | None:
         """The kept input of block ``start`` for this batch, or None (the batch runs in full)."""
         kept = self.states.get((start, index))

@@ -150,9 +150,8 @@ def run_groups(
         if on_phase is not None:
             on_phase(k, n, name)
 
-    files = None
-    if plan.spill and save_to is not None and n > 1:
-        files = GroupFiles(save_to, model, keep=parts, identity=(extra_meta or {}).get("identity"))
+    spill = plan.spill and save_to is not None and n > 1
+    files = GroupFiles(save_to, model, keep=parts, identity=(extra_meta or {}).get("identity")) if spill else None
     blocks: dict[str, Any] = {}
     report: CollectionReport | None = None
     replay = late_starts(model, discovery, plan) if n > 1 else None
@@ -186,12 +185,6 @@ def run_groups(
             report = _merge_reports(report, fisher.report)
             del fisher  # anything a cycle still holds of it goes at the next phase (return_free_memory)
         phase(n, "done")
-        if replay is not None and replay.replayed:
-            logger.info(
-                "%d batch passes of later groups started at their first block from %.1f MiB of kept hidden states.",
-                replay.replayed,
-                replay.bytes / 2**20,
-            )
         assert report is not None
         report.warnings.append(GROUPS_NOTE.format(n=n))
         if files is not None and files.parts:
