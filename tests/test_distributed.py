@@ -199,10 +199,12 @@ def fit_worker(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, scale: torch.Tensor | None = None) -> None:
     # The one-process oracle: rtol 1e-10; absolute floor 1e-10 · max|expected| for entries that are round-off zeros
-    # (clamped null-space eigenvalues, EK-FAC values on the null space of A).
-    atol = 1e-10 * float(expected.abs().max()) if expected.numel() else 0.0
+    # (clamped null-space eigenvalues, EK-FAC values on the null space of A), or of ``scale`` where every entry is
+    # (the EK-FAC tail of a low-rank G on the data it was collected on: its scale is the block's span eigenvalues).
+    ref = expected if scale is None else scale
+    atol = 1e-10 * float(ref.abs().max()) if ref.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
@@ -213,7 +215,8 @@ def _compare(got: dict[str, Any], ref: dict[str, Any], what: str) -> None:
         for name in ref[key]:
             if key.startswith("corrected") and got[key][name].shape != ref[key][name].shape:
                 continue  # a thin A against a square one (see _summary): compared as "ekfac"
-            _close(got[key][name], ref[key][name], f"{what} {key}[{name}]")
+            scale = ref["corrected"][name] if key == "corrected_tail" else None
+            _close(got[key][name], ref[key][name], f"{what} {key}[{name}]", scale)
     assert got["U"].shape == ref["U"].shape, f"{what}: U {list(got['U'].shape)} vs {list(ref['U'].shape)}"
     _close(got["U"], ref["U"], f"{what} U")
     assert got["report"] == ref["report"], what
