@@ -23,9 +23,13 @@ def probe_directions(dim: int, device: torch.device | str = "cpu") -> Tensor:
     return omega.div_(omega.norm(dim=0, keepdim=True)).to(device)
 
 
-def fingerprints(rows: Tensor, omega: Tensor, block: int = 1024) -> Tensor:
-    """``rows Ω`` in float64 (``[n, PROBES]``), ``block`` rows at a time (no float64 copy of all ``rows``)."""
+PROBE_BLOCK = 1 << 22  # elements of the float64 copy of rows made at a time (32 MiB): a vocabulary-wide W too
+
+
+def fingerprints(rows: Tensor, omega: Tensor) -> Tensor:
+    """``rows Ω`` in float64 (``[n, PROBES]``), a few rows at a time (no float64 copy of all ``rows``)."""
     out = torch.empty(rows.shape[0], omega.shape[1], dtype=torch.float64, device=rows.device)
+    block = max(1, PROBE_BLOCK // max(int(rows.shape[-1]), 1))
     for start in range(0, rows.shape[0], block):
         out[start : start + block] = rows[start : start + block].to(torch.float64) @ omega.to(rows.device)
     return out
