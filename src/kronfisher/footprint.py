@@ -129,14 +129,17 @@ def dense_side(
             basis = work if dim <= cfg.eigh_max_dim else 4  # the completion's dtype
             qr = (2 * t * dim + t * t if thin else 2 * t * dim + dim * dim) * basis  # thin: Q [d, T] and R [T, T]
             side.bytes["workspace"] = max(t * dim * work + GRAM_WORK * t * t, t * dim * (work + basis), qr)
+    seen = 0
     if by_rows and tokens is not None:
         if owner and thin:
             side.bytes["eigen"] = (tokens * dim + tokens) * acc
             if cfg.ekfac and not square:  # the rows' coordinates [T, s] and 8 float64 fingerprints, for EK-FAC
-                side.bytes["eigen"] += tokens * min(tokens, dim) * acc + tokens * 8 * 8
+                seen = tokens * min(tokens, dim) * acc + tokens * 8 * 8
         if thin and square:  # KronBlock has one thin side at most: this layer's A is completed (Eigen.completed)
             side.bytes["eigen"] += (dim * dim + dim) * acc
     side.bytes["result"] = side.bytes["eigen"]
+    side.bytes["eigen"] += seen  # held from the decomposition to the end of the EK-FAC pass, not kept after it
+    side.bytes["ekfac_staging"] += seen
     return side
 
 
