@@ -161,28 +161,45 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 6)")
-    parser.add_argument("--group", type=int, default=2, help="the group: the last N blocks (default 2)")
-    parser.add_argument("--batches", type=int, default=None, help="batches per pass (default 3; quick 2)")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per batch (default 512; quick 64)")
-    parser.add_argument("--repeat", type=int, default=2, help="passes of each kind (the fastest counts)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = parser.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    layers = args.layers or base["layers"]
-    if not 0 < args.group < layers:
-        parser.error(f"--group must be between 1 and {layers - 1} (the cut needs blocks below the group)")
-    result = run(base, layers, args.group, args.batches or base["batches"], args.seq or base["seq"], args.repeat)
-    report = {"benchmark": "bench_cut", "quick": args.quick, "machine": machine(), "result": result}
-    text = json.dumps(report, indent=2)
-    print(text)
-    print(table(report), file=sys.stderr)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    return 0
+def group_bench(
+    name: str, doc: str, run_fn: Any, table_fn: Any, full: dict[str, Any], quick: dict[str, Any], below: int
+) -> Any:
+    """The ``main`` of a benchmark of one late group's pass (this one, ``bench_seen.py``): options, JSON, table.
+
+    ``below``: blocks the group must leave below it (1 for the cut).
+    """
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+        parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
+        parser.add_argument("--layers", type=int, default=None, help=f"decoder layers (default {full['layers']})")
+        parser.add_argument("--group", type=int, default=2, help="the group: the last N blocks (default 2)")
+        parser.add_argument(
+            "--batches", type=int, default=None, help=f"batches (default {full['batches']}; quick {quick['batches']})"
+        )
+        parser.add_argument(
+            "--seq", type=int, default=None, help=f"tokens per batch (default {full['seq']}; quick {quick['seq']})"
+        )
+        parser.add_argument("--repeat", type=int, default=2, help="passes of each kind (the fastest counts)")
+        parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+        args = parser.parse_args(argv)
+        base = quick if args.quick else full
+        layers = args.layers or base["layers"]
+        if not 0 < args.group <= layers - below:
+            parser.error(f"--group must be between 1 and {layers - below}")
+        result = run_fn(base, layers, args.group, args.batches or base["batches"], args.seq or base["seq"], args.repeat)
+        report = {"benchmark": name, "quick": args.quick, "machine": machine(), "result": result}
+        text = json.dumps(report, indent=2)
+        print(text)
+        print(table_fn(report), file=sys.stderr)
+        if args.out is not None:
+            args.out.write_text(text + "\n")
+        return 0
+
+    return main
+
+
+main = group_bench("bench_cut", __doc__, run, table, FULL, QUICK, below=1)  # the cut needs blocks below the group
 
 
 if __name__ == "__main__":

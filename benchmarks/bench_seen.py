@@ -19,8 +19,6 @@ Reproduce: ``PYTHONPATH=src .venv/bin/python benchmarks/bench_seen.py --out seen
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,8 +34,8 @@ from kronfisher.drivers.fit import collect
 from kronfisher.drivers.planning import tracked_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cut import model_of
-from bench_scale import SHAPES, machine
+from bench_cut import group_bench, model_of
+from bench_scale import SHAPES
 
 FULL = {**SHAPES["qwen2.5-1.5b"], "layers": 3, "seq": 512, "batches": 8}
 QUICK = {"hidden": 64, "inter": 256, "heads": 4, "kv": 2, "vocab": 1024, "tied": True, "layers": 3, "seq": 48}
@@ -129,28 +127,7 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 3)")
-    parser.add_argument("--group", type=int, default=2, help="the group: the last N blocks (default 2)")
-    parser.add_argument("--batches", type=int, default=None, help="batches (default 8; quick 2)")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per batch (default 512; quick 48)")
-    parser.add_argument("--repeat", type=int, default=2, help="passes of each kind (the fastest counts)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = parser.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    layers = args.layers or base["layers"]
-    if not 0 < args.group <= layers:
-        parser.error(f"--group must be between 1 and {layers}")
-    result = run(base, layers, args.group, args.batches or base["batches"], args.seq or base["seq"], args.repeat)
-    report = {"benchmark": "bench_seen", "quick": args.quick, "machine": machine(), "result": result}
-    text = json.dumps(report, indent=2)
-    print(text)
-    print(table(report), file=sys.stderr)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    return 0
+main = group_bench("bench_seen", __doc__, run, table, FULL, QUICK, below=0)
 
 
 if __name__ == "__main__":
