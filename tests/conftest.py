@@ -121,3 +121,14 @@ def model_name(request: pytest.FixtureRequest) -> str:
     cross the cases with options (approximation, granularity, attention, ...).
     """
     return request.param
+
+
+class Flipping:
+    """Re-iterable batches in their order on odd passes, reversed on even ones (a loader that shuffles per pass)."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches if self.passes % 2 else self.batches[::-1])

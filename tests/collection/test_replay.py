@@ -13,7 +13,7 @@ import importlib
 import torch
 
 import kronfisher as kf
-from conftest import random_ids, tiny_config
+from conftest import Flipping, random_ids, tiny_config
 from kronfisher.collection.replay import Replay, batch_fingerprint, pass_through
 from test_plan import budget_for_groups
 
@@ -25,17 +25,6 @@ def _model() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_config("qwen2", layers=4)).to(torch.float64).eval()
-
-
-class Flipping:
-    """Re-iterable batches, reversed on every second pass over them."""
-
-    def __init__(self, batches: list) -> None:
-        self.batches, self.passes = batches, 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches if self.passes % 2 else self.batches[::-1])
 
 
 def _run(monkeypatch, model, batches, cfg, replay: bool) -> tuple[kf.KFAC, int, list[Replay]]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kronfisher as kf
-from conftest import make_model, random_ids, right_pad
+from conftest import Flipping, make_model, random_ids, right_pad
 
 corrector = importlib.import_module("kronfisher.collection.corrector")
 seen = importlib.import_module("kronfisher.collection.seen")
@@ -28,17 +28,6 @@ def _batches() -> list[dict[str, torch.Tensor]]:
     # 4 + 2 + 3 = 9 attended tokens: down_proj's A (24) is held as rows and gets a thin basis (T ≤ d / 2)
     ids = random_ids(3, 4, seed=3)
     return [right_pad([ids[0], ids[1, :2]]), {"input_ids": ids[2:, :3]}]
-
-
-class Flipping:
-    """Re-iterable batches in one order on the first pass, reversed on the next (a shuffling loader)."""
-
-    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
-        self.batches, self.passes = batches, 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches if self.passes % 2 else self.batches[::-1])
 
 
 def _fit(monkeypatch, batches, reuse: bool, **kw) -> tuple[kf.KFAC, list]:

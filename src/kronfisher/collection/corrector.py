@@ -145,7 +145,7 @@ class EigenCorrector:
             if hit is None:
                 a = _augment(ctx.masked(x, info, "input"), info.has_bias, ctx.mask).to(dev, work)  # [B, S, a]
                 y = None
-                if block.A.seen is not None:
+                if block.A.seen is not None and self.rows.live(("A", id(block.A.vectors))):
                     flat = _augment(ctx.select(x, info, "input"), info.has_bias).to(dev, work)
                     y = self._seen_A(name, block, flat, cache)
                     y = None if y is None else scatter_rows(y, ctx.rows, (a.shape[0], a.shape[1]))
@@ -156,7 +156,7 @@ class EigenCorrector:
             y, out_of_span = hit
             gr = ctx.masked(g, info, "output gradient").to(dev, work)  # [B, S, out], unscaled
             z = None
-            if name in self._g_probes:
+            if name in self._g_probes and self.rows.live(("G", name)):  # else no [n, out] selection per batch
                 flat = ctx.select(g, info, "output gradient").to(dev, work)
                 z = self._seen_G(name, block, flat, scale, cache)
                 z = None if z is None else scatter_rows(z, ctx.rows, (gr.shape[0], gr.shape[1]))

@@ -16,14 +16,11 @@ bytes, in host memory): past it, later batches simply run in full.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
-
-logger = logging.getLogger("kronfisher")
 
 
 def batch_fingerprint(batch: Any) -> bytes | None:

@@ -59,7 +59,7 @@ class RowCursor:
             scale: the factor turning ``rows`` into the collected rows (the gradient scale of ``G``).
 
         """
-        if not REUSE_ROWS or key in self.off:
+        if not self.live(key):
             return None
         pending = cache.setdefault(("seen rows", "pending"), {})
         self._pending = pending
@@ -74,7 +74,7 @@ class RowCursor:
             if omega is None:
                 omega = self._omega[where] = probe_directions(dim, rows.device)
             got = fingerprints(rows, omega).mul_(scale)
-            size = rows.to(torch.float64).norm(dim=1, keepdim=True).mul_(abs(scale))
+            size = torch.linalg.vector_norm(rows, dim=1, keepdim=True, dtype=torch.float64).mul_(abs(scale))
             if not bool(((got - probes[start : start + n].to(got.device)).abs() <= PROBE_RTOL * size).all()):
                 why = f"rows {start}..{start + n} differ from the collected ones"
         if why is not None:
@@ -84,6 +84,10 @@ class RowCursor:
         pending[key] = pending.get(key, 0) + n
         self.used.add(key)
         return start
+
+    def live(self, key: Any) -> bool:
+        """Whether ``key``'s rows may still be taken in this pass (worth selecting the batch's rows for)."""
+        return REUSE_ROWS and key not in self.off
 
     def committed(self) -> None:
         """The batch whose rows were taken last is committed: move the cursors past them."""
